@@ -25,9 +25,11 @@ ENV_PREFIX = "SPARSE_"
 PREFILL_METHODS = ("dense", "streaming", "xattention", "vertical_slash", "flexprefill")
 DECODE_METHODS = ("dense", "topk")
 
-# Env vars with the prefix that are not config fields but are ours on purpose.
-# SPARSE_ATTN switches the vLLM plugin's env-only mode (see vllm_sparse).
-_RESERVED_ENV = frozenset({"SPARSE_ATTN", "SPARSE_SERVE_LOG_LEVEL"})
+# Env vars with the prefix that are not config fields but are ours on purpose:
+# SPARSE_ATTN switches the plugins' env-only mode (see vllm_sparse.env_switch), and
+# SPARSE_SERVE_* is left to tooling (tests, benchmarks).
+_RESERVED_ENV = frozenset({"SPARSE_ATTN"})
+_RESERVED_PREFIX = "SPARSE_SERVE_"
 
 
 class SparseConfigError(ValueError):
@@ -82,7 +84,8 @@ class SparseConfig:
         names = _field_names()
         unknown_env = []
         for key, raw in environ.items():
-            if not key.startswith(ENV_PREFIX) or key in _RESERVED_ENV:
+            if (not key.startswith(ENV_PREFIX) or key in _RESERVED_ENV
+                    or key.startswith(_RESERVED_PREFIX)):
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in names or name == "head_overrides":

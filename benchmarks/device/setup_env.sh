@@ -1,0 +1,16 @@
+# Source on the GPU machine (device tool) after the bundles are installed:
+#   source benchmarks/device/setup_env.sh vllm     (or sglang)
+# Puts the engine bundle on PYTHONPATH, installs this repo (entry points) without deps,
+# and sets offline mode. See docs/gpu-testing.md.
+engine=${1:?usage: source setup_env.sh vllm|sglang}
+export PYTHONPATH=/tmp/bundles/$engine${PYTHONPATH:+:$PYTHONPATH}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sparse-serve-$engine . >/dev/null 2>&1 \
+  || python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+# A --target install puts our packages and their entry points beside the bundle.
+export PYTHONPATH=/tmp/sparse-serve-$engine:$PYTHONPATH
+python3 - <<'PY'
+from importlib.metadata import entry_points
+for g in ("vllm.general_plugins", "sglang.srt.plugins"):
+    print(g, [e.value for e in entry_points(group=g) if "sparse" in e.value])
+PY
