@@ -12,7 +12,16 @@ PyPI package ``kernels`` (Hugging Face kernel hub), which SGLang itself depends 
 ``kernels`` package of ours would overwrite it in site-packages.
 """
 
-from setuptools import setup
+import os
+import sys
+
+# The repository root must not be importable while this script runs: its kernels/ folder would
+# shadow the PyPI package `kernels`, whose `egg_info.writers` entry point setuptools imports
+# during the build whenever `kernels` is installed (it is, wherever SGLang is).
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+from setuptools import setup  # noqa: E402
 
 VLLM_VERSION = "0.26.0"
 SGLANG_VERSION = "0.5.15"
@@ -22,7 +31,7 @@ setup(
     version="0.1.0",
     description="Training-free sparse attention (sparse prefill, top-k page decode) as "
     "vLLM and SGLang attention-backend plugins",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(_ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=2)
     p.add_argument("--mem-fraction-static", type=float, default=0.8)
+    p.add_argument("--log-level", default="warning", help="SGLang log level (its default hides warnings)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -38,6 +39,7 @@ def main() -> None:
         context_length=args.input_len + args.output_len + 16,
         mem_fraction_static=args.mem_fraction_static,
         disable_radix_cache=True,
+        log_level=args.log_level,
     )
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 32000) for _ in range(args.input_len)] for _ in range(args.num_prompts)]

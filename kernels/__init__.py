@@ -5,6 +5,6 @@ This folder is ``kernels/`` in the repository and installs as the top-level pack
 SGLang depends on.
 """
 
-from sparse_kernels.config import SparseConfig, SparseConfigError, get_config
+from .config import SparseConfig, SparseConfigError, get_config
 
 __all__ = ["SparseConfig", "SparseConfigError", "get_config"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("sparse_serve.vllm")
+logger = logging.getLogger("vllm.sparse_serve")
 
 BACKEND_CLASS_PATH = "vllm_sparse.backend.SparseAttentionBackend"
 

@@ -25,7 +25,7 @@ from vllm.v1.attention.backends.triton_attn import (
 
 from sparse_kernels.config import SparseConfigError, get_config
 
-logger = logging.getLogger("sparse_serve.vllm")
+logger = logging.getLogger("vllm.sparse_serve")
 
 _logged_config = False
 

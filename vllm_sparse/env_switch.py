@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("sparse_serve.vllm")
+logger = logging.getLogger("vllm.sparse_serve")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
