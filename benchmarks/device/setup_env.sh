@@ -5,7 +5,7 @@
 engine=${1:?usage: source setup_env.sh vllm|sglang}
 export PYTHONPATH=/tmp/bundles/$engine${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sparse-serve-$engine . >/tmp/sparse-serve-install.log 2>&1 \
+rm -rf /tmp/sparse-serve-$engine; python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sparse-serve-$engine . >/tmp/sparse-serve-install.log 2>&1 \
   || { echo "setup_env: installing sparse-serve failed"; return 1; }
 # A --target install puts our packages and their entry points beside the bundle.
 export PYTHONPATH=/tmp/sparse-serve-$engine:$PYTHONPATH
