@@ -1,0 +1,399 @@
+"""Sparse (and dense) paged decode attention: split-KV flash-decoding over selected pages.
+
+One decode token per sequence. Stage 1, grid ``(batch, num_kv_heads, num_splits)``: each
+program takes its share of the selected logical pages of one (sequence, KV head), maps them to
+physical pages through ``block_table``, masks tokens ``>= seq_len``, and runs an online softmax
+for all query heads of the GQA group at once (group padded to 16 rows so ``tl.dot`` applies).
+It writes a normalized partial output and its log-sum-exp (base 2). Stage 2, grid
+``(batch, num_q_heads)``, merges the splits. With one split, stage 1 writes ``out`` directly.
+
+The selected pages are walked as a flat "slot space" of ``n_slots * page_size`` tokens; a tile
+of ``BLOCK_N`` slot-space tokens may span several pages (page size 1 or 16) or part of one
+(page size > BLOCK_N): token ``t`` is token ``t % page_size`` of selected page
+``selected[t // page_size]``. Dense mode (``selected=None``) uses logical page = slot.
+
+The softmax is exact over the selected set. Valid entries of ``selected`` must precede the
+``-1`` padding and be distinct (what :func:`sparse_kernels.page_select.select_pages` returns);
+only the first ``min(num_select, cdiv(seq_len, page_size))`` slots are read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    selected_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,  # softmax scale * log2(e)
+    num_select,  # slots of `selected` per (sequence, KV head); unused in dense mode
+    num_splits,
+    stride_q_b,
+    stride_q_h,
+    stride_q_d,
+    stride_k_page,
+    stride_k_tok,
+    stride_k_head,
+    stride_k_dim,
+    stride_v_page,
+    stride_v_tok,
+    stride_v_head,
+    stride_v_dim,
+    stride_bt,
+    stride_sel_b,
+    stride_sel_h,
+    stride_sel_k,
+    stride_o_b,
+    stride_o_h,
+    stride_o_d,
+    stride_po_b,
+    stride_po_h,
+    stride_po_s,
+    stride_po_d,
+    stride_pl_b,
+    stride_pl_h,
+    stride_pl_s,
+    PAGE_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DENSE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_idx64 = seq_idx.to(tl.int64)
+
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
+    if DENSE:
+        n_slots = n_pages
+    else:
+        n_slots = tl.minimum(n_pages, num_select)
+    n_tiles = tl.cdiv(n_slots * PAGE_SIZE, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    q_heads = kv_head * GROUP + offs_g
+
+    q = tl.load(
+        q_ptr + seq_idx64 * stride_q_b + q_heads[:, None] * stride_q_h
+        + offs_d[None, :] * stride_q_d,
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+
+    k_base = k_cache_ptr + kv_head * stride_k_head
+    v_base = v_cache_ptr + kv_head * stride_v_head
+    bt_row = block_table_ptr + seq_idx64 * stride_bt
+    sel_row = selected_ptr + seq_idx64 * stride_sel_b + kv_head * stride_sel_h
+
+    for tile in range(tile_lo, tile_hi):
+        offs_t = tile * BLOCK_N + offs_n  # slot-space token index
+        slot = offs_t // PAGE_SIZE
+        in_page = offs_t % PAGE_SIZE
+        slot_ok = slot < n_slots
+        if DENSE:
+            logical = slot
+        else:
+            logical = tl.load(sel_row + slot * stride_sel_k, mask=slot_ok, other=-1)
+        tok_ok = slot_ok & (logical >= 0) & (logical * PAGE_SIZE + in_page < seq_len)
+        phys = tl.load(bt_row + logical, mask=tok_ok, other=0).to(tl.int64)
+
+        k_off = phys * stride_k_page + in_page.to(tl.int64) * stride_k_tok  # [BLOCK_N]
+        k = tl.load(
+            k_base + k_off[None, :] + offs_d[:, None] * stride_k_dim,
+            mask=tok_ok[None, :] & mask_d[:, None],
+            other=0.0,
+        )  # [HEAD_DIM_PAD, BLOCK_N]
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
+        qk = tl.where(tok_ok[None, :], qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+
+        v_off = phys * stride_v_page + in_page.to(tl.int64) * stride_v_tok
+        v = tl.load(
+            v_base + v_off[:, None] + offs_d[None, :] * stride_v_dim,
+            mask=tok_ok[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_N, HEAD_DIM_PAD]
+        if UPCAST_DOT:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    o_mask = mask_g[:, None] & mask_d[None, :]
+    if SPLIT:
+        po_ptrs = (
+            part_out_ptr + seq_idx64 * stride_po_b + q_heads[:, None] * stride_po_h
+            + split * stride_po_s + offs_d[None, :] * stride_po_d
+        )
+        tl.store(po_ptrs, o, mask=o_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        tl.store(
+            part_lse_ptr + seq_idx64 * stride_pl_b + q_heads * stride_pl_h + split * stride_pl_s,
+            lse,
+            mask=mask_g,
+        )
+    else:
+        o_ptrs = (
+            out_ptr + seq_idx64 * stride_o_b + q_heads[:, None] * stride_o_h
+            + offs_d[None, :] * stride_o_d
+        )
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    num_splits,
+    stride_o_b,
+    stride_o_h,
+    stride_o_d,
+    stride_po_b,
+    stride_po_h,
+    stride_po_s,
+    stride_po_d,
+    stride_pl_b,
+    stride_pl_h,
+    stride_pl_s,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq_idx = tl.program_id(0).to(tl.int64)
+    q_head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(
+        part_lse_ptr + seq_idx * stride_pl_b + q_head * stride_pl_h + offs_s * stride_pl_s,
+        mask=mask_s,
+        other=float("-inf"),
+    )
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)  # 0 for empty / masked splits
+    po = tl.load(
+        part_out_ptr + seq_idx * stride_po_b + q_head * stride_po_h
+        + offs_s[:, None] * stride_po_s + offs_d[None, :] * stride_po_d,
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    w_sum = tl.sum(w, axis=0)
+    o = tl.sum(w[:, None] * po, axis=0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(
+        out_ptr + seq_idx * stride_o_b + q_head * stride_o_h + offs_d * stride_o_d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
+
+
+class DecodeWorkspace:
+    """Allocate-once split-KV scratch (CUDA-graph friendly).
+
+    ``partial_out`` fp32 ``[max_batch, num_q_heads, max_splits, head_dim]`` and
+    ``partial_lse`` fp32 ``[max_batch, num_q_heads, max_splits]``.
+    """
+
+    def __init__(self, max_batch: int, num_q_heads: int, head_dim: int,
+                 max_splits: int = MAX_SPLITS, device: torch.device | str | None = None):
+        self.max_batch = max_batch
+        self.max_splits = max_splits
+        self.partial_out = torch.empty((max_batch, num_q_heads, max_splits, head_dim),
+                                       dtype=torch.float32, device=device)
+        self.partial_lse = torch.empty((max_batch, num_q_heads, max_splits),
+                                       dtype=torch.float32, device=device)
+
+    def views(self, batch: int, num_q_heads: int, head_dim: int, num_splits: int):
+        assert batch <= self.max_batch and num_splits <= self.max_splits, (
+            batch, self.max_batch, num_splits, self.max_splits)
+        assert self.partial_out.shape[1] == num_q_heads and self.partial_out.shape[3] == head_dim
+        return self.partial_out[:batch], self.partial_lse[:batch]
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_slot_tokens: int,
+                       device: torch.device, block_n: int = 64) -> int:
+    """Static split count: about two waves of programs, at least one tile per split.
+
+    Depends only on host ints (batch, heads, the static token extent), so a CUDA graph
+    captured for a batch size keeps it.
+    """
+    if device.type == "cuda":
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 4
+    splits = triton.cdiv(2 * sms, max(1, batch * num_kv_heads))
+    max_useful = max(1, triton.cdiv(max_slot_tokens, block_n))
+    return max(1, min(splits, max_useful, MAX_SPLITS))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    workspace: DecodeWorkspace | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of one token per sequence over the selected pages (or all pages).
+
+    Args:
+        q: ``[batch, num_q_heads, head_dim]`` (any strides).
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (any strides:
+            NHD, HND, vLLM interleaved views).
+        block_table: int32 ``[batch, max_pages]``.
+        seq_lens: int32 ``[batch]``, including the current token.
+        selected: int32 ``[batch, num_kv_heads, num_select]`` logical pages, ascending, ``-1``
+            padding at the end (from ``select_pages``). ``None``: dense decode over all pages.
+        out: ``[batch, num_q_heads, head_dim]`` output (written in place); allocated like
+            ``q`` if ``None``.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        num_splits: split-KV factor (static); default from :func:`default_num_splits`.
+        workspace: preallocated scratch; allocated per call if ``None``.
+        block_n: tokens per tile (power of two >= 16).
+        num_warps, num_stages: Triton launch options of the main kernel (default stages: 3
+            for 16-bit caches, 2 for fp32, whose tiles are twice as large in shared memory).
+
+    Returns ``out``.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    assert k_cache.shape[3] == head_dim and v_cache.shape[1:] == k_cache.shape[1:]
+    assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, block_n
+    group = num_q_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+
+    dense = selected is None
+    if dense:
+        num_select = block_table.shape[1]
+        sel, sel_strides = block_table, (0, 0, 0)  # unused
+    else:
+        assert selected.shape[:2] == (batch, num_kv_heads), (selected.shape, batch, num_kv_heads)
+        num_select = selected.shape[2]
+        sel, sel_strides = selected, selected.stride()
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, num_select * page_size,
+                                        q.device, block_n)
+        if workspace is not None:
+            num_splits = min(num_splits, workspace.max_splits)
+    split = num_splits > 1
+    if split:
+        if workspace is None:
+            workspace = DecodeWorkspace(batch, num_q_heads, head_dim, num_splits, q.device)
+        part_out, part_lse = workspace.views(batch, num_q_heads, head_dim, num_splits)
+    else:
+        part_out = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+
+    if num_stages is None:
+        num_stages = 2 if k_cache.element_size() >= 4 else 3
+    upcast = _interpreting() and k_cache.dtype == torch.bfloat16
+    # fp32 caches: exact fp32 products (the default would be TF32 on the GPU).
+    precision = "ieee" if k_cache.dtype == torch.float32 else None
+    grid = (batch, num_kv_heads, num_splits)
+    _sparse_decode_kernel[grid](
+        q, k_cache, v_cache, block_table, seq_lens, sel,
+        out, part_out, part_lse,
+        scale * _LOG2E, num_select, num_splits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
+        *sel_strides, *out.stride(), *part_out.stride(), *part_lse.stride(),
+        PAGE_SIZE=page_size,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_N=block_n,
+        DENSE=dense,
+        SPLIT=split,
+        UPCAST_DOT=upcast,
+        DOT_PRECISION=precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split:
+        _merge_splits_kernel[(batch, num_q_heads)](
+            out, part_out, part_lse, num_splits,
+            *out.stride(), *part_out.stride(), *part_lse.stride(),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def dense_decode(q, k_cache, v_cache, block_table, seq_lens, out=None, scale=None,
+                 num_splits=None, workspace=None, **launch) -> torch.Tensor:
+    """Dense paged decode (``sparse_decode`` with every page selected)."""
+    return sparse_decode(q, k_cache, v_cache, block_table, seq_lens, None, out, scale,
+                         num_splits, workspace, **launch)
+
+
+__all__ = ["DecodeWorkspace", "default_num_splits", "sparse_decode", "dense_decode"]

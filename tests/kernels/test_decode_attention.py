@@ -1,0 +1,155 @@
+"""Sparse / dense paged decode attention vs the references."""
+
+import os
+
+import pytest
+import torch
+
+from sparse_kernels.page_select import select_pages
+from sparse_kernels.page_summary import allocate_page_summaries, build_page_summaries
+from sparse_kernels.reference import dense_attention, random_paged_kv
+from sparse_kernels.reference_decode import ref_select_pages, ref_sparse_decode
+from sparse_kernels.sparse_decode import DecodeWorkspace, sparse_decode
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _setup(seq_lens, group, head_dim, page, dtype, layout, num_kv_heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k, v, bt = random_paged_kv(seq_lens, num_kv_heads, head_dim, page, dtype, layout,
+                               generator=g)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=g).to(dtype)
+    return q, k, v, bt, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def _dev(*xs):
+    return [x.to(DEVICE) for x in xs]
+
+
+def _close(got, want, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=tol, atol=tol)
+
+
+def _dense_ref(q, k, v, bt, sl):
+    qsl = torch.arange(len(sl) + 1, dtype=torch.int32)
+    return dense_attention(q, k, v, bt, qsl, sl)
+
+
+# (dtype, layout, page, group, head_dim, num_splits, block_n): each GQA group (1, 4, 7, 8),
+# head dim (64, 128), page size (1, 16, 64), layout and dtype appears at least once.
+DENSE_CASES = [
+    (torch.float32, "NHD", 16, 4, 64, None, 16),
+    (torch.float32, "HND", 1, 7, 128, 3, 16),
+    (torch.float32, "interleaved", 64, 8, 64, 1, 32),
+    (torch.bfloat16, "interleaved", 16, 8, 128, None, 64),
+    (torch.bfloat16, "NHD", 64, 1, 64, 2, 16),
+    (torch.float16, "HND", 16, 7, 64, 4, 32),
+]
+
+
+@pytest.mark.parametrize("dtype,layout,page,group,head_dim,num_splits,block_n", DENSE_CASES)
+def test_dense_mode_equals_dense_attention(dtype, layout, page, group, head_dim, num_splits,
+                                           block_n):
+    seq_lens = [1, 77, 3 * page + 5, 33]  # ragged; partial last pages; a 1-token sequence
+    q, k, v, bt, sl = _setup(seq_lens, group, head_dim, page, dtype, layout)
+    out = sparse_decode(*_dev(q, k, v, bt, sl), selected=None, num_splits=num_splits,
+                        block_n=block_n)
+    assert out.dtype == dtype and out.shape == q.shape
+    _close(out, _dense_ref(q, k, v, bt, sl), dtype)
+
+
+@pytest.mark.parametrize("dtype,layout,page", [(torch.float32, "HND", 16),
+                                               (torch.bfloat16, "interleaved", 1)])
+def test_all_pages_selected_equals_dense_attention(dtype, layout, page):
+    """The sparse path with every page listed (and -1 padding) is dense attention."""
+    seq_lens = [50, 3 * page + 1, 7]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, dtype, layout, seed=1)
+    num_select = bt.shape[1] + 2
+    sel = torch.full((len(seq_lens), 2, num_select), -1, dtype=torch.int32)
+    for b, s in enumerate(seq_lens):
+        n = -(-s // page)
+        sel[b, :, :n] = torch.arange(n, dtype=torch.int32)
+    out = sparse_decode(*_dev(q, k, v, bt, sl, sel), num_splits=2, block_n=16)
+    _close(out, _dense_ref(q, k, v, bt, sl), dtype)
+
+
+def _random_selection(seq_lens, page, num_kv_heads, num_select, seed):
+    """Different sorted random page subsets per (sequence, head), -1 padded at the end."""
+    g = torch.Generator().manual_seed(seed)
+    sel = torch.full((len(seq_lens), num_kv_heads, num_select), -1, dtype=torch.int32)
+    for b, s in enumerate(seq_lens):
+        n = -(-s // page)
+        for h in range(num_kv_heads):
+            m = min(n, num_select)
+            if n > num_select:
+                m = int(torch.randint(max(1, num_select // 2), num_select + 1, (1,), generator=g))
+            pages = torch.randperm(n, generator=g)[:m].sort().values
+            sel[b, h, :m] = pages.to(torch.int32)
+    return sel
+
+
+@pytest.mark.parametrize(
+    "dtype,layout,page,group,head_dim,num_select",
+    [
+        (torch.float32, "NHD", 16, 7, 64, 5),
+        (torch.float32, "interleaved", 1, 4, 128, 40),
+        (torch.bfloat16, "HND", 64, 8, 64, 2),
+        (torch.float16, "NHD", 16, 1, 128, 4),
+    ],
+)
+def test_page_list_matches_masked_reference(dtype, layout, page, group, head_dim, num_select):
+    # the last sequence is shorter than the budget (selects all its pages)
+    seq_lens = [(2 * num_select + 1) * page + 3, (num_select + 2) * page,
+                max(1, (num_select - 1) * page - 2)]
+    q, k, v, bt, sl = _setup(seq_lens, group, head_dim, page, dtype, layout, seed=2)
+    sel = _random_selection(seq_lens, page, 2, num_select, seed=3)
+    out = sparse_decode(*_dev(q, k, v, bt, sl, sel), num_splits=3, block_n=16)
+    want = ref_sparse_decode(q, k, v, bt, sl, sel)
+    _close(out, want, dtype)
+    # The selection matters: the result is far from dense attention.
+    assert (want - _dense_ref(q, k, v, bt, sl)).abs().max() > 10 * TOL[dtype]
+
+
+def test_splits_and_workspace():
+    """Split counts and tile sizes change nothing; a preallocated workspace and an ``out``
+    view with odd strides are honoured; a seq_len-0 padding row gives zeros."""
+    page = 16
+    seq_lens = [200, 0, 45]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, torch.float32, "NHD", seed=4)
+    sel = _random_selection(seq_lens, page, 2, 6, seed=5)
+    q, k, v, bt, sl, sel = _dev(q, k, v, bt, sl, sel)
+    ws = DecodeWorkspace(8, q.shape[1], 64, max_splits=16, device=DEVICE)
+    base = sparse_decode(q, k, v, bt, sl, sel, num_splits=1, block_n=16)
+    for splits, block_n in [(5, 16), (16, 32), (2, 64)]:
+        store = torch.full((3, q.shape[1], 2 * 64), float("nan"), device=DEVICE)
+        out = store[:, :, ::2]  # non-contiguous output view
+        sparse_decode(q, k, v, bt, sl, sel, out=out, num_splits=splits, workspace=ws,
+                      block_n=block_n)
+        torch.testing.assert_close(out.cpu(), base.cpu(), rtol=1e-5, atol=1e-5)
+        assert torch.isnan(store[:, :, 1::2]).all()
+    assert (base[1] == 0).all()
+    want = ref_sparse_decode(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu(), sel.cpu())
+    torch.testing.assert_close(base.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,page,group", [(torch.float32, 16, 4), (torch.bfloat16, 1, 8)])
+def test_select_then_decode_pipeline(dtype, page, group):
+    """summaries -> select_pages -> sparse_decode against the reference pipeline; a sequence
+    shorter than the budget equals dense attention."""
+    num_select, sink, local = 6, 1, 2
+    seq_lens = [8 * num_select * page + 5, (num_select - 2) * page + max(1, page // 2)]
+    q, k, v, bt, sl = _setup(seq_lens, group, 128, page, dtype, "interleaved", seed=6)
+    q, k, v, bt, sl = _dev(q, k, v, bt, sl)
+    summ = allocate_page_summaries(k)
+    build_page_summaries(k, summ, bt, sl)
+    sel = select_pages(q, summ, bt, sl, page, num_select, sink, local)
+    out = sparse_decode(q, k, v, bt, sl, sel)
+    c = [x.cpu() for x in (q, k, v, bt, sl, summ)]
+    want_sel = ref_select_pages(c[0], c[5], c[3], c[4], page, num_select, sink, local)
+    assert torch.equal(sel.cpu(), want_sel)
+    want = ref_sparse_decode(*c[:5], want_sel)
+    _close(out, want, dtype)
+    _close(out[1], _dense_ref(*c[:5])[1], dtype)

@@ -1,0 +1,165 @@
+"""Quest page scoring and top-k selection vs the reference."""
+
+import os
+
+import pytest
+import torch
+
+from sparse_kernels.page_select import (
+    density,
+    pages_read,
+    reselect_pages,
+    score_pages,
+    select_pages,
+    tokens_read,
+    topk_pages,
+)
+from sparse_kernels.reference import random_paged_kv
+from sparse_kernels.reference_decode import (
+    ref_page_scores,
+    ref_page_summaries,
+    ref_select_from_scores,
+    ref_select_pages,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
+
+
+def _setup(seq_lens, group, head_dim, page, dtype=torch.float32, num_kv_heads=2, seed=0):
+    """Random cache, exact reference summaries and one decode query per sequence (CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    k, _, bt = random_paged_kv(seq_lens, num_kv_heads, head_dim, page, dtype, generator=g)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    summ = ref_page_summaries(k, bt, sl).nan_to_num(0.0)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=g).to(dtype)
+    return q, summ, bt, sl
+
+
+def _dev(*xs):
+    return [x.to(DEVICE) for x in xs]
+
+
+@pytest.mark.parametrize(
+    "group,head_dim,page,dtype",
+    [
+        (1, 64, 16, torch.float32),
+        (4, 128, 16, torch.bfloat16),
+        (7, 64, 1, torch.float32),
+        (8, 64, 64, torch.float16),
+    ],
+)
+def test_scores_match_reference(group, head_dim, page, dtype):
+    seq_lens = [5 * page + 3, page, 1, 9 * page]
+    q, summ, bt, sl = _setup(seq_lens, group, head_dim, page, dtype)
+    raw = torch.empty(len(seq_lens), 2, bt.shape[1], device=DEVICE)
+    forced = score_pages(*_dev(q, summ, bt, sl), page, sink_pages=1, local_pages=2,
+                         raw_scores=raw)
+    want = ref_page_scores(q, summ, bt, sl, page)
+    torch.testing.assert_close(raw.cpu(), want, rtol=1e-4, atol=1e-3)
+    # Forced scores: +inf on the first page and the last two pages of each sequence.
+    for b, s in enumerate(seq_lens):
+        n = -(-s // page)
+        expect_inf = [j < 1 or j >= n - 2 for j in range(n)]
+        got_inf = (forced[b, :, :n].cpu() == float("inf"))
+        assert got_inf.tolist() == [expect_inf] * 2, (b, got_inf)
+        assert (forced[b, :, n:] == float("-inf")).all()
+
+
+def _check_selection_invariants(sel, seq_lens, page, k, sink, local):
+    for b, s in enumerate(seq_lens):
+        n = -(-s // page)
+        for h in range(sel.shape[1]):
+            row = sel[b, h].tolist()
+            m = min(k, n)
+            valid, pad = row[:m], row[m:]
+            assert pad == [-1] * (k - m), row
+            assert valid == sorted(set(valid)) and all(0 <= j < n for j in valid), row
+            must = {j for j in range(n) if j < sink or j >= n - local}
+            assert must <= set(valid), (row, must)
+
+
+@pytest.mark.parametrize(
+    "group,head_dim,page,num_select,sink,local",
+    [(4, 64, 16, 8, 1, 2), (7, 128, 1, 24, 4, 8), (8, 64, 64, 4, 1, 1)],
+)
+def test_select_matches_reference(group, head_dim, page, num_select, sink, local):
+    # ragged; one sequence shorter than the budget, one exactly at it, one single token
+    seq_lens = [3 * num_select * page + 3, 3 * page - 1, num_select * page, 1,
+                (num_select + 3) * page]
+    q, summ, bt, sl = _setup(seq_lens, group, head_dim, page, seed=1)
+    sel = select_pages(*_dev(q, summ, bt, sl), page, num_select, sink, local).cpu()
+    assert sel.dtype == torch.int32 and sel.shape == (len(seq_lens), 2, num_select)
+    want = ref_select_pages(q, summ, bt, sl, page, num_select, sink, local)
+    assert torch.equal(sel, want), (sel, want)
+    _check_selection_invariants(sel, seq_lens, page, num_select, sink, local)
+    # heads really choose differently (the test would not notice a head mix-up otherwise)
+    assert not torch.equal(sel[0, 0], sel[0, 1])
+
+
+def test_topk_kernel_ties_long_rows_and_signs():
+    """Radix-select top-k on raw score rows: heavy ties (the lowest pages win, as in the
+    reference), negative / +inf scores, rows longer than one kernel block (> 1024 pages),
+    rows shorter than the budget; and the torch.topk fallback on tie-free rows."""
+    g = torch.Generator().manual_seed(7)
+    page, k, max_pages = 4, 37, 2500
+    n_pages = [2500, 1300, 37, 20, 1025]
+    seq_lens = torch.tensor([n * page - 1 for n in n_pages], dtype=torch.int32)
+    heads = 3
+    scores = torch.randint(-6, 7, (len(n_pages), heads, max_pages), generator=g).float()
+    scores[:, 1] = torch.randn(len(n_pages), max_pages, generator=g) * 1e3  # tie-free head
+    scores[:, 2, 5:12] = float("inf")  # forced pages
+    scores[:, 2, 12:40] = -1e-30
+    scores[:, 0, 1024:1100] = 100.0  # a block of ties straddling the kernel's block boundary
+    for b, n in enumerate(n_pages):
+        scores[b, :, n:] = float("nan")  # beyond the sequence: must never be read
+    got = topk_pages(scores.to(DEVICE), seq_lens.to(DEVICE), page, k).cpu()
+    want = ref_select_from_scores(scores.nan_to_num(nan=float("-inf")), seq_lens, page, k, 0, 0)
+    assert torch.equal(got, want), (got - want).abs().sum()
+    _check_selection_invariants(got, seq_lens.tolist(), page, k, 0, 0)
+    # rows longer than the kernel's block: the multi-block loops
+    looped = topk_pages(scores.to(DEVICE), seq_lens.to(DEVICE), page, k, block=1024).cpu()
+    assert torch.equal(looped, want)
+    fallback = topk_pages(scores[:, 1:2].to(DEVICE), seq_lens.to(DEVICE), page, k,
+                          method="torch").cpu()
+    assert torch.equal(fallback, want[:, 1:2])
+
+
+def test_budget_larger_than_table():
+    """num_select > max_pages: still [batch, heads, num_select], -1 padded."""
+    page = 16
+    seq_lens = [40, 3]
+    q, summ, bt, sl = _setup(seq_lens, 4, 64, page)
+    sel = select_pages(*_dev(q, summ, bt, sl), page, 8, 1, 1).cpu()
+    assert sel.shape == (2, 2, 8)
+    assert sel[0, 0].tolist() == [0, 1, 2] + [-1] * 5
+    assert sel[1, 1].tolist() == [0] + [-1] * 7
+
+
+def test_reselect_refreshes_local_window():
+    """Selection reuse: stored raw scores + grown seq_lens -> new local pages selected, the
+    rest chosen by the stale scores (equal to the reference applied to those scores)."""
+    page, k, sink, local = 16, 6, 1, 2
+    old = [12 * page - 1, 4 * page + 2, 5]
+    q, summ, bt, sl = _setup([s + 20 for s in old], 4, 64, page, seed=2)
+    old_t = torch.tensor(old, dtype=torch.int32)
+    raw = torch.empty(len(old), 2, bt.shape[1], device=DEVICE)
+    first = select_pages(*_dev(q, summ, bt, old_t), page, k, sink, local, raw_scores=raw).cpu()
+    # Same lengths: reuse gives the same selection.
+    assert torch.equal(reselect_pages(raw, old_t.to(DEVICE), page, k, sink, local).cpu(), first)
+    new = torch.tensor([s + 20 for s in old], dtype=torch.int32)  # every sequence gains a page
+    again = reselect_pages(raw, new.to(DEVICE), page, k, sink, local).cpu()
+    want = ref_select_from_scores(ref_page_scores(q, summ, bt, old_t, page), new, page, k,
+                                  sink, local)
+    assert torch.equal(again, want), (again, want)
+    _check_selection_invariants(again, new.tolist(), page, k, sink, local)
+    assert not torch.equal(again, first)
+
+
+def test_pages_and_tokens_read():
+    page = 16
+    sel = torch.tensor([[[0, 2, 5, -1]], [[0, 1, -1, -1]]], dtype=torch.int32)
+    sl = torch.tensor([90, 20], dtype=torch.int32)  # seq 0: page 5 holds 10 tokens
+    assert pages_read(sel).tolist() == [[3], [2]]
+    assert tokens_read(sel, sl, page).tolist() == [[42], [20]]
+    torch.testing.assert_close(density(sel, sl, page), torch.tensor([[42 / 90], [1.0]]))

@@ -1,0 +1,142 @@
+"""Quest page summaries: full build and the incremental per-step update vs the reference."""
+
+import os
+
+import pytest
+import torch
+
+from sparse_kernels.page_summary import build_page_summaries, update_page_summaries
+from sparse_kernels.reference import random_paged_kv
+from sparse_kernels.reference_decode import ref_page_summaries
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
+POISON = 1e4  # what a kernel sees if it reads a token it must not
+
+
+def _i32(x):
+    return torch.tensor(x, dtype=torch.int32, device=DEVICE)
+
+
+def _nan_summaries(k):
+    n, _, h, d = k.shape
+    return torch.full((n, 2, h, d), float("nan"), dtype=k.dtype, device=DEVICE)
+
+
+def _assert_summaries_equal(got, want):
+    # min / max are exact in every dtype: compare bit for bit (NaN = never written).
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "page,layout,dtype,head_dim",
+    [
+        (16, "NHD", torch.float32, 64),
+        (1, "HND", torch.bfloat16, 128),
+        (64, "interleaved", torch.bfloat16, 64),
+    ],
+)
+def test_build_matches_reference(page, layout, dtype, head_dim):
+    g = torch.Generator().manual_seed(0)
+    seq_lens = [3 * page + 5, 1, 2 * page, page - 1 if page > 1 else 7]
+    k, v, bt = random_paged_kv(seq_lens, 2, head_dim, page, dtype, layout, generator=g)
+    k, bt = k.to(DEVICE), bt.to(DEVICE)
+    summ = _nan_summaries(k)
+    build_page_summaries(k, summ, bt, _i32(seq_lens))
+    want = ref_page_summaries(k.cpu(), bt.cpu(), torch.tensor(seq_lens))
+    _assert_summaries_equal(summ, want)
+    # Partial last pages exclude the poisoned tail (so the max stays far below POISON).
+    assert summ.nan_to_num().float().abs().max() < 100
+
+
+def _poisoned_cache(final_lens, start_lens, page, layout, dtype, head_dim, seed=0):
+    """A cache holding the final data, with every token at or after ``start_lens`` poisoned.
+
+    Returns (k, true_k, block_table): writing ``true_k[pos]`` simulates the engine's KV write.
+    """
+    g = torch.Generator().manual_seed(seed)
+    k, _, bt = random_paged_kv(final_lens, 2, head_dim, page, dtype, layout, generator=g)
+    true_k = k.clone()
+    for b, s in enumerate(start_lens):
+        for pos in range(s, final_lens[b]):
+            k[bt[b, pos // page].long(), pos % page] = POISON
+    return k.to(DEVICE), true_k.to(DEVICE), bt.to(DEVICE)
+
+
+def _write(k, true_k, bt, b, positions, page):
+    for pos in positions:
+        phys = bt[b, pos // page].long()
+        k[phys, pos % page] = true_k[phys, pos % page]
+
+
+@pytest.mark.parametrize(
+    "page,layout,dtype", [(16, "NHD", torch.float32), (4, "interleaved", torch.bfloat16)]
+)
+def test_decode_steps_cross_page_boundaries(page, layout, dtype):
+    """Several decode steps, one token per sequence each, crossing page boundaries."""
+    steps = 5
+    start = [page - 2, 2 * page - 1, 3, page]
+    final = [s + steps for s in start]
+    k, true_k, bt = _poisoned_cache(final, start, page, layout, dtype, 64)
+    summ = _nan_summaries(k)
+    build_page_summaries(k, summ, bt, _i32(start))
+    _assert_summaries_equal(summ, ref_page_summaries(k.cpu(), bt.cpu(), torch.tensor(start)))
+    batch = len(start)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+    for step in range(1, steps + 1):
+        lens = [s + step for s in start]
+        for b in range(batch):
+            _write(k, true_k, bt, b, [lens[b] - 1], page)
+        update_page_summaries(k, summ, bt, qsl, _i32(lens), num_tokens=batch)
+        want = ref_page_summaries(k.cpu(), bt.cpu(), torch.tensor(lens), summ.cpu())
+        _assert_summaries_equal(summ, want)
+        # and the whole buffer equals a from-scratch build (no stale page anywhere)
+        _assert_summaries_equal(summ, ref_page_summaries(k.cpu(), bt.cpu(), torch.tensor(lens)))
+
+
+@pytest.mark.parametrize("page,dtype", [(16, torch.float32), (64, torch.bfloat16)])
+def test_mixed_step_prefill_chunk_is_incremental(page, dtype):
+    """One step of a mixed batch: a decode token, a non-page-aligned prefill chunk, a first
+    chunk, an unscheduled sequence (q_len 0), plus padding tokens at the end of the grid.
+    Touched pages must equal the reference; untouched pages must keep their old bytes."""
+    old = [page + 4, 10, 0, 2 * page - 2]
+    q_lens = [1, 2 * page + 5, page + 7, 0]
+    new = [o + q for o, q in zip(old, q_lens)]
+    k, true_k, bt = _poisoned_cache(new, old, page, "HND", dtype, 128, seed=1)
+    summ = _nan_summaries(k)
+    build_page_summaries(k, summ, bt, _i32(old))
+    # Mark every page this step does not touch with a sentinel; the update must not rewrite it.
+    touched = set()
+    for b, (o, n) in enumerate(zip(old, new)):
+        touched |= {int(bt[b, p // page]) for p in range(o, n)}
+    sentinel = torch.tensor(7.0, dtype=dtype)
+    for p in range(summ.shape[0]):
+        if p not in touched:
+            summ[p] = sentinel
+    before = summ.clone()
+    for b in range(len(old)):
+        _write(k, true_k, bt, b, range(old[b], new[b]), page)
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    num_tokens = qsl[-1] + 3  # CUDA-graph padding: tokens past query_start_loc[-1]
+    update_page_summaries(k, summ, bt, _i32(qsl), _i32(new), num_tokens=num_tokens)
+
+    want = ref_page_summaries(k.cpu(), bt.cpu(), torch.tensor(new))
+    for p in range(summ.shape[0]):
+        if p in touched:
+            _assert_summaries_equal(summ[p], want[p])
+        else:
+            _assert_summaries_equal(summ[p], before[p])
+    assert len(touched) >= 5  # the test exercised several pages per chunk
+
+
+def test_padded_sequences_write_nothing():
+    """seq_len 0 / q_len 0 padding rows (CUDA graphs) leave the buffer untouched."""
+    k, _, bt = random_paged_kv([5, 9], 2, 64, 4, generator=torch.Generator().manual_seed(3))
+    k, bt = k.to(DEVICE), bt.to(DEVICE)
+    summ = _nan_summaries(k)
+    update_page_summaries(k, summ, bt, _i32([0, 0, 0]), _i32([0, 0]), num_tokens=4)
+    assert torch.isnan(summ).all()
+    build_page_summaries(k, summ, bt, _i32([0, 0]))
+    assert torch.isnan(summ).all()
