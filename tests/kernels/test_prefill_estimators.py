@@ -1,0 +1,304 @@
+"""Prefill estimators (streaming, XAttention, vertical-slash, FlexPrefill) against references.
+
+Runs under TRITON_INTERPRET=1 at small sizes: ragged batches of chunks with prefixes already in
+the paged cache, unaligned chunk starts, GQA groups 1/4/7/8, page sizes 1/16/64, all layouts.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
+
+
+def paged_to_device(k, v, layout):
+    """Move CPU caches from random_paged_kv to DEVICE keeping their layout (strides)."""
+    if DEVICE == "cpu":
+        return k, v
+    if layout == "NHD":
+        return k.to(DEVICE), v.to(DEVICE)
+    if layout == "HND":
+        return (k.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2),
+                v.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2))
+    kv = torch.cat([k.transpose(1, 2), v.transpose(1, 2)], -1).contiguous().to(DEVICE)
+    return kv.transpose(1, 2).split(k.shape[-1], dim=-1)
+
+from sparse_kernels.block_select import build_block_lists  # noqa: E402
+from sparse_kernels.block_sparse_prefill import (  # noqa: E402
+    PrefillBlockLists,
+    block_sparse_prefill_attention,
+    prefill_block_metadata,
+)
+from sparse_kernels.estimate_flexprefill import estimate_flexprefill, flexprefill_parts  # noqa: E402
+from sparse_kernels.estimate_streaming import estimate_streaming  # noqa: E402
+from sparse_kernels.estimate_vertical_slash import (  # noqa: E402
+    estimate_vertical_slash,
+    slash_index_bands,
+    vertical_index_blocks,
+    vertical_slash_indices,
+)
+from sparse_kernels.estimate_xattention import (  # noqa: E402
+    estimate_xattention,
+    xattention_block_scores,
+)
+from sparse_kernels.last_q_scores import last_q_scores  # noqa: E402
+from sparse_kernels.reference import dense_attention, random_paged_kv  # noqa: E402
+from sparse_kernels.reference_prefill import (  # noqa: E402
+    lists_to_mask,
+    ref_flexprefill_mask,
+    ref_flexprefill_parts,
+    ref_last_q_scores,
+    ref_select_by_mass,
+    ref_streaming_mask,
+    ref_vs_mask_from_indices,
+    ref_xattention_scores,
+)
+
+# name -> (seq_lens, q_lens); every chunk has a prefix in the cache, starts are unaligned.
+BATCHES = {
+    "ragged3": ([100, 37, 64], [45, 37, 20]),
+    "prefix_long": ([150, 21], [33, 18]),
+    "long1": ([200], [70]),
+}
+
+
+def make_batch(batch, hkv, group, head_dim, page, layout="NHD", dtype=torch.float32, seed=0,
+               structured=False):
+    seq_lens, q_lens = BATCHES[batch]
+    g = torch.Generator().manual_seed(seed)
+    k, v, bt = random_paged_kv(seq_lens, hkv, head_dim, page, dtype=dtype, layout=layout,
+                               generator=g)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), hkv * group, head_dim, generator=g)
+    if structured:  # peaky attention so that selections are not near-uniform
+        q = q * 2.0
+    k, v = paged_to_device(k, v, layout)
+    return q.to(dtype).to(DEVICE), k, v, bt.to(DEVICE), qsl.to(DEVICE), sl.to(DEVICE)
+
+
+def check_lists(lists: PrefillBlockLists, meta, hkv):
+    """Causal, ascending, duplicate-free, diagonal and first block always there."""
+    assert isinstance(lists.density, torch.Tensor) and lists.density.device == lists.block_count.device
+    idx, cnt = lists.block_idx.cpu(), lists.block_count.cpu()
+    seqs, idxs = meta.q_block_seq.cpu(), meta.q_block_idx.cpu()
+    assert idx.shape == (meta.num_q_blocks, hkv, meta.max_kv_blocks)
+    assert cnt.shape == (meta.num_q_blocks, hkv)
+    causal = 0
+    for s in range(meta.num_q_blocks):
+        b, i = int(seqs[s]), int(idxs[s])
+        if b < 0:
+            assert (cnt[s] == 0).all()
+            continue
+        causal += (i + 1) * hkv
+        for h in range(hkv):
+            c = int(cnt[s, h])
+            sel = idx[s, h, :c].tolist()
+            assert 1 <= c <= i + 1
+            assert sel == sorted(set(sel)), sel
+            assert sel[0] == 0 and sel[-1] == i, (s, h, sel)
+    assert float(lists.density) == pytest.approx(float(cnt.sum()) / causal, rel=1e-6)
+
+
+def check_dense_equivalent(lists, meta, q, k, v, bt, qsl, sl, hkv):
+    """Full density, and the sparse kernel with these lists equals dense attention."""
+    assert float(lists.density) == pytest.approx(1.0)
+    out = block_sparse_prefill_attention(q, k, v, bt, meta, lists.block_idx, lists.block_count)
+    ref = dense_attention(q, k, v, bt, qsl, sl)
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    assert (out.float() - ref).abs().max().item() < tol
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize(
+    "batch,hkv,bs,sink,local",
+    [("ragged3", 2, 16, 16, 20), ("prefix_long", 3, 16, 40, 0), ("long1", 1, 32, 1, 64),
+     ("ragged3", 1, 64, 0, 1)],
+)
+def test_streaming_equals_reference(batch, hkv, bs, sink, local):
+    seq_lens, q_lens = BATCHES[batch]
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    meta = prefill_block_metadata(qsl.to(DEVICE), sl.to(DEVICE), bs)
+    lists = estimate_streaming(meta, hkv, sink_tokens=sink, local_tokens=local)
+    check_lists(lists, meta, hkv)
+    got = lists_to_mask(lists.block_idx, lists.block_count, meta.max_kv_blocks)
+    ref = ref_streaming_mask(qsl, sl, hkv, bs, sink, local, meta.num_q_blocks, meta.max_kv_blocks)
+    assert torch.equal(got, ref)
+
+
+def test_streaming_full_window_equals_dense():
+    q, k, v, bt, qsl, sl = make_batch("ragged3", 2, 4, 64, 16, "HND")
+    meta = prefill_block_metadata(qsl, sl, 16)
+    lists = estimate_streaming(meta, 2, sink_tokens=0, local_tokens=10_000)
+    check_dense_equivalent(lists, meta, q, k, v, bt, qsl, sl, 2)
+
+
+# ----------------------------------------------------------------------------- xattention
+
+
+@pytest.mark.parametrize(
+    "batch,hkv,group,head_dim,page,layout,dtype,bs,stride,thr",
+    [
+        ("ragged3", 2, 4, 64, 16, "NHD", torch.float32, 16, 4, 0.5),
+        ("prefix_long", 1, 7, 64, 1, "interleaved", torch.float32, 32, 8, 0.3),
+        ("long1", 1, 1, 128, 64, "HND", torch.float32, 16, 16, 0.6),
+        ("ragged3", 1, 8, 64, 16, "HND", torch.bfloat16, 16, 8, 0.4),
+    ],
+)
+def test_xattention_scores_and_selection(batch, hkv, group, head_dim, page, layout, dtype, bs,
+                                         stride, thr):
+    q, k, v, bt, qsl, sl = make_batch(batch, hkv, group, head_dim, page, layout, dtype)
+    meta = prefill_block_metadata(qsl, sl, bs)
+    scores = xattention_block_scores(q, k, bt, meta, stride=stride)
+    ref = ref_xattention_scores(q, k, v, bt, qsl, sl, bs, stride, meta.num_q_blocks,
+                                meta.max_kv_blocks)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert (scores.cpu() - ref).abs().max().item() < tol
+    lists = estimate_xattention(q, k, bt, meta, threshold=thr, stride=stride)
+    check_lists(lists, meta, hkv)
+    got = lists_to_mask(lists.block_idx, lists.block_count, meta.max_kv_blocks)
+    want = ref_select_by_mass(scores, qsl, sl, bs, hkv, thr)
+    assert torch.equal(got, want)
+    assert float(lists.density) < 1.0
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_mass_selection_single_and_chunked_rows(logits):
+    """build_block_lists' mass rule, with the row in one register tile and in 16-block chunks,
+    on probabilities and on logits, against the sort-based reference."""
+    qsl = torch.tensor([0, 40, 70], dtype=torch.int32, device=DEVICE)
+    sl = torch.tensor([300, 90], dtype=torch.int32, device=DEVICE)
+    meta = prefill_block_metadata(qsl, sl, 16)  # up to 19 key blocks
+    hkv, group = 2, 3
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(meta.num_q_blocks, hkv * group, meta.max_kv_blocks, generator=g) * 2.0
+    causal = (torch.arange(meta.max_kv_blocks)[None, :] <= meta.q_block_idx.cpu()[:, None].long())
+    probs = torch.softmax(x.masked_fill(~causal[:, None, :], float("-inf")), -1)
+    on = torch.tensor([[True, False, True, True, True, False], [True] * 6])
+    want = ref_select_by_mass(probs, qsl, sl, 16, hkv, 0.7, rows_on=on)
+    for max_block_k in (4096, 16):
+        lists = build_block_lists(meta, hkv, scores=(x if logits else probs).to(DEVICE),
+                                  scores_are_logits=logits, score_rows_on=on.to(DEVICE),
+                                  threshold=0.7,
+                                  max_block_k=max_block_k * group)
+        check_lists(lists, meta, hkv)
+        got = lists_to_mask(lists.block_idx, lists.block_count, meta.max_kv_blocks)
+        assert torch.equal(got, want), max_block_k
+
+
+def test_xattention_threshold_one_is_dense():
+    q, k, v, bt, qsl, sl = make_batch("prefix_long", 1, 4, 64, 16, "interleaved")
+    meta = prefill_block_metadata(qsl, sl, 16)
+    lists = estimate_xattention(q, k, bt, meta, threshold=1.0, stride=4)
+    check_lists(lists, meta, 1)
+    check_dense_equivalent(lists, meta, q, k, v, bt, qsl, sl, 1)
+
+
+# ----------------------------------------------------------------------------- vertical-slash
+
+
+@pytest.mark.parametrize(
+    "batch,hkv,group,head_dim,page,layout,bs,last_q,nv,ns",
+    [
+        ("ragged3", 2, 4, 64, 16, "interleaved", 16, 24, 10, 6),
+        ("prefix_long", 1, 7, 64, 64, "NHD", 16, 16, 20, 3),
+        ("long1", 1, 1, 128, 1, "HND", 32, 40, 8, 8),
+    ],
+)
+def test_vertical_slash_scores_and_blocks(batch, hkv, group, head_dim, page, layout, bs, last_q,
+                                          nv, ns):
+    q, k, v, bt, qsl, sl = make_batch(batch, hkv, group, head_dim, page, layout)
+    meta = prefill_block_metadata(qsl, sl, bs)
+    vert, slash = last_q_scores(q, k, bt, meta, last_q=last_q)
+    width = meta.max_kv_blocks * bs
+    vr, sr = ref_last_q_scores(q, k, v, bt, qsl, sl, last_q, width)
+    vert, slash = vert.cpu(), slash.cpu()
+    assert (vert - vr).abs().max().item() < 1e-6
+    assert (slash - sr).abs().max().item() < 1e-6
+    v_idx, s_idx = vertical_slash_indices(vert, slash, sl.cpu(), nv, ns)
+    # indices are the top entries of the (reference) scores
+    for b in range(len(sl)):
+        L = int(sl[b])
+        for h in range(q.shape[1]):
+            kv_ = min(nv, L)
+            assert set(v_idx[b, h, :kv_].tolist()) == set(torch.topk(vr[b, h, :L], kv_).indices.tolist())
+    lists = estimate_vertical_slash(q, k, bt, meta, last_q=last_q, n_vertical=nv, n_slash=ns)
+    check_lists(lists, meta, hkv)
+    got = lists_to_mask(lists.block_idx, lists.block_count, meta.max_kv_blocks)
+    want = ref_vs_mask_from_indices(qsl, sl, bs, hkv, v_idx, s_idx, meta.num_q_blocks,
+                                    meta.max_kv_blocks)
+    assert torch.equal(got, want)
+
+
+def test_vertical_slash_conversion_rules():
+    """A column selects its block; a diagonal selects offset d//B and, if d%B>0, d//B+1."""
+    v_idx = torch.tensor([[[0, 17, 63, -1]]])
+    s_idx = torch.tensor([[[0, 16, 17, 40, -1]]])
+    vb = vertical_index_blocks(v_idx, 16, 5)
+    sb = slash_index_bands(s_idx, 16, 5)
+    assert vb[0, 0].tolist() == [1, 1, 0, 1, 0]
+    assert sb[0, 0].tolist() == [1, 1, 1, 1, 0]
+
+
+def test_vertical_slash_huge_budget_is_dense():
+    q, k, v, bt, qsl, sl = make_batch("ragged3", 1, 4, 64, 16, "NHD", torch.bfloat16)
+    meta = prefill_block_metadata(qsl, sl, 16)
+    lists = estimate_vertical_slash(q, k, bt, meta, last_q=16, n_vertical=10**6, n_slash=10**6)
+    check_lists(lists, meta, 1)
+    check_dense_equivalent(lists, meta, q, k, v, bt, qsl, sl, 1)
+
+
+# ----------------------------------------------------------------------------- flexprefill
+
+
+@pytest.mark.parametrize(
+    "batch,hkv,group,head_dim,page,layout,bs,gamma,tau",
+    [
+        ("ragged3", 2, 4, 64, 16, "NHD", 16, 0.6, 0.0),  # all vertical-slash heads
+        ("prefix_long", 1, 7, 64, 1, "interleaved", 16, 0.6, 10.0),  # all query-aware
+        ("long1", 1, 8, 128, 64, "HND", 32, 0.8, "median"),  # mixed
+    ],
+)
+def test_flexprefill_matches_reference(batch, hkv, group, head_dim, page, layout, bs, gamma, tau):
+    q, k, v, bt, qsl, sl = make_batch(batch, hkv, group, head_dim, page, layout, structured=True)
+    meta = prefill_block_metadata(qsl, sl, bs)
+    parts = {n: t.cpu() for n, t in flexprefill_parts(q, k, bt, meta, gamma=gamma).items()}
+    a_true, a_hat, js, v_blocks, s_bands, qa = ref_flexprefill_parts(q, k, v, bt, qsl, sl, bs,
+                                                                     gamma)
+    nkb = meta.max_kv_blocks
+    assert (parts["a_true"] - a_true).abs().max().item() < 1e-5
+    assert (parts["a_hat"] - a_hat).abs().max().item() < 1e-5
+    assert (parts["js"] - js).abs().max().item() < 1e-4
+    assert torch.equal(parts["v_blocks"].bool(), v_blocks)
+    assert torch.equal(parts["s_bands"].bool(), s_bands)
+    n = qa.shape[0]
+    probs = torch.softmax(parts["logits"][:n].masked_fill(qa[:n] == 0, float("-inf")), -1)
+    assert (probs - qa).abs().max().item() < 1e-5
+    if tau == "median":
+        tau = float(js.median()) + 1e-4
+        assert 0 < int((js < tau).sum()) < js.numel()
+    lists = estimate_flexprefill(q, k, bt, meta, gamma=gamma, tau=tau)
+    check_lists(lists, meta, hkv)
+    got = lists_to_mask(lists.block_idx, lists.block_count, nkb)
+    want = ref_flexprefill_mask(q, k, v, bt, qsl, sl, bs, gamma, tau, meta.num_q_blocks)
+    assert torch.equal(got, want)
+
+
+def test_flexprefill_gamma_one_is_dense():
+    q, k, v, bt, qsl, sl = make_batch("prefix_long", 2, 4, 64, 16, "HND", torch.bfloat16)
+    meta = prefill_block_metadata(qsl, sl, 16)
+    for tau in (0.0, 10.0):
+        lists = estimate_flexprefill(q, k, bt, meta, gamma=1.0, tau=tau)
+        check_lists(lists, meta, 2)
+        check_dense_equivalent(lists, meta, q, k, v, bt, qsl, sl, 2)
