@@ -1,51 +1,70 @@
-"""The sparse-serve attention backend for vLLM V1 (backend, metadata builder, impl).
+"""The sparse-serve attention backend for vLLM V1: backend, metadata builder, impl.
 
-It lives on vLLM's own paged KV cache (the TRITON_ATTN layout: logical
-``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, K and V interleaved) and is selected
-with ``--attention-backend CUSTOM`` once the plugin is registered.
+It lives on vLLM's own paged KV cache, in the FlashAttention layout of vLLM 0.26 (logical
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, K and V interleaved), and adds one side
+buffer per layer: Quest page summaries ``[num_blocks, 2, num_kv_heads, head_size]`` (min and max
+key per page), i.e. ``1 / block_size`` of the layer's KV cache (6.25 % at block size 16).
 
-Current state: the sparse kernels are not wired into the engine yet; every forward runs vLLM's
-own dense Triton attention, and the backend says so once per process in the log. What is final already: registration, the
-configuration parsed once and logged once, and start-up errors for model features the sparse
-path will not serve.
+Every forward:
+
+1. updates the summaries of the pages this step wrote (vLLM wrote K/V just before);
+2. decode requests (the batch is reordered decode-first) run top-k page selection and split-KV
+   paged decode over the selected pages -- static shapes, so pure-decode batches run inside
+   vLLM's full CUDA graphs;
+3. prefill chunks of sequences shorter than ``min_seq_len`` run dense FlashAttention-3 (the same
+   kernel as vLLM's FLASH_ATTN backend); longer ones run the configured estimator and the
+   block-sparse prefill kernel. Consecutive requests of one kind share one launch.
+
+Which path ran is counted per process and logged every ``LOG_EVERY_S`` seconds.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import time
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import AttentionType
-from vllm.v1.attention.backends.triton_attn import (
-    TritonAttentionBackend,
-    TritonAttentionImpl,
-    TritonAttentionMetadataBuilder,
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.kv_cache_interface import AttentionSpec
 
-from sparse_kernels.config import SparseConfigError, get_config
+from sparse_kernels.config import SparseConfig, SparseConfigError, get_config
 
 logger = logging.getLogger("vllm.sparse_serve")
 
+LOG_EVERY_S = 60.0
 _logged_config = False
 
 
-def _vllm_sparse_config():
-    """The process-wide SparseConfig, with vLLM's ``--additional-config '{"sparse": {...}}'``."""
-    from vllm.config import get_current_vllm_config
+def vllm_sparse_config(vllm_config: VllmConfig | None = None) -> SparseConfig:
+    """The process-wide SparseConfig, with ``--additional-config '{"sparse": {...}}'``."""
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config
 
+        try:
+            vllm_config = get_current_vllm_config()
+        except Exception:  # no current config (unit tests construct classes directly)
+            vllm_config = None
+    additional = getattr(vllm_config, "additional_config", None) or {}
     overrides = None
-    try:
-        additional = get_current_vllm_config().additional_config or {}
-    except Exception:  # no current config (unit tests construct classes directly)
-        additional = {}
     if isinstance(additional, dict) and "sparse" in additional:
         overrides = additional["sparse"]
         if not isinstance(overrides, dict):
             raise SparseConfigError(
                 "--additional-config key 'sparse' must be an object, e.g. "
-                "'{\"sparse\": {\"token_budget\": 4096}}'"
-            )
+                "'{\"sparse\": {\"token_budget\": 4096}}'")
     cfg = get_config(overrides)
     global _logged_config
     if not _logged_config:
@@ -54,13 +73,166 @@ def _vllm_sparse_config():
     return cfg
 
 
-class SparseAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
-    pass
+# --------------------------------------------------------------------------- metadata
 
 
-class SparseAttentionBackend(TritonAttentionBackend):
-    # The sparse kernels read bf16/fp16 K/V; quantized caches are refused at start-up.
+@dataclass
+class PrefillRun:
+    """Consecutive prefill requests that take the same path (one launch)."""
+
+    sparse: bool
+    tok_start: int
+    tok_end: int
+    req_start: int
+    req_end: int
+    query_start_loc: torch.Tensor  # int32 [n + 1], rebased to 0, device
+    seq_lens: torch.Tensor  # int32 [n], device view
+    block_table: torch.Tensor  # int32 [n, max_pages], device view
+    max_query_len: int
+    max_seq_len: int
+    block_meta: object | None = None  # PrefillBlockMeta for sparse runs
+
+
+@dataclass
+class SparseAttentionMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    num_decode_tokens: int
+    prefill_runs: list[PrefillRun] = field(default_factory=list)
+    # Preallocated decode buffers (shared by all layers of the step).
+    selected: torch.Tensor | None = None
+    workspace: object | None = None
+    # No cascade attention; vLLM's runner reads this.
+    use_cascade: bool = False
+    causal: bool = True
+
+
+class _PathCounters:
+    """Host-side counts of which path each request took, logged periodically."""
+
+    def __init__(self) -> None:
+        self.sparse_prefill_reqs = 0
+        self.dense_prefill_reqs = 0
+        self.decode_steps = 0
+        self._last = time.monotonic()
+
+    def maybe_log(self, cfg: SparseConfig) -> None:
+        now = time.monotonic()
+        if now - self._last < LOG_EVERY_S:
+            return
+        self._last = now
+        logger.info(
+            "sparse-serve: prefill chunks sparse=%d dense(fallback: shorter than min_seq_len=%d "
+            "or method dense)=%d; decode steps=%d (decode method %s)",
+            self.sparse_prefill_reqs, cfg.min_seq_len, self.dense_prefill_reqs,
+            self.decode_steps, cfg.decode_method)
+
+
+PATH_COUNTERS = _PathCounters()
+
+
+class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
+    # Pure-decode batches run in full CUDA graphs; mixed batches run attention eagerly
+    # (vLLM's piecewise graphs), where the prefill path may size grids from host ints.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+    reorder_batch_threshold: int | None = 1
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from sparse_kernels.pipeline import decode_budget_pages
+        from sparse_kernels.sparse_decode import DecodeWorkspace
+
+        self.cfg = vllm_sparse_config(vllm_config)
+        mc = vllm_config.model_config
+        pc = vllm_config.parallel_config
+        self.block_size = kv_cache_spec.block_size
+        self.num_heads_q = mc.get_num_attention_heads(pc)
+        self.num_heads_kv = mc.get_num_kv_heads(pc)
+        self.head_size = mc.get_head_size()
+        self.cfg.check_model(head_size=self.head_size, page_size=self.block_size,
+                             num_kv_heads=self.num_heads_kv)
+        max_seqs = vllm_config.scheduler_config.max_num_seqs
+        k, _, _ = decode_budget_pages(self.cfg, self.block_size)
+        self.selected = torch.full((max_seqs, self.num_heads_kv, k), -1, dtype=torch.int32,
+                                   device=device)
+        self.workspace = DecodeWorkspace(max_seqs, self.num_heads_q, self.head_size,
+                                         device=device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> SparseAttentionMetadata:
+        m = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            m, decode_threshold=1)
+        runs: list[PrefillRun] = []
+        if num_prefills:
+            runs = self._prefill_runs(m, num_decodes)
+        if num_decodes:
+            PATH_COUNTERS.decode_steps += 1
+        PATH_COUNTERS.maybe_log(self.cfg)
+        return SparseAttentionMetadata(
+            num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
+            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, prefill_runs=runs,
+            selected=self.selected, workspace=self.workspace)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                    ) -> SparseAttentionMetadata:
+        return self.build(0, common_attn_metadata)
+
+    def _prefill_runs(self, m: CommonAttentionMetadata, first: int) -> list[PrefillRun]:
+        from sparse_kernels.block_sparse_prefill import prefill_block_metadata
+
+        qsl_cpu = m.query_start_loc_cpu.tolist()
+        seq_cpu = m.seq_lens.cpu().tolist() if getattr(m, "_seq_lens_cpu", None) is None \
+            else m._seq_lens_cpu.tolist()
+        sparse_method = self.cfg.prefill_method != "dense"
+        kinds = [sparse_method and seq_cpu[r] >= self.cfg.min_seq_len
+                 for r in range(first, m.num_reqs)]
+        runs: list[PrefillRun] = []
+        r = first
+        while r < m.num_reqs:
+            kind = kinds[r - first]
+            e = r
+            while e < m.num_reqs and kinds[e - first] == kind:
+                e += 1
+            t0, t1 = qsl_cpu[r], qsl_cpu[e]
+            qsl = m.query_start_loc[r:e + 1] - t0
+            seq_lens = m.seq_lens[r:e]
+            run = PrefillRun(
+                sparse=kind, tok_start=t0, tok_end=t1, req_start=r, req_end=e,
+                query_start_loc=qsl, seq_lens=seq_lens, block_table=m.block_table_tensor[r:e],
+                max_query_len=max(qsl_cpu[i + 1] - qsl_cpu[i] for i in range(r, e)),
+                max_seq_len=max(seq_cpu[r:e]))
+            if kind:
+                run.block_meta = prefill_block_metadata(
+                    qsl, seq_lens, self.cfg.block_size, num_tokens=t1 - t0,
+                    max_seq_len=run.max_seq_len)
+                PATH_COUNTERS.sparse_prefill_reqs += e - r
+            else:
+                PATH_COUNTERS.dense_prefill_reqs += e - r
+            runs.append(run)
+            r = e
+        return runs
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class SparseAttentionBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    # The kernels read bf16/fp16 K/V; quantized caches are refused at start-up.
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+    forward_includes_kv_cache_update: bool = False
 
     @staticmethod
     def get_name() -> str:
@@ -74,6 +246,27 @@ class SparseAttentionBackend(TritonAttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[SparseAttentionMetadataBuilder]:
         return SparseAttentionMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        return block_size is None or block_size % 16 == 0
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_size: int, cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        # vLLM 0.26 asks the backend; 0.33 derives the shape itself and never calls this.
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        # NHD in memory: [num_blocks, block_size, num_kv_heads, 2 * head_size], as FLASH_ATTN.
+        if include_num_layers_dimension:
+            return (1, 0, 3, 2, 4)
+        return (0, 2, 1, 3)
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
@@ -99,13 +292,21 @@ class SparseAttentionBackend(TritonAttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability.major >= 8
 
-class SparseAttentionImpl(TritonAttentionImpl):
-    _warned_dense: ClassVar[bool] = False
 
-    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
-                 kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
-                 kv_sharing_target_layer_name=None, sinks=None, **kwargs) -> None:
+# --------------------------------------------------------------------------- impl
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+class SparseAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes, sliding_window, kv_cache_dtype: str, logits_soft_cap=None,
+                 attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None, **kwargs) -> None:
         unsupported = []
         if alibi_slopes is not None:
             unsupported.append("ALiBi")
@@ -121,24 +322,94 @@ class SparseAttentionImpl(TritonAttentionImpl):
             unsupported.append(f"KV cache dtype {kv_cache_dtype}")
         if head_size not in (64, 128):
             unsupported.append(f"head size {head_size}")
+        if kwargs:
+            unsupported.extend(sorted(f"{k}={v}" for k, v in kwargs.items() if v not in (None, False, -1)))
         if unsupported:
             raise SparseConfigError(
-                "the sparse-serve backend cannot serve this model: "
-                + ", ".join(unsupported)
-                + " not supported; use the default attention backend for it"
-            )
-        self.sparse_config = _vllm_sparse_config()
-        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
-                         sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
-                         kv_sharing_target_layer_name, sinks, **kwargs)
+                "the sparse-serve backend cannot serve this model: " + ", ".join(unsupported)
+                + " not supported; use the default attention backend for it")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.num_queries_per_kv = num_heads // num_kv_heads
+        self.cfg = vllm_sparse_config()
+        if any(o.heads is not None for o in self.cfg.head_overrides):
+            raise SparseConfigError(
+                "per-KV-head overrides in head_config are not supported by the vLLM backend yet; "
+                "use per-layer entries (\"heads\": \"all\")")
+        self._summaries: torch.Tensor | None = None
+        self._methods: tuple[str, str] | None = None
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None) -> torch.Tensor:
-        if attn_metadata is not None:
-            if not SparseAttentionImpl._warned_dense:
-                SparseAttentionImpl._warned_dense = True
-                logger.warning(
-                    "sparse-serve: sparse kernels are not wired into the vLLM backend yet; "
-                    "running vLLM's dense Triton attention for every request")
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                               output_scale, output_block_scale)
+    # -- helpers ---------------------------------------------------------------------------
+    def _layer_methods(self, layer) -> tuple[str, str]:
+        if self._methods is None:
+            name = getattr(layer, "layer_name", "") or ""
+            m = _LAYER_RE.search(name + ".")
+            idx = int(m.group(1)) if m else None
+            prefill, decode = self.cfg.methods_for(idx if idx is not None else -1)
+            self._methods = (prefill[None], decode[None])
+        return self._methods
+
+    def _get_summaries(self, key_cache: torch.Tensor) -> torch.Tensor:
+        s = self._summaries
+        if s is None or s.shape[0] != key_cache.shape[0] or s.device != key_cache.device:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("sparse-serve: page summaries must be allocated before "
+                                   "CUDA graph capture")
+            from sparse_kernels.page_summary import allocate_page_summaries
+
+            # Zeros: a page's summary is recomputed from its tokens whenever a step writes into
+            # it, and a request only ever reads pages it (or the prefix cache) wrote.
+            s = allocate_page_summaries(key_cache).zero_()
+            self._summaries = s
+            logger.info("sparse-serve: page summaries %s, %.1f MiB per layer",
+                        tuple(s.shape), s.numel() * s.element_size() / 2**20)
+        return s
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata: SparseAttentionMetadata,
+                output=None, output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("sparse-serve: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        from sparse_kernels.page_summary import update_page_summaries
+        from sparse_kernels.pipeline import decode_attention, sparse_prefill_attention
+
+        m = attn_metadata
+        prefill_method, decode_method = self._layer_methods(layer)
+        # (B, H, N, 2*D) logical -> K and V views (B, N, H, D), as vLLM's FlashAttention does.
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        summaries = self._get_summaries(key_cache)
+        n = m.num_actual_tokens
+        update_page_summaries(key_cache, summaries, m.block_table, m.query_start_loc,
+                              m.seq_lens, num_tokens=query.shape[0])
+        q = query[:n]
+        out = output[:n]
+        nd = m.num_decodes
+        if nd:
+            decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache, summaries,
+                             m.block_table[:nd], m.seq_lens[:nd], out[:nd], self.scale,
+                             selected=m.selected, workspace=m.workspace)
+        for run in m.prefill_runs:
+            qr, orun = q[run.tok_start:run.tok_end], out[run.tok_start:run.tok_end]
+            if run.sparse:
+                sparse_prefill_attention(prefill_method, self.cfg, qr, key_cache, value_cache,
+                                         run.block_table, run.block_meta, orun, self.scale)
+            else:
+                _dense_prefill(qr, key_cache, value_cache, run, orun, self.scale)
+        return output
+
+
+def _dense_prefill(q, key_cache, value_cache, run: PrefillRun, out, scale: float) -> None:
+    """Dense causal prefill with vLLM's FlashAttention-3 (what FLASH_ATTN runs)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    flash_attn_varlen_func(
+        q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=run.query_start_loc,
+        max_seqlen_q=run.max_query_len, seqused_k=run.seq_lens, max_seqlen_k=run.max_seq_len,
+        softmax_scale=scale, causal=True, block_table=run.block_table, fa_version=3)

@@ -99,7 +99,7 @@ def test_impl_builds_for_a_plain_layer():
     impl = SparseAttentionImpl(num_heads=8, head_size=128, scale=128 ** -0.5, num_kv_heads=2,
                                alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
     assert impl.num_queries_per_kv == 4
-    assert impl.sparse_config.decode_method == "topk"
+    assert impl.cfg.decode_method == "topk"
 
 
 def test_env_switch_selects_custom_only_when_no_backend_was_named(monkeypatch):

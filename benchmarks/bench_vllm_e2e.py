@@ -1,0 +1,88 @@
+"""End-to-end vLLM timing: TTFT and TPOT per prompt length, one backend per process.
+
+    python benchmarks/bench_vllm_e2e.py --backend CUSTOM --lens 4096 32768 126976 --out x.json
+    python benchmarks/bench_vllm_e2e.py --backend FLASH_ATTN --lens 4096 32768 126976 --out y.json
+
+Random weights of a real model's shape (``--load-format dummy``), random token-id prompts,
+batch 1, prefix caching off (every prompt is new). TTFT = time of a 1-token generate;
+TPOT = (time of a ``--output-len``-token generate - TTFT) / (output_len - 1), the definition of
+../shared/device/README.md. Run each backend in its own process on the same machine and compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="examples/model_shapes/llama-3.1-8b")
+    p.add_argument("--backend", required=True)
+    p.add_argument("--lens", type=int, nargs="+", default=[4096, 32768, 126976])
+    p.add_argument("--output-len", type=int, default=257)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    max_len = max(args.lens) + args.output_len + 8
+    t_start = time.perf_counter()
+    llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True,
+              attention_backend=args.backend, max_model_len=max_len,
+              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
+              max_num_batched_tokens=16384)
+    startup_s = time.perf_counter() - t_start
+    rng = random.Random(0)
+
+    def prompt(n: int):
+        return TokensPrompt(prompt_token_ids=[rng.randrange(100, 32000) for _ in range(n)])
+
+    one = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False, temperature=0.0)
+    many = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False,
+                          temperature=0.0)
+    llm.generate([prompt(1024)], many, use_tqdm=False)  # warm-up
+    rows = []
+    for n in args.lens:
+        ttfts, tpots = [], []
+        first = None
+        for _ in range(args.repeats):
+            pr = prompt(n)
+            t0 = time.perf_counter()
+            llm.generate([pr], one, use_tqdm=False)
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = llm.generate([pr], many, use_tqdm=False)
+            total = time.perf_counter() - t0
+            ids = list(out[0].outputs[0].token_ids)
+            first = first or ids[:16]
+            ttfts.append(ttft)
+            tpots.append((total - ttft) / (len(ids) - 1))
+        rows.append({"input_len": n, "ttft_s": min(ttfts), "tpot_ms": min(tpots) * 1e3,
+                     "ttft_all": ttfts, "tpot_all_ms": [t * 1e3 for t in tpots],
+                     "first_output_ids": first})
+        print(f"{args.backend} len {n}: TTFT {min(ttfts):.3f} s  TPOT {min(tpots) * 1e3:.2f} ms",
+              flush=True)
+    env = {k: v for k, v in os.environ.items() if k.startswith("SPARSE_")}
+    result = {
+        "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.now().isoformat(),
+        "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+        "backend": args.backend, "model_shape": args.model, "weights": "dummy", "batch": 1,
+        "output_len": args.output_len, "sparse_env": env, "startup_s": startup_s, "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
