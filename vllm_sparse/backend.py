@@ -114,24 +114,52 @@ class SparseAttentionMetadata:
 
 
 class _PathCounters:
-    """Host-side counts of which path each request took, logged periodically."""
+    """Which path requests took (host counts) and how sparse they were (device sums).
+
+    The device sums are accumulated by layer 0 only, in place (CUDA-graph safe):
+    ``[KV tokens read by decode, KV tokens in those sequences, prefill blocks computed,
+    prefill causal blocks]`` summed over (sequence, KV head). They are read, one host sync, when
+    the summary is logged every ``LOG_EVERY_S`` seconds.
+    """
 
     def __init__(self) -> None:
         self.sparse_prefill_reqs = 0
         self.dense_prefill_reqs = 0
         self.decode_steps = 0
+        self.device_sums: torch.Tensor | None = None
         self._last = time.monotonic()
+
+    def sums_for(self, device: torch.device) -> torch.Tensor:
+        if self.device_sums is None:
+            self.device_sums = torch.zeros(4, dtype=torch.float64, device=device)
+        return self.device_sums
+
+    def snapshot(self) -> dict:
+        sums = [0.0] * 4 if self.device_sums is None else self.device_sums.tolist()
+        return {
+            "prefill_chunks_sparse": self.sparse_prefill_reqs,
+            "prefill_chunks_dense": self.dense_prefill_reqs,
+            "decode_steps": self.decode_steps,
+            "decode_kv_fraction_read": sums[0] / sums[1] if sums[1] else None,
+            "prefill_block_density": sums[2] / sums[3] if sums[3] else None,
+        }
 
     def maybe_log(self, cfg: SparseConfig) -> None:
         now = time.monotonic()
         if now - self._last < LOG_EVERY_S:
             return
         self._last = now
+        snap = self.snapshot()
         logger.info(
-            "sparse-serve: prefill chunks sparse=%d dense(fallback: shorter than min_seq_len=%d "
-            "or method dense)=%d; decode steps=%d (decode method %s)",
-            self.sparse_prefill_reqs, cfg.min_seq_len, self.dense_prefill_reqs,
-            self.decode_steps, cfg.decode_method)
+            "sparse-serve stats: prefill chunks sparse=%d dense=%d (dense fallback: shorter "
+            "than min_seq_len=%d, or prefill method dense); decode steps=%d; decode KV read "
+            "fraction=%s; prefill block density=%s", snap["prefill_chunks_sparse"],
+            snap["prefill_chunks_dense"], cfg.min_seq_len, snap["decode_steps"],
+            _fmt(snap["decode_kv_fraction_read"]), _fmt(snap["prefill_block_density"]))
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 PATH_COUNTERS = _PathCounters()
@@ -343,6 +371,7 @@ class SparseAttentionImpl(AttentionImpl):
                 "use per-layer entries (\"heads\": \"all\")")
         self._summaries: torch.Tensor | None = None
         self._methods: tuple[str, str] | None = None
+        self._layer_index: int | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _layer_methods(self, layer) -> tuple[str, str]:
@@ -350,6 +379,7 @@ class SparseAttentionImpl(AttentionImpl):
             name = getattr(layer, "layer_name", "") or ""
             m = _LAYER_RE.search(name + ".")
             idx = int(m.group(1)) if m else None
+            self._layer_index = idx
             prefill, decode = self.cfg.methods_for(idx if idx is not None else -1)
             self._methods = (prefill[None], decode[None])
         return self._methods
@@ -377,6 +407,7 @@ class SparseAttentionImpl(AttentionImpl):
             raise NotImplementedError("sparse-serve: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
+        from sparse_kernels.page_select import tokens_read
         from sparse_kernels.page_summary import update_page_summaries
         from sparse_kernels.pipeline import decode_attention, sparse_prefill_attention
 
@@ -391,18 +422,37 @@ class SparseAttentionImpl(AttentionImpl):
         q = query[:n]
         out = output[:n]
         nd = m.num_decodes
+        stats = PATH_COUNTERS.sums_for(q.device) if self._layer_index == 0 else None
         if nd:
-            decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache, summaries,
-                             m.block_table[:nd], m.seq_lens[:nd], out[:nd], self.scale,
-                             selected=m.selected, workspace=m.workspace)
+            sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
+                                   summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
+                                   self.scale, selected=m.selected, workspace=m.workspace)
+            if stats is not None:
+                seq = m.seq_lens[:nd]
+                total = seq.sum(dtype=torch.float64) * self.num_kv_heads
+                read = total if sel is None else tokens_read(
+                    sel, seq, key_cache.shape[1]).sum(dtype=torch.float64)
+                stats[0] += read
+                stats[1] += total
         for run in m.prefill_runs:
             qr, orun = q[run.tok_start:run.tok_end], out[run.tok_start:run.tok_end]
             if run.sparse:
-                sparse_prefill_attention(prefill_method, self.cfg, qr, key_cache, value_cache,
-                                         run.block_table, run.block_meta, orun, self.scale)
+                dens = sparse_prefill_attention(prefill_method, self.cfg, qr, key_cache,
+                                                value_cache, run.block_table, run.block_meta,
+                                                orun, self.scale)
+                if stats is not None:
+                    causal = _causal_blocks(run.block_meta) * self.num_kv_heads
+                    stats[2] += dens.double() * causal
+                    stats[3] += causal
             else:
                 _dense_prefill(qr, key_cache, value_cache, run, orun, self.scale)
         return output
+
+
+def _causal_blocks(meta) -> torch.Tensor:
+    """Device scalar: causal (query block, key block) pairs of a prefill run."""
+    valid = meta.q_block_seq >= 0
+    return torch.where(valid, meta.q_block_idx.double() + 1.0, 0.0).sum()
 
 
 def _dense_prefill(q, key_cache, value_cache, run: PrefillRun, out, scale: float) -> None:

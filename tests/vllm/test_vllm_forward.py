@@ -116,3 +116,37 @@ def test_decode_reads_only_the_budget(monkeypatch):
     torch.testing.assert_close(out, want.to(out.dtype), atol=2e-4, rtol=2e-4)
     dense = reference.dense_attention(q, k_cache, v_cache, bt, qsl, m.seq_lens)
     assert not torch.allclose(out[0], dense[0], atol=1e-3)  # the long one really was sparse
+
+
+def test_layer0_accumulates_density_stats(monkeypatch):
+    _fake_fa3(monkeypatch)
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    seq_lens, q_lens = [300, 200], [1, 64]
+    cfg = SparseConfig(prefill_method="streaming", token_budget=64, sink_tokens=16,
+                       local_tokens=16, min_seq_len=100, block_size=16)
+    k_cache, v_cache, bt = reference.random_paged_kv(seq_lens, HKV, D, PAGE, layout="NHD",
+                                                     generator=torch.Generator().manual_seed(2))
+    kv_cache = torch.cat([k_cache, v_cache], dim=-1).transpose(1, 2)
+    qsl = torch.tensor([0, 1, 65], dtype=torch.int32)
+    m = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=2, num_actual_tokens=65,
+        max_query_len=64, max_seq_len=300, block_table_tensor=bt,
+        slot_mapping=torch.zeros(65, dtype=torch.long))
+    meta = _builder(cfg, 4).build(0, m)
+
+    class Layer0:
+        layer_name = "model.layers.0.self_attn.attn"
+
+    impl = _impl(cfg)
+    impl.forward(Layer0(), torch.randn(65, HQ, D), None, None, kv_cache, meta,
+                 torch.empty(65, HQ, D))
+    snap = backend.PATH_COUNTERS.snapshot()
+    assert snap["prefill_chunks_sparse"] == 1 and snap["decode_steps"] == 1
+    # decode: 4 pages of 16 per KV head, one of them the last, partial page (300 = 18*16 + 12)
+    assert snap["decode_kv_fraction_read"] == pytest.approx((3 * 16 + 12) / 300)
+    assert 0.0 < snap["prefill_block_density"] < 1.0
+    # another layer adds nothing
+    _impl(cfg).forward(_Layer(), torch.randn(65, HQ, D), None, None, kv_cache, meta,
+                       torch.empty(65, HQ, D))
+    assert backend.PATH_COUNTERS.snapshot() == snap
