@@ -50,6 +50,21 @@ def _fake_fa3(monkeypatch):
     monkeypatch.setattr(backend, "_dense_prefill", dense)
 
 
+def _batch(seq_lens, q_lens, seed):
+    """A paged cache in vLLM's layout and the CommonAttentionMetadata of one step."""
+    k_cache, v_cache, bt = reference.random_paged_kv(
+        seq_lens, HKV, D, PAGE, layout="NHD", generator=torch.Generator().manual_seed(seed))
+    kv_cache = torch.cat([k_cache, v_cache], dim=-1).transpose(1, 2)  # logical [B, H, N, 2D]
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    n = int(qsl[-1])
+    m = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=len(seq_lens),
+        num_actual_tokens=n, max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        block_table_tensor=bt, slot_mapping=torch.zeros(n, dtype=torch.long))
+    return k_cache, v_cache, kv_cache, bt, m
+
+
 @pytest.mark.parametrize("prefill_method", ["streaming", "xattention"])
 def test_mixed_batch_matches_dense_attention(monkeypatch, prefill_method):
     _fake_fa3(monkeypatch)
@@ -61,17 +76,8 @@ def test_mixed_batch_matches_dense_attention(monkeypatch, prefill_method):
     cfg = SparseConfig(prefill_method=prefill_method, token_budget=256, sink_tokens=16,
                        local_tokens=240, min_seq_len=100, block_size=16, xattn_threshold=1.0,
                        xattn_stride=4)
-    # vLLM's cache: logical [blocks, H, page, 2*D], NHD in memory.
-    k_cache, v_cache, bt = reference.random_paged_kv(seq_lens, HKV, D, PAGE, layout="NHD",
-                                                     generator=torch.Generator().manual_seed(0))
-    kv_cache = torch.cat([k_cache, v_cache], dim=-1).transpose(1, 2)  # [B, H, N, 2D] view
-    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
-    n = int(qsl[-1])
-    m = CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=4, num_actual_tokens=n,
-        max_query_len=max(q_lens), max_seq_len=max(seq_lens), block_table_tensor=bt,
-        slot_mapping=torch.zeros(n, dtype=torch.long))
+    k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, q_lens, seed=0)
+    qsl, n = m.query_start_loc, m.num_actual_tokens
     meta = _builder(cfg, 8).build(0, m)
     assert meta.num_decodes == 2
     assert [(r.sparse, r.req_start, r.req_end) for r in meta.prefill_runs] == [
@@ -86,15 +92,8 @@ def test_mixed_batch_matches_dense_attention(monkeypatch, prefill_method):
 def test_decode_reads_only_the_budget(monkeypatch):
     seq_lens = [300, 120]
     cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0)
-    k_cache, v_cache, bt = reference.random_paged_kv(seq_lens, HKV, D, PAGE, layout="NHD",
-                                                     generator=torch.Generator().manual_seed(1))
-    kv_cache = torch.cat([k_cache, v_cache], dim=-1).transpose(1, 2)
-    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
-    m = CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=2, num_actual_tokens=2,
-        max_query_len=1, max_seq_len=300, block_table_tensor=bt,
-        slot_mapping=torch.zeros(2, dtype=torch.long))
+    k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=1)
+    qsl = m.query_start_loc
     builder = _builder(cfg, 4)
     meta = builder.build(0, m)
     impl = _impl(cfg)
@@ -124,15 +123,7 @@ def test_layer0_accumulates_density_stats(monkeypatch):
     seq_lens, q_lens = [300, 200], [1, 64]
     cfg = SparseConfig(prefill_method="streaming", token_budget=64, sink_tokens=16,
                        local_tokens=16, min_seq_len=100, block_size=16)
-    k_cache, v_cache, bt = reference.random_paged_kv(seq_lens, HKV, D, PAGE, layout="NHD",
-                                                     generator=torch.Generator().manual_seed(2))
-    kv_cache = torch.cat([k_cache, v_cache], dim=-1).transpose(1, 2)
-    qsl = torch.tensor([0, 1, 65], dtype=torch.int32)
-    m = CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=2, num_actual_tokens=65,
-        max_query_len=64, max_seq_len=300, block_table_tensor=bt,
-        slot_mapping=torch.zeros(65, dtype=torch.long))
+    _, _, kv_cache, _, m = _batch(seq_lens, q_lens, seed=2)
     meta = _builder(cfg, 4).build(0, m)
 
     class Layer0:
