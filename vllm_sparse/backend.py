@@ -187,7 +187,9 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         self.head_size = mc.get_head_size()
         self.cfg.check_model(head_size=self.head_size, page_size=self.block_size,
                              num_kv_heads=self.num_heads_kv)
-        max_seqs = vllm_config.scheduler_config.max_num_seqs
+        # Decode buffers cover every batch vLLM may run or capture as a CUDA graph.
+        max_seqs = max(vllm_config.scheduler_config.max_num_seqs,
+                       vllm_config.compilation_config.max_cudagraph_capture_size or 0)
         k, _, _ = decode_budget_pages(self.cfg, self.block_size)
         self.selected = torch.full((max_seqs, self.num_heads_kv, k), -1, dtype=torch.int32,
                                    device=device)
