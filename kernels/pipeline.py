@@ -17,6 +17,7 @@ from sparse_kernels.block_sparse_prefill import (
     PrefillBlockLists,
     PrefillBlockMeta,
     all_causal_block_lists,
+    block_density,
     block_sparse_prefill_attention,
 )
 from sparse_kernels.config import SparseConfig
@@ -100,8 +101,36 @@ def estimate_prefill_blocks(
     raise ValueError(f"unknown prefill method {method!r}")
 
 
+def estimate_prefill_blocks_per_head(
+    methods: dict[int | None, str],
+    cfg: SparseConfig,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    meta: PrefillBlockMeta,
+    scale: float,
+) -> PrefillBlockLists:
+    """Lists when KV heads use different estimators: ``methods`` maps a KV head (or ``None``,
+    every other head) to its method, as :meth:`SparseConfig.methods_for` returns it. Each
+    distinct method runs once over all heads; every head keeps the lists of its own method."""
+    hkv = k_cache.shape[2]
+    per_head = [methods.get(h, methods[None]) for h in range(hkv)]
+    distinct = sorted(set(per_head))
+    if len(distinct) == 1:
+        return estimate_prefill_blocks(distinct[0], cfg, q, k_cache, block_table, meta, scale)
+    merged_idx = merged_cnt = None
+    for method in distinct:
+        lists = estimate_prefill_blocks(method, cfg, q, k_cache, block_table, meta, scale)
+        mask = torch.tensor([m == method for m in per_head], device=lists.block_count.device)
+        if merged_idx is None:
+            merged_idx, merged_cnt = lists.block_idx.clone(), lists.block_count.clone()
+        merged_idx = torch.where(mask[None, :, None], lists.block_idx, merged_idx)
+        merged_cnt = torch.where(mask[None, :], lists.block_count, merged_cnt)
+    return PrefillBlockLists(merged_idx, merged_cnt, block_density(meta, merged_cnt))
+
+
 def sparse_prefill_attention(
-    method: str,
+    method: str | dict[int | None, str],
     cfg: SparseConfig,
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -112,8 +141,13 @@ def sparse_prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """Estimate block lists, then block-sparse attention into ``out``; returns the density
-    (computed blocks / causal blocks) as a device scalar."""
-    lists = estimate_prefill_blocks(method, cfg, q, k_cache, block_table, meta, scale)
+    (computed blocks / causal blocks) as a device scalar. ``method`` is one estimator for all
+    KV heads or a per-head map (see :func:`estimate_prefill_blocks_per_head`)."""
+    if isinstance(method, dict):
+        lists = estimate_prefill_blocks_per_head(method, cfg, q, k_cache, block_table, meta,
+                                                 scale)
+    else:
+        lists = estimate_prefill_blocks(method, cfg, q, k_cache, block_table, meta, scale)
     block_sparse_prefill_attention(q, k_cache, v_cache, block_table, meta, lists.block_idx,
                                    lists.block_count, scale=scale, out=out)
     return lists.density

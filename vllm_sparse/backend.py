@@ -224,7 +224,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         qsl_cpu = m.query_start_loc_cpu.tolist()
         seq_cpu = m.seq_lens.cpu().tolist() if getattr(m, "_seq_lens_cpu", None) is None \
             else m._seq_lens_cpu.tolist()
-        sparse_method = self.cfg.prefill_method != "dense"
+        sparse_method = self.cfg.prefill_method != "dense" or any(
+            o.prefill_method not in (None, "dense") for o in self.cfg.head_overrides)
         kinds = [sparse_method and seq_cpu[r] >= self.cfg.min_seq_len
                  for r in range(first, m.num_reqs)]
         runs: list[PrefillRun] = []
@@ -367,23 +368,26 @@ class SparseAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.num_queries_per_kv = num_heads // num_kv_heads
         self.cfg = vllm_sparse_config()
-        if any(o.heads is not None for o in self.cfg.head_overrides):
+        if any(o.heads is not None and o.decode_method is not None
+               for o in self.cfg.head_overrides):
             raise SparseConfigError(
-                "per-KV-head overrides in head_config are not supported by the vLLM backend yet; "
-                "use per-layer entries (\"heads\": \"all\")")
+                "per-KV-head decode_method overrides in head_config are not supported yet (a "
+                "decode step selects one page budget per KV head); give decode_method per layer "
+                "(\"heads\": \"all\") and per-head entries prefill_method only")
         self._summaries: torch.Tensor | None = None
-        self._methods: tuple[str, str] | None = None
+        self._methods: tuple[str | dict[int | None, str], str] | None = None
         self._layer_index: int | None = None
 
     # -- helpers ---------------------------------------------------------------------------
-    def _layer_methods(self, layer) -> tuple[str, str]:
+    def _layer_methods(self, layer) -> tuple[str | dict[int | None, str], str]:
+        """(prefill method, or a per-KV-head map; decode method) of this layer."""
         if self._methods is None:
             name = getattr(layer, "layer_name", "") or ""
             m = _LAYER_RE.search(name + ".")
             idx = int(m.group(1)) if m else None
             self._layer_index = idx
             prefill, decode = self.cfg.methods_for(idx if idx is not None else -1)
-            self._methods = (prefill[None], decode[None])
+            self._methods = (prefill if len(prefill) > 1 else prefill[None], decode[None])
         return self._methods
 
     def _get_summaries(self, key_cache: torch.Tensor) -> torch.Tensor:
@@ -438,7 +442,7 @@ class SparseAttentionImpl(AttentionImpl):
                 stats[1] += total
         for run in m.prefill_runs:
             qr, orun = q[run.tok_start:run.tok_end], out[run.tok_start:run.tok_end]
-            if run.sparse:
+            if run.sparse and prefill_method != "dense":
                 dens = sparse_prefill_attention(prefill_method, self.cfg, qr, key_cache,
                                                 value_cache, run.block_table, run.block_meta,
                                                 orun, self.scale)

@@ -1,0 +1,50 @@
+"""The engine-agnostic steps the adapters run (kernels/pipeline.py), against references."""
+
+import math
+
+import pytest
+import torch
+
+from sparse_kernels import reference
+from sparse_kernels.block_sparse_prefill import prefill_block_metadata
+from sparse_kernels.config import SparseConfig
+from sparse_kernels.pipeline import decode_budget_pages, sparse_prefill_attention
+
+HQ, HKV, D, PAGE = 4, 2, 64, 16
+
+
+def _prefill_case(seed=0):
+    seq_lens, q_lens = [160, 96], [96, 96]
+    k, v, bt = reference.random_paged_kv(seq_lens, HKV, D, PAGE,
+                                         generator=torch.Generator().manual_seed(seed))
+    qsl = torch.tensor([0, 96, 192], dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(192, HQ, D, generator=torch.Generator().manual_seed(seed + 1))
+    meta = prefill_block_metadata(qsl, sl, 16, num_tokens=192, max_seq_len=160)
+    return q, k, v, bt, qsl, sl, meta
+
+
+def test_per_head_prefill_methods_keep_each_heads_own_lists():
+    q, k, v, bt, qsl, sl, meta = _prefill_case()
+    cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
+                       xattn_threshold=1.0, xattn_stride=4)
+    scale = 1 / math.sqrt(D)
+    out = torch.empty_like(q)
+    dens = sparse_prefill_attention({None: "xattention", 0: "streaming"}, cfg, q, k, v, bt, meta,
+                                    out, scale)
+    dense = reference.dense_attention(q, k, v, bt, qsl, sl)
+    streaming = torch.empty_like(q)
+    sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, streaming, scale)
+    g = HQ // HKV
+    # KV head 1 (query heads 2, 3): XAttention at threshold 1.0 = dense.
+    torch.testing.assert_close(out[:, g:], dense[:, g:], atol=2e-4, rtol=2e-4)
+    # KV head 0 (query heads 0, 1): streaming, which really differs from dense here.
+    torch.testing.assert_close(out[:, :g], streaming[:, :g], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(streaming[:, :g], dense[:, :g], atol=1e-3)
+    assert 0.5 < float(dens) < 1.0
+
+
+@pytest.mark.parametrize("page, expect", [(16, (256, 4, 32)), (64, (64, 1, 8))])
+def test_decode_budget_pages(page, expect):
+    cfg = SparseConfig(token_budget=4096, sink_tokens=64, local_tokens=512)
+    assert decode_budget_pages(cfg, page) == expect
