@@ -5,9 +5,12 @@ page 16); one attention layer, one decode token per sequence, every sequence at 
 context. Times, per (context, batch, budget):
 
   * summary   -- ``update_page_summaries`` for this step's token (incremental);
-  * select    -- ``select_pages``: Triton scoring kernel + ``torch.topk`` + sort;
+  * select    -- ``select_pages``: page-chunk scoring kernel + radix top-k kernel;
+    ``select_fused``: ``method="fused"`` (one launch, the last program of a row selects);
+    ``select_fused_summary``: ``select_pages(k_cache=...)``, the summary update folded in;
   * attention -- ``sparse_decode`` over the selected pages;
-  * sparse    -- the three together (one CUDA graph);
+  * sparse    -- summary + select + attention (one CUDA graph); ``sparse_fused``: select with
+    the fused summary update + attention (two launches, three with the split merge);
   * dense     -- FA3 paged decode (``vllm.vllm_flash_attn.flash_attn_varlen_func``,
                  ``fa_version=3``) and our kernel in dense mode.
 
@@ -37,9 +40,15 @@ from pathlib import Path
 import torch
 import triton
 
-from sparse_kernels.page_select import select_pages
+from sparse_kernels import page_select
+from sparse_kernels.page_select import SelectWorkspace, default_chunk_pages, select_pages
 from sparse_kernels.page_summary import build_page_summaries, update_page_summaries
-from sparse_kernels.sparse_decode import DecodeWorkspace, default_num_splits, sparse_decode
+from sparse_kernels.sparse_decode import (
+    DecodeWorkspace,
+    default_block_n,
+    default_num_splits,
+    sparse_decode,
+)
 
 
 def _load_fa3():
@@ -112,6 +121,8 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
     max_splits = 64
     ws = DecodeWorkspace(batch, hq, d, max_splits, dev)
+    sws = SelectWorkspace(batch, hkv, pages_per_seq, dev)
+    sws_f = SelectWorkspace(batch, hkv, pages_per_seq, dev)  # method="fused" (counters)
 
     def dense_ours():
         sparse_decode(q, k_cache, v_cache, block_table, seq_lens, None, out=out_dense,
@@ -143,10 +154,25 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
         def select():
             sel_box["sel"] = select_pages(q, summaries, block_table, seq_lens, page, k_sel,
-                                          sink, local)
+                                          sink, local, workspace=sws)
+
+        def select_fused():
+            select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                         workspace=sws_f, method="fused")
+
+        def select_fused_summary():
+            select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                         workspace=sws, k_cache=k_cache)
 
         select()
         sel_static = sel_box["sel"].clone()
+        check = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                             method="fused")
+        check_t = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                               method="torch")
+        sel_matches_fused = bool(torch.equal(check, sel_static))
+        # informational: torch.topk may break exact score ties differently
+        sel_matches_torch = bool(torch.equal(check_t, sel_static))
 
         def attention():
             sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_static,
@@ -154,11 +180,61 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
         def pipeline():
             summary()
-            sel = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local)
+            sel = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                               workspace=sws)
+            sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel, out=out_sparse,
+                          scale=scale, workspace=ws)
+
+        def pipeline_fused():
+            sel = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                               workspace=sws, k_cache=k_cache)
             sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel, out=out_sparse,
                           scale=scale, workspace=ws)
 
         t_sum, t_sel, t_att, t_all = timer(summary), timer(select), timer(attention), timer(pipeline)
+        t_sel_fused, t_sel_fs = timer(select_fused), timer(select_fused_summary)
+        t_fused = timer(pipeline_fused)
+        sweep = None
+        if args.sweep and batch <= args.sweep_max_batch:
+            sweep = {"select": {}, "select_fused": {}, "attention": {}}
+            best_sel = (t_sel, {})
+            for chunk in (64, 128, 256):
+                for nw in (4, 8):
+                    for tw in (8, 16):
+                        kw = dict(chunk_pages=chunk, num_warps=nw, topk_warps=tw)
+                        t = timer(lambda kw=kw: select_pages(
+                            q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                            workspace=sws, **kw))
+                        sweep["select"][f"chunk{chunk}_w{nw}_topkw{tw}"] = t
+                        if t < best_sel[0]:
+                            best_sel = (t, kw)
+            for chunk in (128, 256):
+                sweep["select_fused"][f"chunk{chunk}_w16"] = timer(
+                    lambda c=chunk: select_pages(
+                        q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                        workspace=sws_f, method="fused", chunk_pages=c, num_warps=16))
+            best_att = (t_att, {})
+            for splits, bn in ((16, 64), (33, 64), (33, 32), (48, 32), (64, 32)):
+                kw = dict(num_splits=splits, block_n=bn)
+                t = timer(lambda kw=kw: sparse_decode(
+                    q, k_cache, v_cache, block_table, seq_lens, sel_static, out=out_sparse,
+                    scale=scale, workspace=ws, **kw))
+                sweep["attention"][f"s{splits}_bn{bn}"] = t
+                if t < best_att[0]:
+                    best_att = (t, kw)
+
+            def pipeline_best():
+                sel = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink,
+                                   local, workspace=sws, k_cache=k_cache, **best_sel[1])
+                sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel,
+                              out=out_sparse, scale=scale, workspace=ws, **best_att[1])
+
+            sweep["best_select"] = best_sel[1]
+            sweep["best_attention"] = best_att[1]
+            sweep["pipeline_fused_best_ms"] = timer(pipeline_best)
+            base_ = fa3_ms if fa3_ms is not None else dense_ours_ms
+            sweep["speedup_fused_best"] = base_ / sweep["pipeline_fused_best_ms"]
+            print("   sweep:", json.dumps(sweep), flush=True)
         base = fa3_ms if fa3_ms is not None else dense_ours_ms
         row = {
             "context": ctx,
@@ -167,19 +243,32 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
             "num_select_pages": k_sel,
             "sink_pages": sink,
             "local_pages": local,
-            "num_splits_sparse": default_num_splits(batch, hkv, k_sel * page, dev),
-            "num_splits_dense": default_num_splits(batch, hkv, pages_per_seq * page, dev),
+            "block_n": default_block_n(batch, hkv, dev),
+            "num_splits_sparse": default_num_splits(batch, hkv, k_sel * page, dev,
+                                                    default_block_n(batch, hkv, dev)),
+            "num_splits_dense": default_num_splits(batch, hkv, pages_per_seq * page, dev,
+                                                   default_block_n(batch, hkv, dev)),
             "dense_fa3_ms": fa3_ms,
             "dense_ours_ms": dense_ours_ms,
+            "select_chunk_pages": default_chunk_pages(batch, hkv, pages_per_seq, dev),
+            "select_num_warps": page_select.SCORE_NUM_WARPS,
+            "topk_num_warps": page_select.default_topk_warps(pages_per_seq),
             "summary_ms": t_sum,
             "select_ms": t_sel,
+            "select_fused_ms": t_sel_fused,
+            "select_fused_summary_ms": t_sel_fs,
+            "select_matches_fused": sel_matches_fused,
+            "select_matches_torch_topk": sel_matches_torch,
             "attention_ms": t_att,
             "sparse_total_ms": t_all,
             "sparse_parts_sum_ms": t_sum + t_sel + t_att,
             "speedup_vs": "fa3" if fa3_ms is not None else "dense_ours",
+            "sparse_fused_total_ms": t_fused,
             "speedup": base / t_all,
+            "speedup_fused": base / t_fused,
             "attention_only_speedup": base / t_att,
             "ours_dense_vs_fa3_max_abs_diff": fa3_diff,
+            "sweep": sweep,
         }
         rows.append(row)
         print(_fmt_row(row), flush=True)
@@ -189,10 +278,12 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
 
 _COLS = [("context", 7), ("batch", 5), ("budget", 6), ("dense_fa3_ms", 9),
-         ("dense_ours_ms", 9), ("summary_ms", 9), ("select_ms", 9), ("attention_ms", 9),
-         ("sparse_total_ms", 9), ("speedup", 7), ("ours_dense_vs_fa3_max_abs_diff", 9)]
-_HEAD = ["ctx", "batch", "budget", "fa3 ms", "ours-d ms", "summ ms", "select ms", "attn ms",
-         "sparse ms", "speedup", "|d-fa3|"]
+         ("dense_ours_ms", 9), ("summary_ms", 9), ("select_ms", 9), ("select_fused_ms", 9),
+         ("select_fused_summary_ms", 9), ("attention_ms", 9), ("sparse_total_ms", 9),
+         ("sparse_fused_total_ms", 9), ("speedup", 7), ("speedup_fused", 7),
+         ("ours_dense_vs_fa3_max_abs_diff", 9)]
+_HEAD = ["ctx", "batch", "budget", "fa3 ms", "ours-d ms", "summ ms", "select ms", "sel-1L",
+         "sel+summ", "attn ms", "sparse ms", "fused ms", "speedup", "sp-fused", "|d-fa3|"]
 
 
 def _fmt(v, w):
@@ -223,6 +314,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-graphs", action="store_true", help="time eager launches")
     p.add_argument("--require-fa3", action="store_true", help="fail if FA3 cannot be imported")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time select chunk sizes and attention split counts")
+    p.add_argument("--sweep-max-batch", type=int, default=16)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -243,31 +337,31 @@ def main(argv=None):
 
     timer = _Timer(not args.no_graphs, args.iters, args.warmup)
     print(" ".join(h.rjust(w) for h, (_, w) in zip(_HEAD, _COLS)), flush=True)
+    now = _dt.datetime.now()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"decode_{now:%Y%m%d}.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for ctx in args.contexts:
         for batch in args.batches:
             rows += run_config(args, ctx, batch, args.budgets, fa3, timer)
-
-    now = _dt.datetime.now()
-    result = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": now.isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "vllm": vllm_version,
-        "fa3": fa3 is not None,
-        "cuda_graphs": not args.no_graphs,
-        "shapes": {"num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads,
-                   "head_dim": args.head_dim, "page_size": args.page_size, "dtype": args.dtype,
-                   "sink_tokens": args.sink_tokens, "local_tokens": args.local_tokens},
-        "rows": rows,
-    }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"decode_{now:%Y%m%d}.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+            result = {
+                "command": " ".join([sys.executable, *sys.argv]),
+                "date": now.isoformat(timespec="seconds"),
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "vllm": vllm_version,
+                "fa3": fa3 is not None,
+                "cuda_graphs": not args.no_graphs,
+                "shapes": {"num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads,
+                           "head_dim": args.head_dim, "page_size": args.page_size,
+                           "dtype": args.dtype, "sink_tokens": args.sink_tokens,
+                           "local_tokens": args.local_tokens},
+                "rows": rows,
+            }
+            with open(out, "w") as f:  # rewritten after every config: partial runs keep data
+                json.dump(result, f, indent=2)
     print(f"wrote {out}")
 
 

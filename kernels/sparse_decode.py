@@ -5,7 +5,11 @@ program takes its share of the selected logical pages of one (sequence, KV head)
 physical pages through ``block_table``, masks tokens ``>= seq_len``, and runs an online softmax
 for all query heads of the GQA group at once (group padded to 16 rows so ``tl.dot`` applies).
 It writes a normalized partial output and its log-sum-exp (base 2). Stage 2, grid
-``(batch, num_q_heads)``, merges the splits. With one split, stage 1 writes ``out`` directly.
+``(batch, num_q_heads)``, merges the splits (``merge_in_kernel=True``: the last split of each
+(sequence, KV head) merges them inside stage 1 instead; measured slower on an H100, off by
+default). With one split, stage 1 writes ``out`` directly. At small grids (batch 1) tiles are
+32 tokens and the split count targets four waves (:func:`default_block_n`,
+:func:`default_num_splits`).
 
 The selected pages are walked as a flat "slot space" of ``n_slots * page_size`` tokens; a tile
 of ``BLOCK_N`` slot-space tokens may span several pages (page size 1 or 16) or part of one
@@ -28,6 +32,8 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Merge the splits inside the main kernel (no second launch); see sparse_decode().
+MERGE_IN_KERNEL_DEFAULT = False
 
 
 @triton.jit
@@ -41,6 +47,7 @@ def _sparse_decode_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    counter_ptr,
     scale_log2,  # softmax scale * log2(e)
     num_select,  # slots of `selected` per (sequence, KV head); unused in dense mode
     num_splits,
@@ -79,6 +86,8 @@ def _sparse_decode_kernel(
     SPLIT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -139,6 +148,13 @@ def _sparse_decode_kernel(
             mask=tok_ok[None, :] & mask_d[:, None],
             other=0.0,
         )  # [HEAD_DIM_PAD, BLOCK_N]
+        v_off = phys * stride_v_page + in_page.to(tl.int64) * stride_v_tok
+        # V is issued with K (before the dot): one HBM round trip per tile, not two.
+        v = tl.load(
+            v_base + v_off[:, None] + offs_d[None, :] * stride_v_dim,
+            mask=tok_ok[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_N, HEAD_DIM_PAD]
         if UPCAST_DOT:
             k = k.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
@@ -151,12 +167,6 @@ def _sparse_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
 
-        v_off = phys * stride_v_page + in_page.to(tl.int64) * stride_v_tok
-        v = tl.load(
-            v_base + v_off[:, None] + offs_d[None, :] * stride_v_dim,
-            mask=tok_ok[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_N, HEAD_DIM_PAD]
         if UPCAST_DOT:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -177,12 +187,66 @@ def _sparse_decode_kernel(
             lse,
             mask=mask_g,
         )
+        if MERGE_IN_KERNEL:
+            # The last split of this (sequence, KV head) to finish merges them all: no second
+            # launch. Per-row arrival counter (bar.sync + one acq_rel gpu-scope atomic), reset
+            # by the merging program, so CUDA-graph replays find it at zero.
+            tl.debug_barrier()
+            cnt = counter_ptr + seq_idx * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                for g in tl.static_range(GROUP):
+                    _merge_head(
+                        out_ptr, part_out_ptr, part_lse_ptr, seq_idx64, kv_head * GROUP + g,
+                        num_splits, stride_o_b, stride_o_h, stride_o_d,
+                        stride_po_b, stride_po_h, stride_po_s, stride_po_d,
+                        stride_pl_b, stride_pl_h, stride_pl_s,
+                        HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, True,
+                    )
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
     else:
         o_ptrs = (
             out_ptr + seq_idx64 * stride_o_b + q_heads[:, None] * stride_o_h
             + offs_d[None, :] * stride_o_d
         )
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _merge_head(
+    out_ptr, part_out_ptr, part_lse_ptr, seq_idx, q_head, num_splits,
+    stride_o_b, stride_o_h, stride_o_d,
+    stride_po_b, stride_po_h, stride_po_s, stride_po_d,
+    stride_pl_b, stride_pl_h, stride_pl_s,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    CG: tl.constexpr,
+):
+    """LSE-weighted merge of the splits of one (sequence, query head). ``CG``: read the
+    partials through L2 only (written by other programs of the same launch)."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    lse_ptrs = part_lse_ptr + seq_idx * stride_pl_b + q_head * stride_pl_h + offs_s * stride_pl_s
+    po_ptrs = (part_out_ptr + seq_idx * stride_po_b + q_head * stride_po_h
+               + offs_s[:, None] * stride_po_s + offs_d[None, :] * stride_po_d)
+    po_mask = mask_s[:, None] & mask_d[None, :]
+    if CG:
+        lse = tl.load(lse_ptrs, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+        po = tl.load(po_ptrs, mask=po_mask, other=0.0, cache_modifier=".cg")
+    else:
+        lse = tl.load(lse_ptrs, mask=mask_s, other=float("-inf"))
+        po = tl.load(po_ptrs, mask=po_mask, other=0.0)
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)  # 0 for empty / masked splits
+    w_sum = tl.sum(w, axis=0)
+    o = tl.sum(w[:, None] * po, axis=0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(
+        out_ptr + seq_idx * stride_o_b + q_head * stride_o_h + offs_d * stride_o_d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
 
 
 @triton.jit
@@ -205,40 +269,21 @@ def _merge_splits_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    seq_idx = tl.program_id(0).to(tl.int64)
-    q_head = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_s = offs_s < num_splits
-    mask_d = offs_d < HEAD_DIM
-    lse = tl.load(
-        part_lse_ptr + seq_idx * stride_pl_b + q_head * stride_pl_h + offs_s * stride_pl_s,
-        mask=mask_s,
-        other=float("-inf"),
-    )
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)  # 0 for empty / masked splits
-    po = tl.load(
-        part_out_ptr + seq_idx * stride_po_b + q_head * stride_po_h
-        + offs_s[:, None] * stride_po_s + offs_d[None, :] * stride_po_d,
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    w_sum = tl.sum(w, axis=0)
-    o = tl.sum(w[:, None] * po, axis=0) / tl.where(w_sum == 0.0, 1.0, w_sum)
-    tl.store(
-        out_ptr + seq_idx * stride_o_b + q_head * stride_o_h + offs_d * stride_o_d,
-        o.to(out_ptr.dtype.element_ty),
-        mask=mask_d,
+    _merge_head(
+        out_ptr, part_out_ptr, part_lse_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1),
+        num_splits, stride_o_b, stride_o_h, stride_o_d,
+        stride_po_b, stride_po_h, stride_po_s, stride_po_d,
+        stride_pl_b, stride_pl_h, stride_pl_s,
+        HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, False,
     )
 
 
 class DecodeWorkspace:
     """Allocate-once split-KV scratch (CUDA-graph friendly).
 
-    ``partial_out`` fp32 ``[max_batch, num_q_heads, max_splits, head_dim]`` and
-    ``partial_lse`` fp32 ``[max_batch, num_q_heads, max_splits]``.
+    ``partial_out`` fp32 ``[max_batch, num_q_heads, max_splits, head_dim]``,
+    ``partial_lse`` fp32 ``[max_batch, num_q_heads, max_splits]`` and ``counters`` int32
+    (in-kernel split merge).
     """
 
     def __init__(self, max_batch: int, num_q_heads: int, head_dim: int,
@@ -249,6 +294,10 @@ class DecodeWorkspace:
                                        dtype=torch.float32, device=device)
         self.partial_lse = torch.empty((max_batch, num_q_heads, max_splits),
                                        dtype=torch.float32, device=device)
+        # per-(sequence, KV head) arrival counters of the in-kernel merge; zero between
+        # launches (each launch resets what it used)
+        self.counters = torch.zeros((max_batch * num_q_heads,), dtype=torch.int32,
+                                    device=device)
 
     def views(self, batch: int, num_q_heads: int, head_dim: int, num_splits: int):
         assert batch <= self.max_batch and num_splits <= self.max_splits, (
@@ -262,18 +311,34 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _small_grid(batch: int, num_kv_heads: int, device: torch.device) -> bool:
+    """Fewer (sequence, KV head) rows than half the SMs: the latency-bound regime (batch 1)."""
+    return batch * num_kv_heads * 2 <= _device_sms(device)
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def default_block_n(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Tokens per tile: 32 when the grid is small (more, shorter splits; measured ~1-1.5 us
+    faster at batch 1 on an H100), else 64."""
+    return 32 if _small_grid(batch, num_kv_heads, device) else 64
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_slot_tokens: int,
                        device: torch.device, block_n: int = 64) -> int:
-    """Static split count: about two waves of programs, at least one tile per split.
+    """Static split count: about two waves of programs (four when the grid is small: batch 1
+    is latency bound, shorter splits help), at least one tile per split.
 
     Depends only on host ints (batch, heads, the static token extent), so a CUDA graph
     captured for a batch size keeps it.
     """
-    if device.type == "cuda":
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 4
-    splits = triton.cdiv(2 * sms, max(1, batch * num_kv_heads))
+    sms = _device_sms(device)
+    waves = 4 if _small_grid(batch, num_kv_heads, device) else 2
+    splits = triton.cdiv(waves * sms, max(1, batch * num_kv_heads))
     max_useful = max(1, triton.cdiv(max_slot_tokens, block_n))
     return max(1, min(splits, max_useful, MAX_SPLITS))
 
@@ -293,9 +358,10 @@ def sparse_decode(
     scale: float | None = None,
     num_splits: int | None = None,
     workspace: DecodeWorkspace | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    merge_in_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention of one token per sequence over the selected pages (or all pages).
 
@@ -312,9 +378,12 @@ def sparse_decode(
         scale: softmax scale, default ``head_dim ** -0.5``.
         num_splits: split-KV factor (static); default from :func:`default_num_splits`.
         workspace: preallocated scratch; allocated per call if ``None``.
-        block_n: tokens per tile (power of two >= 16).
+        block_n: tokens per tile (power of two >= 16); default :func:`default_block_n`.
         num_warps, num_stages: Triton launch options of the main kernel (default stages: 3
             for 16-bit caches, 2 for fp32, whose tiles are twice as large in shared memory).
+        merge_in_kernel: merge the splits in the main kernel (the last split of each
+            (sequence, KV head) to finish does it; arrival counters in the workspace) instead
+            of a second launch. Default: :data:`MERGE_IN_KERNEL_DEFAULT`.
 
     Returns ``out``.
     """
@@ -322,6 +391,8 @@ def sparse_decode(
     _, page_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape[3] == head_dim and v_cache.shape[1:] == k_cache.shape[1:]
     assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
+    if block_n is None:
+        block_n = default_block_n(batch, num_kv_heads, q.device)
     assert block_n >= 16 and block_n & (block_n - 1) == 0, block_n
     group = num_q_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
@@ -344,13 +415,18 @@ def sparse_decode(
         if workspace is not None:
             num_splits = min(num_splits, workspace.max_splits)
     split = num_splits > 1
+    if merge_in_kernel is None:
+        merge_in_kernel = MERGE_IN_KERNEL_DEFAULT
+    merge_in_kernel = merge_in_kernel and split
     if split:
         if workspace is None:
             workspace = DecodeWorkspace(batch, num_q_heads, head_dim, num_splits, q.device)
         part_out, part_lse = workspace.views(batch, num_q_heads, head_dim, num_splits)
+        counters = workspace.counters
     else:
         part_out = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+        counters = part_lse
 
     if num_stages is None:
         num_stages = 2 if k_cache.element_size() >= 4 else 3
@@ -360,7 +436,7 @@ def sparse_decode(
     grid = (batch, num_kv_heads, num_splits)
     _sparse_decode_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, sel,
-        out, part_out, part_lse,
+        out, part_out, part_lse, counters,
         scale * _LOG2E, num_select, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *sel_strides, *out.stride(), *part_out.stride(), *part_lse.stride(),
@@ -374,10 +450,12 @@ def sparse_decode(
         SPLIT=split,
         UPCAST_DOT=upcast,
         DOT_PRECISION=precision,
+        MERGE_IN_KERNEL=merge_in_kernel,
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if split:
+    if split and not merge_in_kernel:
         _merge_splits_kernel[(batch, num_q_heads)](
             out, part_out, part_lse, num_splits,
             *out.stride(), *part_out.stride(), *part_lse.stride(),
@@ -396,4 +474,5 @@ def dense_decode(q, k_cache, v_cache, block_table, seq_lens, out=None, scale=Non
                          num_splits, workspace, **launch)
 
 
-__all__ = ["DecodeWorkspace", "default_num_splits", "sparse_decode", "dense_decode"]
+__all__ = ["DecodeWorkspace", "default_block_n", "default_num_splits", "sparse_decode",
+           "dense_decode"]

@@ -114,8 +114,9 @@ def test_page_list_matches_masked_reference(dtype, layout, page, group, head_dim
 
 
 def test_splits_and_workspace():
-    """Split counts and tile sizes change nothing; a preallocated workspace and an ``out``
-    view with odd strides are honoured; a seq_len-0 padding row gives zeros."""
+    """Split counts, tile sizes and the merge (second launch or in-kernel by the last split)
+    change nothing; a preallocated workspace and an ``out`` view with odd strides are
+    honoured; a seq_len-0 padding row gives zeros."""
     page = 16
     seq_lens = [200, 0, 45]
     q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, torch.float32, "NHD", seed=4)
@@ -123,13 +124,14 @@ def test_splits_and_workspace():
     q, k, v, bt, sl, sel = _dev(q, k, v, bt, sl, sel)
     ws = DecodeWorkspace(8, q.shape[1], 64, max_splits=16, device=DEVICE)
     base = sparse_decode(q, k, v, bt, sl, sel, num_splits=1, block_n=16)
-    for splits, block_n in [(5, 16), (16, 32), (2, 64)]:
+    for splits, block_n, in_kernel in [(5, 16, False), (16, 32, True), (2, 64, False)]:
         store = torch.full((3, q.shape[1], 2 * 64), float("nan"), device=DEVICE)
         out = store[:, :, ::2]  # non-contiguous output view
         sparse_decode(q, k, v, bt, sl, sel, out=out, num_splits=splits, workspace=ws,
-                      block_n=block_n)
+                      block_n=block_n, merge_in_kernel=in_kernel)
         torch.testing.assert_close(out.cpu(), base.cpu(), rtol=1e-5, atol=1e-5)
         assert torch.isnan(store[:, :, 1::2]).all()
+        assert (ws.counters == 0).all()  # in-kernel merge: counters reset for the next launch
     assert (base[1] == 0).all()
     want = ref_sparse_decode(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), sl.cpu(), sel.cpu())
     torch.testing.assert_close(base.cpu(), want, rtol=1e-4, atol=1e-4)

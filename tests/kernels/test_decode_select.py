@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from sparse_kernels import page_select
 from sparse_kernels.page_select import (
     density,
     pages_read,
@@ -163,3 +164,143 @@ def test_pages_and_tokens_read():
     assert pages_read(sel).tolist() == [[3], [2]]
     assert tokens_read(sel, sl, page).tolist() == [[42], [20]]
     torch.testing.assert_close(density(sel, sl, page), torch.tensor([[42 / 90], [1.0]]))
+
+
+# -- the fused multi-chunk path (select_pages method="triton") ---------------------------------
+
+@pytest.mark.parametrize("chunk_pages,looped,method", [(16, False, "fused"),
+                                                       (32, True, "fused"),
+                                                       (64, False, "triton"),
+                                                       (32, True, "triton")])
+def test_multi_chunk_matches_reference(monkeypatch, chunk_pages, looped, method):
+    """Rows spanning many scoring chunks (and partial last chunks), raw scores stored, against
+    the reference, for the two-launch and the fused select; ``looped``: the top-k re-reads
+    the row in blocks instead of holding it in registers."""
+    if looped:
+        monkeypatch.setattr(page_select, "_IN_REGS_PAGES_PER_8_WARPS", 64)
+        monkeypatch.setattr(page_select, "_LOOP_BLOCK", 64)
+    page, k, sink, local = 4, 24, 2, 5
+    seq_lens = [75 * page - 1, 40 * page, (k - 3) * page, 1, 0]
+    q, summ, bt, sl = _setup(seq_lens, 4, 16, page, seed=11)
+    raw = torch.full((len(seq_lens), 2, bt.shape[1]), float("nan"), device=DEVICE)
+    ws = page_select.SelectWorkspace(len(seq_lens), 2, bt.shape[1], device=DEVICE)
+    args = (*_dev(q, summ, bt, sl), page, k, sink, local)
+    kw = dict(workspace=ws, chunk_pages=chunk_pages, method=method)
+    sel = select_pages(*args, raw_scores=raw, **kw).cpu()
+    want_raw = ref_page_scores(q, summ, bt, sl, page)
+    want = ref_select_from_scores(want_raw, sl, page, k, sink, local)
+    assert torch.equal(sel, want), (sel, want)
+    _check_selection_invariants(sel, seq_lens, page, k, sink, local)
+    torch.testing.assert_close(raw.cpu(), want_raw, rtol=1e-4, atol=1e-3)
+    assert (ws.counters == 0).all()  # every row's arrival counter was reset (graph replays)
+    if chunk_pages == 32 and method == "fused":
+        # a second launch with the same workspace (a graph replay) gives the same answer
+        assert torch.equal(select_pages(*args, **kw).cpu(), want)
+
+
+def _crafted(n_pages_list, page, head_dim, hot_pages, hot_value=1.0, num_kv_heads=2):
+    """Summaries all zero (every page scores 0: ties everywhere) except the ``hot_pages``
+    (logical) of every sequence, which score ``hot_value * sum(q+)`` (> 0 for a q > 0)."""
+    seq_lens = [n * page for n in n_pages_list]
+    g = torch.Generator().manual_seed(5)
+    k, _, bt = random_paged_kv(seq_lens, num_kv_heads, head_dim, page, torch.float32,
+                               generator=g)
+    summ = torch.zeros((k.shape[0], 2, num_kv_heads, head_dim))
+    for b, n in enumerate(n_pages_list):
+        for j in hot_pages:
+            if j < n:
+                summ[int(bt[b, j])] = hot_value
+    q = torch.rand(len(seq_lens), num_kv_heads * 2, head_dim, generator=g) + 0.1
+    return q, summ, bt, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def test_fused_all_candidates_in_one_chunk_and_ties_across_chunks():
+    """Every scored winner sits in one chunk (chunk 3 of 16 pages); the rest of the budget is
+    filled from pages tied at 0 spread over all chunks: the lowest pages win, across chunk
+    boundaries, exactly as in the reference."""
+    page, chunk, k, sink, local = 2, 16, 20, 1, 3
+    hot = list(range(3 * chunk + 2, 3 * chunk + 9))  # 7 pages inside chunk 3
+    q, summ, bt, sl = _crafted([150, 64], page, 16, hot)
+    sel = select_pages(*_dev(q, summ, bt, sl), page, k, sink, local, chunk_pages=chunk,
+                       method="fused").cpu()
+    want = ref_select_pages(q, summ, bt, sl, page, k, sink, local)
+    assert torch.equal(sel, want), (sel, want)
+    n = 150
+    expect = sorted({0} | set(hot) | set(range(n - local, n))
+                    | set(range(1, 1 + k - 1 - len(hot) - local)))
+    assert sel[0, 0].tolist() == expect
+    # all tied (no hot page): sink, then the lowest pages, then the local window
+    q, summ, bt, sl = _crafted([150], page, 16, [])
+    sel = select_pages(*_dev(q, summ, bt, sl), page, k, sink, local, chunk_pages=chunk).cpu()
+    assert sel[0, 1].tolist() == list(range(k - local)) + list(range(n - local, n))
+    assert torch.equal(sel, ref_select_pages(q, summ, bt, sl, page, k, sink, local))
+
+
+def test_fused_ties_straddling_chunk_boundary():
+    """A block of equal scores across a chunk boundary decides the last slots: lowest first."""
+    page, chunk, k = 1, 16, 10
+    hot = list(range(chunk - 6, chunk + 6))  # 12 tied pages straddle the 16-page boundary
+    q, summ, bt, sl = _crafted([70], page, 16, hot)
+    for method in ("fused", "triton"):
+        sel = select_pages(*_dev(q, summ, bt, sl), page, k, 0, 0, chunk_pages=chunk,
+                           method=method).cpu()
+        assert sel[0, 0].tolist() == hot[:k], method
+    assert torch.equal(sel, ref_select_pages(q, summ, bt, sl, page, k, 0, 0))
+
+
+@pytest.mark.parametrize("page,chunk,method", [(16, 16, "fused"), (4, 32, "triton")])
+def test_fused_summary_refresh(page, chunk, method):
+    """select_pages(k_cache=...) on a decode step: the last page's summary (stale in the
+    buffer) is recomputed in the same launch and used for scoring."""
+    seq_lens = [40 * page + 3, 16 * page, 5]  # partial last page, full last page, one page
+    q, summ, bt, sl = _setup(seq_lens, 4, 64, page, seed=12)
+    g = torch.Generator().manual_seed(13)
+    k, _, _ = random_paged_kv(seq_lens, 2, 64, page, torch.float32, generator=g)
+    summ = ref_page_summaries(k, bt, sl).nan_to_num(0.0)
+    stale = summ.clone()
+    for b, s in enumerate(seq_lens):
+        stale[int(bt[b, (s - 1) // page])] = 0.0  # the step's page: not yet summarized
+    raw = torch.empty(len(seq_lens), 2, bt.shape[1], device=DEVICE)
+    num_select, sink, local = 6, 1, 1
+    stale_d = stale.to(DEVICE)
+    sel = select_pages(*_dev(q), stale_d, *_dev(bt, sl), page, num_select, sink, local,
+                       raw_scores=raw, k_cache=k.to(DEVICE), chunk_pages=chunk,
+                       method=method).cpu()
+    torch.testing.assert_close(stale_d.cpu(), summ)
+    assert torch.equal(sel, ref_select_pages(q, summ, bt, sl, page, num_select, sink, local))
+    torch.testing.assert_close(raw.cpu(), ref_page_scores(q, summ, bt, sl, page), rtol=1e-4,
+                               atol=1e-3)
+
+
+def test_reselect_torch_matches_triton():
+    page, k, sink, local = 4, 12, 1, 2
+    seq_lens = [90 * page + 1, 30 * page]
+    q, summ, bt, sl = _setup(seq_lens, 4, 32, page, seed=14)
+    raw = torch.empty(len(seq_lens), 2, bt.shape[1], device=DEVICE)
+    select_pages(*_dev(q, summ, bt, sl), page, k, sink, local, raw_scores=raw, chunk_pages=32)
+    new = (sl + 2).to(DEVICE)  # within the block table
+    a = reselect_pages(raw, new, page, k, sink, local).cpu()
+    b = reselect_pages(raw, new, page, k, sink, local, method="torch").cpu()
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block", [None, 32])
+def test_topk_adaptive_radix_edge_rows(block):
+    """Rows that exercise the row-adaptive radix start: more forced (+inf) pages than the
+    budget, all finite scores equal, a single distinct value above ties, scores spanning the
+    sign bit, tiny differences in the last mantissa bit, and rows of one exponent."""
+    page, k, n = 1, 7, 64
+    rows = [
+        torch.full((n,), float("inf")),  # every page forced
+        torch.full((n,), 3.25),  # all equal
+        torch.cat([torch.full((n // 2,), 1.0), torch.full((n - n // 2,), 2.0)]),
+        torch.linspace(-5, 5, n),
+        1.0 + torch.arange(n) * 2.0 ** -23,  # one exponent, last mantissa bits differ
+        torch.where(torch.arange(n) % 9 == 0, float("inf"), torch.linspace(8, 9, n)),
+    ]
+    scores = torch.stack(rows)[:, None, :].repeat(1, 2, 1).float()
+    scores[:, 1] = scores[:, 1].flip(-1)
+    seq_lens = torch.full((len(rows),), n * page, dtype=torch.int32)
+    got = topk_pages(scores.to(DEVICE), seq_lens.to(DEVICE), page, k, block=block).cpu()
+    want = ref_select_from_scores(scores, seq_lens, page, k, 0, 0)
+    assert torch.equal(got, want), (got, want)
