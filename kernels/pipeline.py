@@ -21,7 +21,7 @@ from sparse_kernels.block_sparse_prefill import (
     block_sparse_prefill_attention,
 )
 from sparse_kernels.config import SparseConfig
-from sparse_kernels.page_select import select_pages
+from sparse_kernels.page_select import SelectWorkspace, select_pages
 from sparse_kernels.sparse_decode import DecodeWorkspace, sparse_decode
 
 
@@ -44,6 +44,7 @@ def decode_attention(
     scale: float,
     selected: torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
+    select_workspace: SelectWorkspace | None = None,
 ) -> torch.Tensor | None:
     """Decode attention of ``q [B, Hq, D]`` into ``out``; returns the page selection (topk).
 
@@ -56,7 +57,8 @@ def decode_attention(
     if method == "topk":
         k, sink, local = decode_budget_pages(cfg, page_size)
         sel = select_pages(q, summaries, block_table, seq_lens, page_size, k, sink, local,
-                           out=None if selected is None else selected[: q.shape[0]])
+                           out=None if selected is None else selected[: q.shape[0]],
+                           workspace=select_workspace)
     elif method != "dense":
         raise ValueError(f"unknown decode method {method!r}")
     sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out, scale=scale,

@@ -108,6 +108,7 @@ class SparseAttentionMetadata:
     # Preallocated decode buffers (shared by all layers of the step).
     selected: torch.Tensor | None = None
     workspace: object | None = None
+    select_workspace: object | None = None
     # No cascade attention; vLLM's runner reads this.
     use_cascade: bool = False
     causal: bool = True
@@ -175,6 +176,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from sparse_kernels.page_select import SelectWorkspace
         from sparse_kernels.pipeline import decode_budget_pages
         from sparse_kernels.sparse_decode import DecodeWorkspace
 
@@ -195,6 +197,9 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                                    device=device)
         self.workspace = DecodeWorkspace(max_seqs, self.num_heads_q, self.head_size,
                                          device=device)
+        max_pages = -(-mc.max_model_len // self.block_size)
+        self.select_workspace = SelectWorkspace(max_seqs, self.num_heads_kv, max_pages,
+                                                device=device, counters=False)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
@@ -212,7 +217,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, prefill_runs=runs,
-            selected=self.selected, workspace=self.workspace)
+            selected=self.selected, workspace=self.workspace,
+            select_workspace=self.select_workspace)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> SparseAttentionMetadata:
@@ -432,7 +438,8 @@ class SparseAttentionImpl(AttentionImpl):
         if nd:
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
-                                   self.scale, selected=m.selected, workspace=m.workspace)
+                                   self.scale, selected=m.selected, workspace=m.workspace,
+                                   select_workspace=m.select_workspace)
             if stats is not None:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads
