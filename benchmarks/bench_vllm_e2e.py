@@ -54,6 +54,8 @@ def main() -> None:
     llm.generate([prompt(1024)], many, use_tqdm=False)  # warm-up
     rows = []
     for n in args.lens:
+        # Warm up this length: the first long prompt JIT-compiles kernels for its shapes.
+        llm.generate([prompt(n)], many, use_tqdm=False)
         ttfts, tpots = [], []
         first = None
         for _ in range(args.repeats):

@@ -197,13 +197,21 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                                    device=device)
         self.workspace = DecodeWorkspace(max_seqs, self.num_heads_q, self.head_size,
                                          device=device)
-        max_pages = -(-mc.max_model_len // self.block_size)
+        # vLLM pads its block table's width; keep headroom and re-check in build().
+        max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
         self.select_workspace = SelectWorkspace(max_seqs, self.num_heads_kv, max_pages,
                                                 device=device, counters=False)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
         m = common_attn_metadata
+        width = m.block_table_tensor.shape[1]
+        if width > self.select_workspace.max_pages:
+            from sparse_kernels.page_select import SelectWorkspace
+
+            self.select_workspace = SelectWorkspace(
+                self.selected.shape[0], self.num_heads_kv, width, device=self.selected.device,
+                counters=False)
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             m, decode_threshold=1)
         runs: list[PrefillRun] = []
@@ -411,6 +419,15 @@ class SparseAttentionImpl(AttentionImpl):
             logger.info("sparse-serve: page summaries %s, %.1f MiB per layer",
                         tuple(s.shape), s.numel() * s.element_size() / 2**20)
         return s
+
+    # -- KV write (vLLM calls this before forward: forward_includes_kv_cache_update=False) ---
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        from vllm.v1.attention.backends.fa_utils import reshape_and_cache_flash
+
+        # (B, H, N, 2*D) -> ((B, N, H, D), (B, N, H, D)); slot_mapping's length bounds the write.
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                self.kv_cache_dtype, layer._k_scale, layer._v_scale)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: SparseAttentionMetadata,
