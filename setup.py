@@ -45,7 +45,7 @@ setup(
     extras_require={
         "vllm": [f"vllm=={VLLM_VERSION}"],
         "sglang": [f"sglang=={SGLANG_VERSION}"],
-        "test": ["pytest>=7", "numpy"],
+        "test": ["pytest>=7", "numpy", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["sparse_serve = vllm_sparse:register"],
