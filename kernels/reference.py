@@ -136,3 +136,16 @@ def random_paged_kv(
     # Unused table slots point at page 0 with a -1 sentinel replaced: kernels must not read them.
     block_table[block_table < 0] = 0
     return k, v, block_table
+
+
+def paged_to_device(k: torch.Tensor, v: torch.Tensor, layout: str, device) -> tuple:
+    """Move caches made by :func:`random_paged_kv` to ``device`` keeping their layout (strides)."""
+    if torch.device(device).type == "cpu":
+        return k, v
+    if layout == "NHD":
+        return k.to(device), v.to(device)
+    if layout == "HND":
+        return (k.transpose(1, 2).contiguous().to(device).transpose(1, 2),
+                v.transpose(1, 2).contiguous().to(device).transpose(1, 2))
+    kv = torch.cat([k.transpose(1, 2), v.transpose(1, 2)], -1).contiguous().to(device)
+    return kv.transpose(1, 2).split(k.shape[-1], dim=-1)

@@ -19,16 +19,10 @@ DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
 
 
 def paged_to_device(k, v, layout):
-    """Move CPU caches from random_paged_kv to DEVICE keeping their layout (strides)."""
-    if DEVICE == "cpu":
-        return k, v
-    if layout == "NHD":
-        return k.to(DEVICE), v.to(DEVICE)
-    if layout == "HND":
-        return (k.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2),
-                v.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2))
-    kv = torch.cat([k.transpose(1, 2), v.transpose(1, 2)], -1).contiguous().to(DEVICE)
-    return kv.transpose(1, 2).split(k.shape[-1], dim=-1)
+    return reference.paged_to_device(k, v, layout, DEVICE)
+
+
+from sparse_kernels import reference  # noqa: E402
 
 from sparse_kernels.block_sparse_prefill import (  # noqa: E402
     all_causal_block_lists,
