@@ -153,3 +153,43 @@ def sparse_prefill_attention(
     block_sparse_prefill_attention(q, k_cache, v_cache, block_table, meta, lists.block_idx,
                                    lists.block_count, scale=scale, out=out)
     return lists.density
+
+
+def warm_up_prefill(
+    method: str | dict[int | None, str],
+    cfg: SparseConfig,
+    q_like: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+) -> list[int]:
+    """Compile the prefill path for every context-length bucket up to ``max_seq_len``.
+
+    Some launch parameters follow the number of key blocks (next power of two), so the first
+    request in each length bucket would otherwise JIT-compile kernels while serving. This runs
+    one small chunk (one query block) at the end of a sequence of each bucket's length, reading
+    page 0 of the cache for every page (reads only; the output goes to a scratch tensor).
+    Returns the sequence lengths it ran.
+    """
+    from sparse_kernels.block_sparse_prefill import prefill_block_metadata
+
+    dev = k_cache.device
+    page = k_cache.shape[1]
+    q_len = cfg.block_size
+    lengths, n = [], 2 * cfg.block_size
+    while True:
+        lengths.append(min(n, max_seq_len))
+        if n >= max_seq_len:
+            break
+        n *= 2
+    q = torch.zeros((q_len,) + tuple(q_like.shape[1:]), dtype=q_like.dtype, device=dev)
+    out = torch.empty_like(q)
+    qsl = torch.tensor([0, q_len], dtype=torch.int32, device=dev)
+    for seq_len in lengths:
+        block_table = torch.zeros((1, -(-seq_len // page)), dtype=torch.int32, device=dev)
+        seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=dev)
+        meta = prefill_block_metadata(qsl, seq_lens, cfg.block_size, num_tokens=q_len,
+                                      max_seq_len=seq_len)
+        sparse_prefill_attention(method, cfg, q, k_cache, v_cache, block_table, meta, out, scale)
+    return lengths

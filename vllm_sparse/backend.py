@@ -391,6 +391,12 @@ class SparseAttentionImpl(AttentionImpl):
         self._summaries: torch.Tensor | None = None
         self._methods: tuple[str | dict[int | None, str], str] | None = None
         self._layer_index: int | None = None
+        try:
+            from vllm.config import get_current_vllm_config
+
+            self.max_model_len = get_current_vllm_config().model_config.max_model_len
+        except Exception:  # no current config (unit tests)
+            self.max_model_len = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _layer_methods(self, layer) -> tuple[str | dict[int | None, str], str]:
@@ -450,6 +456,9 @@ class SparseAttentionImpl(AttentionImpl):
                               m.seq_lens, num_tokens=query.shape[0])
         q = query[:n]
         out = output[:n]
+        if prefill_method != "dense" and self.max_model_len:
+            _warm_up_once(prefill_method, self.cfg, q, key_cache, value_cache,
+                          self.max_model_len, self.scale)
         nd = m.num_decodes
         stats = PATH_COUNTERS.sums_for(q.device) if self._layer_index == 0 else None
         if nd:
@@ -477,6 +486,24 @@ class SparseAttentionImpl(AttentionImpl):
             else:
                 _dense_prefill(qr, key_cache, value_cache, run, orun, self.scale)
         return output
+
+
+_WARMED: set = set()
+
+
+def _warm_up_once(method, cfg, q, key_cache, value_cache, max_model_len, scale) -> None:
+    """JIT-compile the prefill kernels for every length bucket once per process and shape,
+    on the first forward that is not being captured into a CUDA graph."""
+    key = (repr(method), q.shape[1:], q.dtype, key_cache.shape[1:], key_cache.dtype)
+    if key in _WARMED or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    _WARMED.add(key)
+    from sparse_kernels.pipeline import warm_up_prefill
+
+    t0 = time.monotonic()
+    lengths = warm_up_prefill(method, cfg, q, key_cache, value_cache, max_model_len, scale)
+    logger.info("sparse-serve: prefill kernels (%s) compiled for sequence lengths %s in %.1f s",
+                method, lengths, time.monotonic() - t0)
 
 
 def _causal_blocks(meta) -> torch.Tensor:

@@ -48,3 +48,14 @@ def test_per_head_prefill_methods_keep_each_heads_own_lists():
 def test_decode_budget_pages(page, expect):
     cfg = SparseConfig(token_budget=4096, sink_tokens=64, local_tokens=512)
     assert decode_budget_pages(cfg, page) == expect
+
+
+def test_warm_up_prefill_covers_every_length_bucket():
+    from sparse_kernels.pipeline import warm_up_prefill
+
+    k, v, _ = reference.random_paged_kv([64], HKV, D, PAGE)
+    cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
+                       xattn_stride=4)
+    q = torch.zeros(1, HQ, D)
+    lengths = warm_up_prefill("xattention", cfg, q, k, v, max_seq_len=200, scale=0.125)
+    assert lengths == [32, 64, 128, 200]
