@@ -236,8 +236,10 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         from sparse_kernels.block_sparse_prefill import prefill_block_metadata
 
         qsl_cpu = m.query_start_loc_cpu.tolist()
-        seq_cpu = m.seq_lens.cpu().tolist() if getattr(m, "_seq_lens_cpu", None) is None \
-            else m._seq_lens_cpu.tolist()
+        # vLLM's CPU copy is exact for prefill rows (the only rows read here); older or
+        # hand-built metadata without it costs one device-to-host copy.
+        upper = getattr(m, "seq_lens_cpu_upper_bound", None)
+        seq_cpu = (upper if upper is not None else m.seq_lens.cpu()).tolist()
         sparse_method = self.cfg.prefill_method != "dense" or any(
             o.prefill_method not in (None, "dense") for o in self.cfg.head_overrides)
         kinds = [sparse_method and seq_cpu[r] >= self.cfg.min_seq_len

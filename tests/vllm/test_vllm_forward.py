@@ -63,7 +63,8 @@ def _batch(seq_lens, q_lens, seed):
         query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=len(seq_lens),
         num_actual_tokens=n, max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-        block_table_tensor=bt, slot_mapping=torch.zeros(n, dtype=torch.long))
+        block_table_tensor=bt, slot_mapping=torch.zeros(n, dtype=torch.long),
+        seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32))
     return k_cache, v_cache, kv_cache, bt, m
 
 
