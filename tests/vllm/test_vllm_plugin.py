@@ -128,3 +128,38 @@ def test_env_switch_selects_custom_only_when_no_backend_was_named(monkeypatch):
     monkeypatch.setenv("SPARSE_ATTN", "maybe")
     with pytest.raises(SparseConfigError, match="SPARSE_ATTN must be 0 or 1"):
         env_switch.env_switch_enabled()
+
+
+def test_named_backend_on_vllm_versions_that_have_it(monkeypatch):
+    """vLLM >= 0.33 adds AttentionBackendEnum.register: the plugin also registers SPARSE, once."""
+    from vllm_sparse import compat
+
+    calls = []
+
+    def fake_register(cls, name, value):  # what 0.33 does, minus the real enum surgery
+        calls.append((name, value))
+        member = object.__new__(cls)
+        member._name_, member._value_ = name, value
+        cls._member_map_[name] = member
+        return member
+
+    monkeypatch.setattr(AttentionBackendEnum, "register", classmethod(fake_register),
+                        raising=False)
+    try:
+        assert compat.supports_named_backends()
+        vllm_sparse.register()
+        vllm_sparse.register()
+        assert calls == [(compat.NAMED_BACKEND, vllm_sparse.BACKEND_CLASS_PATH)]
+    finally:
+        AttentionBackendEnum._member_map_.pop(compat.NAMED_BACKEND, None)
+    assert AttentionBackendEnum.CUSTOM.get_class() is SparseAttentionBackend
+
+
+def test_no_named_backend_on_vllm_0_26():
+    from vllm_sparse import compat
+
+    if compat.vllm_version().release[:2] != (0, 26):
+        pytest.skip(f"checks vLLM 0.26 behaviour; installed {compat.vllm_version()}")
+    assert not compat.supports_named_backends()
+    vllm_sparse.register()
+    assert compat.NAMED_BACKEND not in AttentionBackendEnum.__members__
