@@ -31,6 +31,9 @@ def register() -> None:
     from vllm_sparse.env_switch import env_switch_enabled, install_env_switch
 
     get_config()  # raises SparseConfigError on a bad SPARSE_* value, before serving starts
+    if str(compat.vllm_version()) not in compat.TESTED_VERSIONS:
+        logger.warning("sparse-serve is tested with vLLM %s; this is vLLM %s",
+                       ", ".join(compat.TESTED_VERSIONS), compat.vllm_version())
 
     current = AttentionBackendEnum.CUSTOM.get_path() if AttentionBackendEnum.CUSTOM.is_overridden() else None
     if current not in (None, BACKEND_CLASS_PATH):
