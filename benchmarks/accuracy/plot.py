@@ -90,10 +90,19 @@ def plot_lengths(runs, out: Path, task: str | None = None) -> Path:
     ax.set_xscale("log", base=2)
     lengths = sorted({L for r in runs for L in r["config"]["lengths"]})
     ax.set_xticks(lengths)
-    ax.set_xticklabels([f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths])
+    ax.set_xticklabels([_len_label(L) for L in lengths])
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("accuracy" + (f" ({task})" if task else " (mean over tasks)"))
+    return _finish(plt, fig, ax, runs, out)
+
+
+def _len_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _finish(plt, fig, ax, runs, out: Path) -> Path:
+    """Title, grid, legend, save and close: the common end of every plot."""
     ax.set_title(_title(runs))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -113,19 +122,13 @@ def plot_fraction(runs, key: str, out: Path) -> Path | None:
         xs, ys, ls = zip(*p)
         ax.plot(xs, ys, marker="o", linestyle="", label=method)
         for x, y, L in p:
-            ax.annotate(f"{L // 1024}K" if L % 1024 == 0 else str(L), (x, y), fontsize=7,
+            ax.annotate(_len_label(L), (x, y), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(FRACTIONS[key][1])
     ax.set_ylabel("accuracy (mean over tasks)")
-    ax.set_title(_title(runs))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, runs, out)
 
 
 def main(argv=None) -> list[Path]:
