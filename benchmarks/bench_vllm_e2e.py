@@ -28,6 +28,10 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=257)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--decode-batch", type=int, default=0,
+                   help="also time a batch of this many --decode-len prompts (decode throughput)")
+    p.add_argument("--decode-len", type=int, default=32768)
+    p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -36,12 +40,13 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    max_len = max(args.lens) + args.output_len + 8
+    max_len = max(args.lens + [args.decode_len if args.decode_batch else 0]) + args.output_len + 8
     t_start = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True,
               attention_backend=args.backend, max_model_len=max_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
-              max_num_batched_tokens=16384)
+              max_num_batched_tokens=16384,
+              **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     startup_s = time.perf_counter() - t_start
     rng = random.Random(0)
 
@@ -75,12 +80,36 @@ def main() -> None:
                      "first_output_ids": first})
         print(f"{args.backend} len {n}: TTFT {min(ttfts):.3f} s  TPOT {min(tpots) * 1e3:.2f} ms",
               flush=True)
+    batch_row = None
+    if args.decode_batch:
+        # Decode throughput of a batch: time the batch's prefill alone (1 token each), then
+        # prefill + output_len tokens; the difference is the decode phase (requests whose
+        # prefill ends early start decoding while others prefill, for both backends alike).
+        b, n = args.decode_batch, args.decode_len
+        llm.generate([prompt(n) for _ in range(b)], one, use_tqdm=False)  # warm-up
+        prs = [prompt(n) for _ in range(b)]
+        t0 = time.perf_counter()
+        llm.generate(prs, one, use_tqdm=False)
+        t_prefill = time.perf_counter() - t0
+        prs = [prompt(n) for _ in range(b)]
+        t0 = time.perf_counter()
+        outs = llm.generate(prs, many, use_tqdm=False)
+        t_all = time.perf_counter() - t0
+        steps = min(len(o.outputs[0].token_ids) for o in outs) - 1
+        decode_s = t_all - t_prefill
+        batch_row = {"batch": b, "input_len": n, "prefill_s": t_prefill, "total_s": t_all,
+                     "decode_steps": steps, "step_ms": decode_s / steps * 1e3,
+                     "decode_tok_per_s": b * steps / decode_s}
+        print(f"{args.backend} batch {b} x {n}: prefill {t_prefill:.2f} s, decode step "
+              f"{batch_row['step_ms']:.2f} ms, {batch_row['decode_tok_per_s']:.0f} tok/s",
+              flush=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("SPARSE_")}
     result = {
         "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.now().isoformat(),
         "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
         "backend": args.backend, "model_shape": args.model, "weights": "dummy", "batch": 1,
         "output_len": args.output_len, "sparse_env": env, "startup_s": startup_s, "rows": rows,
+        "decode_batch": batch_row,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -57,7 +57,7 @@ class SparseConfig:
     local_tokens: int = 512  # last tokens always kept (decode and streaming prefill)
     selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
     # --- when sparsity applies -------------------------------------------------------
-    min_seq_len: int = 4096  # sequences shorter than this take the dense path
+    min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # --- prefill estimators ----------------------------------------------------------
     block_size: int = 64  # query/key block of the block-sparse prefill kernel
     xattn_threshold: float = 0.9  # XAttention cumulative-probability threshold

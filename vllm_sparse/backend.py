@@ -11,8 +11,8 @@ Every forward:
 2. decode requests (the batch is reordered decode-first) run top-k page selection and split-KV
    paged decode over the selected pages -- static shapes, so pure-decode batches run inside
    vLLM's full CUDA graphs;
-3. prefill chunks of sequences shorter than ``min_seq_len`` run dense FlashAttention-3 (the same
-   kernel as vLLM's FLASH_ATTN backend); longer ones run the configured estimator and the
+3. prefill chunks of sequences of at most ``min_seq_len`` tokens run dense FlashAttention-3 (the
+   same kernel as vLLM's FLASH_ATTN backend); longer ones run the configured estimator and the
    block-sparse prefill kernel. Consecutive requests of one kind share one launch.
 
 Which path ran is counted per process and logged every ``LOG_EVERY_S`` seconds.
@@ -21,6 +21,7 @@ Which path ran is counted per process and logged every ``LOG_EVERY_S`` seconds.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ from sparse_kernels.config import SparseConfig, SparseConfigError, get_config
 
 logger = logging.getLogger("vllm.sparse_serve")
 
-LOG_EVERY_S = 60.0
+# How often the path/density summary is logged (benchmarks set it lower).
+LOG_EVERY_S = float(os.environ.get("SPARSE_SERVE_STATS_EVERY_S", "60"))
 _logged_config = False
 
 
@@ -152,8 +154,8 @@ class _PathCounters:
         self._last = now
         snap = self.snapshot()
         logger.info(
-            "sparse-serve stats: prefill chunks sparse=%d dense=%d (dense fallback: shorter "
-            "than min_seq_len=%d, or prefill method dense); decode steps=%d; decode KV read "
+            "sparse-serve stats: prefill chunks sparse=%d dense=%d (dense fallback: at most "
+            "min_seq_len=%d tokens, or prefill method dense); decode steps=%d; decode KV read "
             "fraction=%s; prefill block density=%s", snap["prefill_chunks_sparse"],
             snap["prefill_chunks_dense"], cfg.min_seq_len, snap["decode_steps"],
             _fmt(snap["decode_kv_fraction_read"]), _fmt(snap["prefill_block_density"]))
@@ -242,7 +244,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         seq_cpu = (upper if upper is not None else m.seq_lens.cpu()).tolist()
         sparse_method = self.cfg.prefill_method != "dense" or any(
             o.prefill_method not in (None, "dense") for o in self.cfg.head_overrides)
-        kinds = [sparse_method and seq_cpu[r] >= self.cfg.min_seq_len
+        kinds = [sparse_method and seq_cpu[r] > self.cfg.min_seq_len
                  for r in range(first, m.num_reqs)]
         runs: list[PrefillRun] = []
         r = first
