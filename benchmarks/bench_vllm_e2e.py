@@ -32,6 +32,7 @@ def main() -> None:
                    help="also time a batch of this many --decode-len prompts (decode throughput)")
     p.add_argument("--decode-len", type=int, default=32768)
     p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -40,12 +41,14 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # The engine process writes its sparse-serve counters here (see engine_stats below).
+    os.environ.setdefault("SPARSE_SERVE_METRICS_FILE", f"/tmp/sparse_serve_e2e_{os.getpid()}.json")
     max_len = max(args.lens + [args.decode_len if args.decode_batch else 0]) + args.output_len + 8
     t_start = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True,
               attention_backend=args.backend, max_model_len=max_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
-              max_num_batched_tokens=16384,
+              max_num_batched_tokens=16384, tensor_parallel_size=args.tp,
               **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     startup_s = time.perf_counter() - t_start
     rng = random.Random(0)
@@ -57,12 +60,35 @@ def main() -> None:
     many = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False,
                           temperature=0.0)
     llm.generate([prompt(1024)], many, use_tqdm=False)  # warm-up
+    def engine_stats():
+        """Cumulative sparse-serve counters of the engine process (CUSTOM only), through the
+        metrics file it writes (SPARSE_SERVE_METRICS_EVERY_S): a short dense request after
+        the interval makes it write a fresh one."""
+        if args.backend != "CUSTOM":
+            return None
+        from vllm_sparse import metrics
+
+        time.sleep(metrics.WRITE_EVERY_S + 0.2)
+        llm.generate([prompt(64)], one, use_tqdm=False)
+        return metrics.read_snapshot()
+
+    def delta(a, b):
+        if a is None or b is None:
+            return None
+        d = [y - x for x, y in zip(a["device_sums"], b["device_sums"])]
+        return {"decode_kv_fraction_read": d[0] / d[1] if d[1] else None,
+                "prefill_block_density": d[2] / d[3] if d[3] else None,
+                "prefill_chunks_sparse": b["prefill_chunks_sparse"] - a["prefill_chunks_sparse"],
+                "prefill_chunks_dense_fallback": b.get("prefill_chunks_dense_fallback", 0)
+                - a.get("prefill_chunks_dense_fallback", 0)}
+
     rows = []
     for n in args.lens:
         # Warm up this length: the first long prompt JIT-compiles kernels for its shapes.
         llm.generate([prompt(n)], many, use_tqdm=False)
         ttfts, tpots = [], []
         first = None
+        before = engine_stats()
         for _ in range(args.repeats):
             pr = prompt(n)
             t0 = time.perf_counter()
@@ -77,9 +103,9 @@ def main() -> None:
             tpots.append((total - ttft) / (len(ids) - 1))
         rows.append({"input_len": n, "ttft_s": min(ttfts), "tpot_ms": min(tpots) * 1e3,
                      "ttft_all": ttfts, "tpot_all_ms": [t * 1e3 for t in tpots],
-                     "first_output_ids": first})
-        print(f"{args.backend} len {n}: TTFT {min(ttfts):.3f} s  TPOT {min(tpots) * 1e3:.2f} ms",
-              flush=True)
+                     "first_output_ids": first, "sparse_stats": delta(before, engine_stats())})
+        print(f"{args.backend} len {n}: TTFT {min(ttfts):.3f} s  TPOT {min(tpots) * 1e3:.2f} ms"
+              f"  sparse stats {rows[-1]['sparse_stats']}", flush=True)
     batch_row = None
     if args.decode_batch:
         # Decode throughput of a batch: time the batch's prefill alone (1 token each), then
@@ -87,6 +113,7 @@ def main() -> None:
         # prefill ends early start decoding while others prefill, for both backends alike).
         b, n = args.decode_batch, args.decode_len
         llm.generate([prompt(n) for _ in range(b)], one, use_tqdm=False)  # warm-up
+        before = engine_stats()
         prs = [prompt(n) for _ in range(b)]
         t0 = time.perf_counter()
         llm.generate(prs, one, use_tqdm=False)
@@ -99,15 +126,17 @@ def main() -> None:
         decode_s = t_all - t_prefill
         batch_row = {"batch": b, "input_len": n, "prefill_s": t_prefill, "total_s": t_all,
                      "decode_steps": steps, "step_ms": decode_s / steps * 1e3,
-                     "decode_tok_per_s": b * steps / decode_s}
+                     "decode_tok_per_s": b * steps / decode_s,
+                     "sparse_stats": delta(before, engine_stats())}
         print(f"{args.backend} batch {b} x {n}: prefill {t_prefill:.2f} s, decode step "
-              f"{batch_row['step_ms']:.2f} ms, {batch_row['decode_tok_per_s']:.0f} tok/s",
+              f"{batch_row['step_ms']:.2f} ms, {batch_row['decode_tok_per_s']:.0f} tok/s"
+              f"  sparse stats {batch_row['sparse_stats']}",
               flush=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("SPARSE_")}
     result = {
         "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.now().isoformat(),
         "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
-        "backend": args.backend, "model_shape": args.model, "weights": "dummy", "batch": 1,
+        "backend": args.backend, "tensor_parallel_size": args.tp, "model_shape": args.model, "weights": "dummy", "batch": 1,
         "output_len": args.output_len, "sparse_env": env, "startup_s": startup_s, "rows": rows,
         "decode_batch": batch_row,
     }

@@ -58,6 +58,12 @@ class SparseConfig:
     selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
+    # decode reads every page (no scoring, no top-k) of sequences of at most this many
+    # tokens (rounded down to whole pages); 0 means 2 * token_budget
+    decode_min_seq_len: int = 0
+    # a prefill chunk whose estimated block density exceeds this runs dense FA3 instead
+    # (the estimator found little to skip); 1.0 never falls back
+    prefill_dense_above: float = 0.6
     # --- prefill estimators ----------------------------------------------------------
     block_size: int = 64  # query/key block of the block-sparse prefill kernel
     xattn_threshold: float = 0.9  # XAttention cumulative-probability threshold
@@ -119,7 +125,8 @@ class SparseConfig:
                      "selection_reuse"):
             if getattr(self, name) < 1:
                 raise SparseConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sink_tokens", "local_tokens", "min_seq_len", "vs_vertical", "vs_slash"):
+        for name in ("sink_tokens", "local_tokens", "min_seq_len", "decode_min_seq_len",
+                     "vs_vertical", "vs_slash"):
             if getattr(self, name) < 0:
                 raise SparseConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.sink_tokens + self.local_tokens > self.token_budget:
@@ -127,7 +134,7 @@ class SparseConfig:
                 f"impossible budget: sink_tokens ({self.sink_tokens}) + local_tokens "
                 f"({self.local_tokens}) exceed token_budget ({self.token_budget})"
             )
-        for name in ("xattn_threshold", "flex_gamma"):
+        for name in ("xattn_threshold", "flex_gamma", "prefill_dense_above"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise SparseConfigError(f"{name} must be in (0, 1], got {v}")
@@ -185,6 +192,14 @@ class SparseConfig:
     def is_dense(self) -> bool:
         return (self.prefill_method == "dense" and self.decode_method == "dense"
                 and not self.head_overrides)
+
+    @property
+    def effective_decode_min_seq_len(self) -> int:
+        """Decode reads every page of sequences of at most this many tokens (rounded down to
+        whole pages by the decode path): ``decode_min_seq_len``, or ``2 * token_budget`` when it
+        is 0. Values up to ``token_budget`` turn the dense rows off (a sequence that fits the
+        budget reads all its pages anyway)."""
+        return self.decode_min_seq_len or 2 * self.token_budget
 
     def methods_for(self, layer: int) -> tuple[dict[int | None, str], dict[int | None, str]]:
         """(prefill, decode) methods for ``layer``: {kv_head or None(=default): method}."""

@@ -24,6 +24,15 @@ Pipeline (all on device, static shapes, no host sync, CUDA-graph safe):
    one exponent range, in one histogram bin; H100, 8192-page rows: select 57 -> 44 us).
    (``method="torch"``: ``torch.topk`` + sort, same result up to ties.)
 
+Dense rows: with ``dense_pages`` (a runtime int, so CUDA graphs stay valid), a row whose page
+count ``n_pages`` satisfies ``num_select < n_pages <= dense_pages`` is not scored or selected: its
+output row is ``[DENSE_ROW, -1, -1, ...]`` and :func:`~sparse_kernels.sparse_decode.sparse_decode`
+reads every page of the sequence (a sequence just above the budget would otherwise pay the full
+selection to drop a few pages). Rows of at most ``num_select`` pages keep the explicit list of
+all their pages. Neither kind loads summaries in the scoring launch (unless raw scores are
+stored for :func:`reselect_pages`), but both still get their last page's summary refreshed there
+(``k_cache``), so it is valid once the sequence grows past the threshold.
+
 ``method="fused"`` runs both in one launch (the last scoring program of a row to finish,
 per-row arrival counter, selects); measured slower on an H100, kept as an option.
 
@@ -41,6 +50,10 @@ import triton
 import triton.language as tl
 
 from sparse_kernels.page_summary import _summarize_page
+
+# Slot 0 of a selection row holding this (the rest -1): the row reads every page of its sequence.
+DENSE_ROW = -2
+_DENSE_ROW = tl.constexpr(DENSE_ROW)
 
 
 def score_pages(
@@ -83,7 +96,7 @@ def score_pages(
         scores = torch.empty((q.shape[0], summaries.shape[2], max_pages), dtype=torch.float32,
                              device=q.device)
     _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
-                    scores, raw_scores, None, None, 0, k_cache, block_p, num_warps)
+                    scores, raw_scores, None, None, 0, 0, 0, k_cache, block_p, num_warps)
     return scores
     block_p = min(block_p or 64, triton.next_power_of_2(max_pages))
     grid = (triton.cdiv(max_pages, block_p), batch, num_kv_heads)
@@ -201,11 +214,13 @@ def _radix_start(lo, hi, n_inf, num_select):
 
 
 @triton.jit
-def _select_row(row, stride_p, n_pages, num_select, sink_pages, local_pages, out, stride_out,
-                FORCE: tl.constexpr, CG: tl.constexpr, BLOCK: tl.constexpr,
+def _select_row(row, stride_p, n_pages, num_select, dense_pages, sink_pages, local_pages, out,
+                stride_out, FORCE: tl.constexpr, CG: tl.constexpr, BLOCK: tl.constexpr,
                 IN_REGS: tl.constexpr):
     """Top-``num_select`` of the first ``n_pages`` scores of one row, written to ``out``
-    ascending (``-1`` padding when the row is shorter than the budget).
+    ascending (``-1`` padding when the row is shorter than the budget). A dense row
+    (``num_select < n_pages <= dense_pages``) gets ``[DENSE_ROW, -1, ...]``; neither it nor a
+    row shorter than the budget reads ``row``.
 
     Radix select on the order-preserving uint32 keys (8-bit digits, one histogram per pass,
     starting below the row's common prefix: :func:`_radix_start`) finds the k-th largest key
@@ -219,6 +234,12 @@ def _select_row(row, stride_p, n_pages, num_select, sink_pages, local_pages, out
         for start in range(0, num_select, BLOCK):
             offs = start + offs_b
             tl.store(out + offs * stride_out, tl.where(offs < n_pages, offs, -1),
+                     mask=offs < num_select)
+    elif n_pages <= dense_pages:
+        # Dense row: the sentinel, then -1 padding (the decode reads every page).
+        for start in range(0, num_select, BLOCK):
+            offs = start + offs_b
+            tl.store(out + offs * stride_out, tl.where(offs == 0, _DENSE_ROW, -1),
                      mask=offs < num_select)
     elif IN_REGS:
         key, m = _load_keys(row, stride_p, offs_b, n_pages, sink_pages, local_pages, FORCE, CG)
@@ -289,6 +310,7 @@ def _topk_pages_kernel(
     seq_lens_ptr,
     sel_ptr,
     num_select,
+    dense_pages,
     sink_pages,
     local_pages,
     stride_sc_b,
@@ -309,8 +331,8 @@ def _topk_pages_kernel(
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     row = scores_ptr + seq_idx.to(tl.int64) * stride_sc_b + kv_head * stride_sc_h
     out = sel_ptr + seq_idx.to(tl.int64) * stride_sel_b + kv_head * stride_sel_h
-    _select_row(row, stride_sc_p, n_pages, num_select, sink_pages, local_pages, out,
-                stride_sel_k, FORCE, False, BLOCK, IN_REGS)
+    _select_row(row, stride_sc_p, n_pages, num_select, dense_pages, sink_pages, local_pages,
+                out, stride_sel_k, FORCE, False, BLOCK, IN_REGS)
 
 
 @triton.jit
@@ -328,6 +350,8 @@ def _select_fused_kernel(
     local_pages,
     max_pages,
     num_select,
+    dense_pages,
+    skip_pages,
     stride_q_b,
     stride_q_h,
     stride_q_d,
@@ -367,10 +391,11 @@ def _select_fused_kernel(
 
     Every program scores its chunk of one (sequence, KV head) row (optionally refreshing the
     summary of the sequence's last page first) and stores the forced scores to the row
-    (``-inf`` beyond the sequence). ``DO_SELECT`` (method "fused"): the last program of a row
-    to finish (per-row arrival counter,
-    acq_rel atomics; it resets the counter, so the launch is replayable in a CUDA graph)
-    runs the top-k of the whole row. One launch, grid scaling with the pages.
+    (``-inf`` beyond the sequence). Rows of at most ``skip_pages`` pages (short and dense rows,
+    whose top-k reads no score) load no summaries: their valid pages are stored as ``+inf``.
+    ``DO_SELECT`` (method "fused"): the last program of a row to finish (per-row arrival
+    counter, acq_rel atomics; it resets the counter, so the launch is replayable in a CUDA
+    graph) runs the top-k of the whole row. One launch, grid scaling with the pages.
     """
     pid_c = tl.program_id(0)
     seq_idx = tl.program_id(1)
@@ -398,13 +423,14 @@ def _select_fused_kernel(
             )
         tl.debug_barrier()
 
+    scored = n_pages > skip_pages  # else no summary loads (short and dense rows)
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
     q = tl.load(
         q_ptr + seq_idx64 * stride_q_b + (kv_head * GROUP + offs_g[:, None]) * stride_q_h
         + offs_d[None, :] * stride_q_d,
-        mask=(offs_g[:, None] < GROUP) & mask_d[None, :],
+        mask=(offs_g[:, None] < GROUP) & mask_d[None, :] & scored,
         other=0.0,
     ).to(tl.float32)
     q_pos = tl.sum(tl.maximum(q, 0.0), axis=0)  # [HEAD_DIM_PAD]
@@ -414,14 +440,15 @@ def _select_fused_kernel(
     for sub in tl.static_range(SUB_BLOCKS):
         offs_p = pid_c * CHUNK + sub * BLOCK_P + tl.arange(0, BLOCK_P)
         valid = offs_p < n_pages
-        phys = tl.load(bt_row + offs_p, mask=valid, other=0)
+        load = valid & scored
+        phys = tl.load(bt_row + offs_p, mask=load, other=0)
         s_ptrs = (
             summ_ptr
             + phys.to(tl.int64)[:, None] * stride_s_page
             + kv_head * stride_s_head
             + offs_d[None, :] * stride_s_dim
         )
-        mask = valid[:, None] & mask_d[None, :]
+        mask = load[:, None] & mask_d[None, :]
         k_min = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
         k_max = tl.load(s_ptrs + stride_s_kind, mask=mask, other=0.0).to(tl.float32)
         score = tl.sum(q_pos[None, :] * k_max + q_neg[None, :] * k_min, axis=1)
@@ -434,7 +461,8 @@ def _select_fused_kernel(
                 score,
                 mask=in_range,
             )
-        forced = valid & ((offs_p < sink_pages) | (offs_p >= n_pages - local_pages))
+        forced = valid & ((offs_p < sink_pages) | (offs_p >= n_pages - local_pages)
+                          | (n_pages <= skip_pages))
         score = tl.where(forced, float("inf"), score)
         tl.store(sc_row + offs_p * stride_sc_p, score, mask=in_range)
 
@@ -446,8 +474,8 @@ def _select_fused_kernel(
         arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
         if arrived == num_chunks - 1:
             out = sel_ptr + seq_idx64 * stride_sel_b + kv_head * stride_sel_h
-            _select_row(sc_row, stride_sc_p, n_pages, num_select, 0, 0, out, stride_sel_k,
-                        False, True, ROW_BLOCK, IN_REGS)
+            _select_row(sc_row, stride_sc_p, n_pages, num_select, dense_pages, 0, 0, out,
+                        stride_sel_k, False, True, ROW_BLOCK, IN_REGS)
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
@@ -501,6 +529,7 @@ def topk_pages(
     method: str = "triton",
     block: int | None = None,
     num_warps: int | None = None,
+    dense_pages: int = 0,
 ) -> torch.Tensor:
     """Top-``num_select`` logical pages of each row of ``scores``, sorted ascending.
 
@@ -512,16 +541,19 @@ def topk_pages(
         method: ``"triton"`` (one radix-select kernel, grid ``(batch, num_kv_heads)``) or
             ``"torch"`` (``torch.topk`` + sort).
         block: force the looped (re-read) variant with this block size (testing / tuning).
+        dense_pages: rows of ``n_pages`` with ``num_select < n_pages <= dense_pages`` are dense
+            rows (see :func:`select_pages`); runtime value.
     Returns:
         int32 ``[batch, num_kv_heads, num_select]``: a row with fewer than ``num_select``
-        pages holds all of them followed by ``-1``. Static shapes, no host sync.
+        pages holds all of them followed by ``-1``; a dense row ``[DENSE_ROW, -1, ...]``.
+        Static shapes, no host sync.
     """
-    return _topk_launch(scores, seq_lens, page_size, num_select, 0, 0, False, out, method,
-                        block, num_warps)
+    return _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, 0, 0, False, out,
+                        method, block, num_warps)
 
 
-def _topk_launch(scores, seq_lens, page_size, num_select, sink, local, force, out, method,
-                 block, num_warps):
+def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local, force, out,
+                 method, block, num_warps):
     batch, num_kv_heads, max_pages = scores.shape
     if out is None:
         out = torch.empty((batch, num_kv_heads, num_select), dtype=torch.int32,
@@ -529,14 +561,14 @@ def _topk_launch(scores, seq_lens, page_size, num_select, sink, local, force, ou
     if method == "torch":
         if force:
             scores = _force_torch(scores, seq_lens, page_size, sink, local)
-        out.copy_(_topk_pages_torch(scores, seq_lens, page_size, num_select))
+        out.copy_(_topk_pages_torch(scores, seq_lens, page_size, num_select, dense_pages))
         return out
     if batch == 0 or num_select == 0:
         return out
     num_warps = num_warps or default_topk_warps(max_pages)
     blk, in_regs = _row_block(max_pages, num_warps, block)
     _topk_pages_kernel[(batch, num_kv_heads)](
-        scores, seq_lens, out, num_select, sink, local,
+        scores, seq_lens, out, num_select, dense_pages, sink, local,
         *scores.stride(), *out.stride(),
         PAGE_SIZE=page_size,
         BLOCK=blk,
@@ -547,7 +579,7 @@ def _topk_launch(scores, seq_lens, page_size, num_select, sink, local, force, ou
     return out
 
 
-def _topk_pages_torch(scores, seq_lens, page_size, num_select):
+def _topk_pages_torch(scores, seq_lens, page_size, num_select, dense_pages=0):
     max_pages = scores.shape[-1]
     idx = torch.arange(max_pages, device=scores.device)
     n_pages = (seq_lens.long() + page_size - 1) // page_size
@@ -560,6 +592,11 @@ def _topk_pages_torch(scores, seq_lens, page_size, num_select):
     if k < num_select:
         pad = idx.new_full((*idx.shape[:-1], num_select - k), -1)
         idx = torch.cat([idx, pad], dim=-1)
+    if num_select > 0:
+        dense = (n_pages > num_select) & (n_pages <= dense_pages)
+        sentinel = torch.full((num_select,), -1, dtype=idx.dtype, device=idx.device)
+        sentinel[0] = DENSE_ROW
+        idx = torch.where(dense[:, None, None], sentinel, idx)
     return idx
 
 
@@ -591,6 +628,7 @@ def select_pages(
     chunk_pages: int | None = None,
     num_warps: int | None = None,
     topk_warps: int | None = None,
+    dense_pages: int = 0,
 ) -> torch.Tensor:
     """Quest top-k selection of logical pages for each (sequence, KV head).
 
@@ -604,20 +642,27 @@ def select_pages(
             (arrival counters in ``workspace``); measured slower than "triton" on an H100
             (the top-k's registers lower the scoring occupancy), kept as an option.
             ``"torch"``: scoring kernel + ``torch.topk``.
-        k_cache: optional ``[num_pages, page_size, num_kv_heads, head_dim]``. Pure decode
-            steps only (one new token per sequence, already in the cache): the summary of
-            each sequence's last page is recomputed in the scoring launch, replacing a
-            separate :func:`~sparse_kernels.page_summary.update_page_summaries` call.
+        k_cache: optional ``[num_pages, page_size, num_kv_heads, head_dim]``. Decode rows
+            only (one new token per sequence, already in the cache): the summary of each
+            sequence's last page (the only page a decode token writes) is recomputed in the
+            scoring launch, by the program that scores that page, before it scores it;
+            this replaces a separate
+            :func:`~sparse_kernels.page_summary.update_page_summaries` call. Dense and short
+            rows are refreshed too; rows with ``seq_len == 0`` (padding) write nothing.
         workspace: :class:`SelectWorkspace` (scores scratch, and the arrival counters of
             "fused"); allocated per call if ``None``.
         chunk_pages, num_warps: scoring launch tuning (pages per program: a power of two or
             a multiple of 64; warps). topk_warps: warps of the top-k kernel.
+        dense_pages: a row with ``num_select < n_pages <= dense_pages`` is a dense row: no
+            summaries are loaded for it (unless ``raw_scores`` is given) and no top-k runs;
+            its output row is ``[DENSE_ROW, -1, ...]``. A runtime value (not compiled in),
+            so CUDA graphs captured per batch size stay valid. ``0``: no dense rows.
 
     Returns:
         ``selected`` int32 ``[batch, num_kv_heads, num_select]``: logical page indices sorted
         ascending, ``-1`` padding at the end when a sequence has fewer than ``num_select``
-        pages (it then selects all of them). Sink and local pages are always included; ties
-        go to the lowest pages.
+        pages (it then selects all of them); ``[DENSE_ROW, -1, ...]`` for a dense row (read
+        every page). Sink and local pages are always included; ties go to the lowest pages.
     """
     if method not in ("triton", "fused", "torch"):
         raise ValueError(f"unknown select method {method!r}")
@@ -635,21 +680,27 @@ def select_pages(
         workspace = SelectWorkspace(batch, num_kv_heads, max_pages, q.device,
                                     counters=method == "fused")
     scores, counters = workspace.views(batch, num_kv_heads, max_pages)
+    dense_pages = max(0, dense_pages)
+    # Rows whose top-k reads no score (at most num_select pages, or dense) load no summaries,
+    # unless raw scores are stored for selection reuse (the row may outgrow both later).
+    skip_pages = 0 if raw_scores is not None else max(num_select, dense_pages)
     if method == "fused":
         _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages,
-                        local_pages, scores, raw_scores, out, counters, num_select, k_cache,
-                        chunk_pages, num_warps)
+                        local_pages, scores, raw_scores, out, counters, num_select,
+                        dense_pages, skip_pages, k_cache, chunk_pages, num_warps)
         return out
     _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
-                    scores, raw_scores, None, None, 0, k_cache, chunk_pages, num_warps)
+                    scores, raw_scores, None, None, num_select, dense_pages, skip_pages,
+                    k_cache, chunk_pages, num_warps)
     return topk_pages(scores, seq_lens, page_size, num_select, out=out, method=method,
-                      num_warps=topk_warps)
+                      num_warps=topk_warps, dense_pages=dense_pages)
 
 
 def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
-                    scores, raw_scores, out, counters, num_select, k_cache, chunk_pages,
-                    num_warps):
-    """Scoring launch (``out is None``) or the fused scoring + top-k launch."""
+                    scores, raw_scores, out, counters, num_select, dense_pages, skip_pages,
+                    k_cache, chunk_pages, num_warps):
+    """Scoring launch (``out is None``) or the fused scoring + top-k launch. Rows of at most
+    ``skip_pages`` pages load no summaries (their valid pages score ``+inf``)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = summaries.shape[2]
     assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
@@ -678,7 +729,7 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
     grid = (triton.cdiv(max_pages, chunk), batch, num_kv_heads)
     _select_fused_kernel[grid](
         q, summaries, block_table, seq_lens, kc, scores, raw, out, counters,
-        sink_pages, local_pages, max_pages, num_select,
+        sink_pages, local_pages, max_pages, num_select, dense_pages, skip_pages,
         *q.stride(), *summaries.stride(), *k_strides, block_table.stride(0),
         *scores.stride(), *raw.stride(), *out.stride(),
         PAGE_SIZE=page_size,
@@ -725,11 +776,15 @@ def reselect_pages(
     local_pages: int,
     out: torch.Tensor | None = None,
     method: str = "triton",
+    dense_pages: int = 0,
 ) -> torch.Tensor:
     """Selection reuse: top-k over stored raw scores, with sink/local forced for the current
     ``seq_lens``. Pages that were beyond the sequence when the scores were taken (``-inf``) but
     exist now are forced too. No summaries are read; one launch (the forcing is applied as the
-    scores are loaded).
+    scores are loaded). Dense rows (``dense_pages``, see :func:`select_pages`) are decided on
+    the current ``seq_lens``: a row that was dense when the scores were taken and has grown
+    past ``dense_pages`` is selected from its stored scores (``select_pages`` scores every row
+    when it stores raw scores).
 
     Args:
         raw_scores: fp32 ``[batch, num_kv_heads, max_pages]`` from a previous
@@ -737,21 +792,34 @@ def reselect_pages(
         seq_lens: int32 ``[batch]``: the current lengths.
     Returns: like :func:`select_pages`.
     """
-    return _topk_launch(raw_scores, seq_lens, page_size, num_select, sink_pages, local_pages,
-                        True, out, "torch" if method == "torch" else "triton", None, None)
+    return _topk_launch(raw_scores, seq_lens, page_size, num_select, max(0, dense_pages),
+                        sink_pages, local_pages, True, out,
+                        "torch" if method == "torch" else "triton", None, None)
 
 
-def pages_read(selected: torch.Tensor) -> torch.Tensor:
-    """int32 ``[batch, num_kv_heads]``: pages attended per (sequence, KV head). Device only."""
-    return (selected >= 0).sum(dim=-1, dtype=torch.int32)
+def _dense_rows(selected: torch.Tensor) -> torch.Tensor:
+    """bool ``[batch, num_kv_heads]``: rows holding the :data:`DENSE_ROW` sentinel."""
+    if selected.shape[-1] == 0:
+        return torch.zeros(selected.shape[:-1], dtype=torch.bool, device=selected.device)
+    return selected[..., 0] == DENSE_ROW
+
+
+def pages_read(selected: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """int32 ``[batch, num_kv_heads]``: pages attended per (sequence, KV head) (a dense row:
+    every page of its sequence). Device only."""
+    n_pages = (seq_lens.long() + page_size - 1) // page_size
+    listed = (selected >= 0).sum(dim=-1)
+    return torch.where(_dense_rows(selected), n_pages[:, None], listed).to(torch.int32)
 
 
 def tokens_read(selected: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
-    """int32 ``[batch, num_kv_heads]``: KV tokens attended (last page counted partially)."""
+    """int32 ``[batch, num_kv_heads]``: KV tokens attended (last page counted partially; a
+    dense row: ``seq_len``)."""
+    seq = seq_lens.long()
     start = selected.long() * page_size
-    n = (seq_lens.long()[:, None, None] - start).clamp(0, page_size)
-    n = torch.where(selected >= 0, n, 0)
-    return n.sum(dim=-1).to(torch.int32)
+    n = (seq[:, None, None] - start).clamp(0, page_size)
+    n = torch.where(selected >= 0, n, 0).sum(dim=-1)
+    return torch.where(_dense_rows(selected), seq[:, None], n).to(torch.int32)
 
 
 def density(selected: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:

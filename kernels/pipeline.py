@@ -5,11 +5,15 @@
 * :func:`sparse_prefill_attention` -- a ragged batch of prefill chunks: one estimator builds
   per-(query block, KV head) key-block lists, then block-sparse flash attention. Eager only.
 
-Page summaries are updated by the adapter right after the engine writes K/V
-(:func:`sparse_kernels.page_summary.update_page_summaries`), for every token of the step.
+Page summaries: the tokens of prefill chunks are summarized by the adapter right after the
+engine writes K/V (:func:`sparse_kernels.page_summary.update_page_summaries`); a decode token's
+page is re-summarized inside the top-k scoring launch (``decode_attention(fuse_summary=True)``),
+so a pure-decode step has no separate summary launch.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -31,6 +35,13 @@ def decode_budget_pages(cfg: SparseConfig, page_size: int) -> tuple[int, int, in
             -(-cfg.local_tokens // page_size))
 
 
+def decode_dense_pages(cfg: SparseConfig, page_size: int) -> int:
+    """Top-k decode reads every page, unselected, of sequences of at most this many pages
+    (``cfg.effective_decode_min_seq_len`` rounded down to whole pages); only sequences of
+    more than the budget's pages are affected (see ``select_pages(dense_pages=...)``)."""
+    return cfg.effective_decode_min_seq_len // page_size
+
+
 def decode_attention(
     method: str,
     cfg: SparseConfig,
@@ -45,12 +56,20 @@ def decode_attention(
     selected: torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
     select_workspace: SelectWorkspace | None = None,
+    fuse_summary: bool = False,
 ) -> torch.Tensor | None:
     """Decode attention of ``q [B, Hq, D]`` into ``out``; returns the page selection (topk).
 
     ``method`` "topk": each (sequence, KV head) reads its top ``token_budget`` tokens' pages
-    (sink and local pages always; sequences with fewer pages read all of them). "dense": all
-    pages. ``selected`` is an optional preallocated int32 ``[>=B, Hkv, k]`` buffer.
+    (sink and local pages always; sequences with fewer pages read all of them, and so do
+    sequences of at most :func:`decode_dense_pages` pages, without scoring or top-k: their
+    selection row is ``[DENSE_ROW, -1, ...]``). "dense": all pages. ``selected`` is an optional
+    preallocated int32 ``[>=B, Hkv, k]`` buffer.
+
+    ``fuse_summary`` (topk): the summary of each sequence's last page, the page this step's
+    token was written to, is recomputed inside the scoring launch from ``k_cache`` (instead of
+    a separate ``update_page_summaries`` launch); every row, dense ones included. Needs one new
+    token per sequence, already in the cache. Ignored by "dense", which reads no summaries.
     """
     page_size = k_cache.shape[1]
     sel = None
@@ -58,7 +77,9 @@ def decode_attention(
         k, sink, local = decode_budget_pages(cfg, page_size)
         sel = select_pages(q, summaries, block_table, seq_lens, page_size, k, sink, local,
                            out=None if selected is None else selected[: q.shape[0]],
-                           workspace=select_workspace)
+                           workspace=select_workspace,
+                           k_cache=k_cache if fuse_summary else None,
+                           dense_pages=decode_dense_pages(cfg, page_size))
     elif method != "dense":
         raise ValueError(f"unknown decode method {method!r}")
     sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out, scale=scale,
@@ -141,18 +162,33 @@ def sparse_prefill_attention(
     meta: PrefillBlockMeta,
     out: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
-    """Estimate block lists, then block-sparse attention into ``out``; returns the density
-    (computed blocks / causal blocks) as a device scalar. ``method`` is one estimator for all
-    KV heads or a per-head map (see :func:`estimate_prefill_blocks_per_head`)."""
+    dense_fallback: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """Estimate block lists, then block-sparse attention into ``out``.
+
+    ``method`` is one estimator for all KV heads or a per-head map (see
+    :func:`estimate_prefill_blocks_per_head`). With ``dense_fallback`` (a function that writes
+    dense causal attention of the same chunks into ``out``) and ``cfg.prefill_dense_above < 1``,
+    a chunk whose estimated density exceeds ``prefill_dense_above`` runs ``dense_fallback``
+    instead of the sparse kernel: the estimator found little to skip, and the engine's dense
+    kernel is faster than ours at high density. That decision reads the density on the host
+    (one synchronisation per call; prefill runs eagerly, never inside a CUDA graph).
+
+    Returns ``(density, fell_back)``: density = computed blocks / causal blocks as estimated
+    (a device scalar), and whether the dense fallback ran.
+    """
     if isinstance(method, dict):
         lists = estimate_prefill_blocks_per_head(method, cfg, q, k_cache, block_table, meta,
                                                  scale)
     else:
         lists = estimate_prefill_blocks(method, cfg, q, k_cache, block_table, meta, scale)
+    if (dense_fallback is not None and cfg.prefill_dense_above < 1.0
+            and float(lists.density) > cfg.prefill_dense_above):
+        dense_fallback()
+        return lists.density, True
     block_sparse_prefill_attention(q, k_cache, v_cache, block_table, meta, lists.block_idx,
                                    lists.block_count, scale=scale, out=out)
-    return lists.density
+    return lists.density, False
 
 
 def warm_up_prefill(
@@ -166,8 +202,9 @@ def warm_up_prefill(
 ) -> list[int]:
     """Compile the prefill path for every context-length bucket up to ``max_seq_len``.
 
-    Some launch parameters follow the number of key blocks (next power of two), so the first
-    request in each length bucket would otherwise JIT-compile kernels while serving. This runs
+    Some launch parameters follow the number of key blocks (next power of two, and whether
+    tensor strides derived from it are multiples of 16), so the first request of each kind
+    would otherwise JIT-compile kernels while serving. This runs
     one small chunk (one query block) at the end of a sequence of each bucket's length, reading
     page 0 of the cache for every page (reads only; the output goes to a scratch tensor).
     Returns the sequence lengths it ran.
@@ -177,9 +214,15 @@ def warm_up_prefill(
     dev = k_cache.device
     page = k_cache.shape[1]
     q_len = cfg.block_size
+    # Per power-of-two bucket of key blocks, a length whose block count is a multiple of 16
+    # and one whose count is not: Triton specializes integer arguments (strides of the
+    # [.., num_key_blocks] tensors) on divisibility by 16, so both variants compile.
     lengths, n = [], 2 * cfg.block_size
     while True:
-        lengths.append(min(n, max_seq_len))
+        top = min(n, max_seq_len)
+        if top - cfg.block_size > n // 2:
+            lengths.append(top - cfg.block_size)
+        lengths.append(top)
         if n >= max_seq_len:
             break
         n *= 2

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from sparse_kernels.page_select import DENSE_ROW
 from sparse_kernels.reference import attention_with_mask, gather_kv
 
 
@@ -72,10 +73,12 @@ def ref_select_from_scores(
     num_select: int,
     sink_pages: int,
     local_pages: int,
+    dense_pages: int = 0,
 ) -> torch.Tensor:
     """Top-k selection from raw scores: forced sink/local pages, then the best-scoring others.
 
-    Returns int32 ``[batch, num_kv_heads, num_select]``, ascending, ``-1`` padding at the end.
+    Returns int32 ``[batch, num_kv_heads, num_select]``, ascending, ``-1`` padding at the end;
+    a sequence of ``num_select < n_pages <= dense_pages`` pages gets ``[DENSE_ROW, -1, ...]``.
     """
     batch, hkv, _ = scores.shape
     out = torch.full((batch, hkv, num_select), -1, dtype=torch.int32)
@@ -84,6 +87,9 @@ def ref_select_from_scores(
         for h in range(hkv):
             if n_pages <= num_select:
                 chosen = list(range(n_pages))
+            elif n_pages <= dense_pages:
+                out[b, h, 0] = DENSE_ROW
+                continue
             else:
                 forced = {j for j in range(n_pages) if j < sink_pages or j >= n_pages - local_pages}
                 rest = sorted((j for j in range(n_pages) if j not in forced),
@@ -103,11 +109,12 @@ def ref_select_pages(
     num_select: int,
     sink_pages: int,
     local_pages: int,
+    dense_pages: int = 0,
 ) -> torch.Tensor:
     """Quest top-k page selection (see :func:`ref_select_from_scores`)."""
     scores = ref_page_scores(q, summaries, block_table, seq_lens, page_size)
     return ref_select_from_scores(scores, seq_lens, page_size, num_select, sink_pages,
-                                  local_pages)
+                                  local_pages, dense_pages)
 
 
 def ref_sparse_decode(
@@ -121,8 +128,8 @@ def ref_sparse_decode(
 ) -> torch.Tensor:
     """Decode attention restricted to the tokens of the selected logical pages.
 
-    q ``[batch, Hq, D]``; ``selected`` int32 ``[batch, Hkv, k]`` (``-1`` = none) or ``None``
-    (all pages). Returns fp32 ``[batch, Hq, D]``.
+    q ``[batch, Hq, D]``; ``selected`` int32 ``[batch, Hkv, k]`` (``-1`` = none; a row starting
+    with ``DENSE_ROW``: all pages) or ``None`` (all pages). Returns fp32 ``[batch, Hq, D]``.
     """
     batch, hq, d = q.shape
     page = k_cache.shape[1]
@@ -137,7 +144,7 @@ def ref_sparse_decode(
         tok_page = torch.arange(s) // page
         mask = torch.zeros((hq, 1, s), dtype=torch.bool)
         for h in range(hkv):
-            if selected is None:
+            if selected is None or (selected.shape[-1] and int(selected[b, h, 0]) == DENSE_ROW):
                 keep = torch.ones(s, dtype=torch.bool)
             else:
                 pages = selected[b, h]

@@ -14,11 +14,14 @@ default). With one split, stage 1 writes ``out`` directly. At small grids (batch
 The selected pages are walked as a flat "slot space" of ``n_slots * page_size`` tokens; a tile
 of ``BLOCK_N`` slot-space tokens may span several pages (page size 1 or 16) or part of one
 (page size > BLOCK_N): token ``t`` is token ``t % page_size`` of selected page
-``selected[t // page_size]``. Dense mode (``selected=None``) uses logical page = slot.
+``selected[t // page_size]``. Dense mode (``selected=None``) uses logical page = slot, and so
+does a dense row of the sparse mode: a row whose slot 0 holds
+:data:`~sparse_kernels.page_select.DENSE_ROW` reads every page of its sequence
+(``cdiv(seq_len, page_size)`` slots, the splits partitioning its tiles as for any row).
 
 The softmax is exact over the selected set. Valid entries of ``selected`` must precede the
 ``-1`` padding and be distinct (what :func:`sparse_kernels.page_select.select_pages` returns);
-only the first ``min(num_select, cdiv(seq_len, page_size))`` slots are read.
+only the first ``min(num_select, cdiv(seq_len, page_size))`` slots of a list row are read.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_kernels.page_select import DENSE_ROW
+
+_DENSE_ROW = tl.constexpr(DENSE_ROW)
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 # Merge the splits inside the main kernel (no second launch); see sparse_decode().
@@ -96,10 +102,14 @@ def _sparse_decode_kernel(
 
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
+    sel_row = selected_ptr + seq_idx64 * stride_sel_b + kv_head * stride_sel_h
     if DENSE:
         n_slots = n_pages
     else:
-        n_slots = tl.minimum(n_pages, num_select)
+        # A dense row (sentinel in slot 0) reads every page: logical page = slot.
+        first = tl.load(sel_row, mask=num_select > 0, other=-1)
+        row_dense = first == _DENSE_ROW
+        n_slots = tl.where(row_dense, n_pages, tl.minimum(n_pages, num_select))
     n_tiles = tl.cdiv(n_slots * PAGE_SIZE, BLOCK_N)
     tiles_per_split = tl.cdiv(n_tiles, num_splits)
     tile_lo = split * tiles_per_split
@@ -128,7 +138,6 @@ def _sparse_decode_kernel(
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
     bt_row = block_table_ptr + seq_idx64 * stride_bt
-    sel_row = selected_ptr + seq_idx64 * stride_sel_b + kv_head * stride_sel_h
 
     for tile in range(tile_lo, tile_hi):
         offs_t = tile * BLOCK_N + offs_n  # slot-space token index
@@ -138,7 +147,9 @@ def _sparse_decode_kernel(
         if DENSE:
             logical = slot
         else:
-            logical = tl.load(sel_row + slot * stride_sel_k, mask=slot_ok, other=-1)
+            listed = slot_ok & (first != _DENSE_ROW)  # no list loads for a dense row
+            logical = tl.load(sel_row + slot * stride_sel_k, mask=listed, other=-1)
+            logical = tl.where(row_dense, slot, logical)
         tok_ok = slot_ok & (logical >= 0) & (logical * PAGE_SIZE + in_page < seq_len)
         phys = tl.load(bt_row + logical, mask=tok_ok, other=0).to(tl.int64)
 
@@ -372,7 +383,8 @@ def sparse_decode(
         block_table: int32 ``[batch, max_pages]``.
         seq_lens: int32 ``[batch]``, including the current token.
         selected: int32 ``[batch, num_kv_heads, num_select]`` logical pages, ascending, ``-1``
-            padding at the end (from ``select_pages``). ``None``: dense decode over all pages.
+            padding at the end (from ``select_pages``); a row ``[DENSE_ROW, -1, ...]`` reads
+            every page of its sequence. ``None``: dense decode over all pages.
         out: ``[batch, num_q_heads, head_dim]`` output (written in place); allocated like
             ``q`` if ``None``.
         scale: softmax scale, default ``head_dim ** -0.5``.

@@ -24,6 +24,19 @@ def test_env_vars_are_read_and_typed():
     assert cfg.min_seq_len == 8192 and cfg.xattn_threshold == 0.95
 
 
+def test_decode_min_seq_len():
+    """0 (the default) resolves to twice the token budget; set, it is taken as is; it is read
+    from the env and the engine dict and shows in the logged summary."""
+    cfg = SparseConfig.from_sources(environ={"SPARSE_TOKEN_BUDGET": "2048"})
+    assert cfg.decode_min_seq_len == 0 and cfg.effective_decode_min_seq_len == 4096
+    cfg = SparseConfig.from_sources(environ={"SPARSE_DECODE_MIN_SEQ_LEN": "6000"})
+    assert cfg.decode_min_seq_len == 6000 and cfg.effective_decode_min_seq_len == 6000
+    cfg = SparseConfig.from_sources(environ={"SPARSE_DECODE_MIN_SEQ_LEN": "6000"},
+                                    overrides={"decode_min_seq_len": 512})
+    assert cfg.effective_decode_min_seq_len == 512
+    assert json.loads(cfg.summary())["decode_min_seq_len"] == 512
+
+
 def test_overrides_beat_env():
     cfg = SparseConfig.from_sources(environ={"SPARSE_TOKEN_BUDGET": "2048"},
                                     overrides={"token_budget": 8192})
@@ -38,6 +51,8 @@ def test_overrides_beat_env():
     ({"SPARSE_TOKEN_BUDGET": "lots"}, None, "SPARSE_TOKEN_BUDGET: cannot read 'lots' as int"),
     ({"SPARSE_TOKEN_BUDGET": "0"}, None, "token_budget must be >= 1"),
     ({"SPARSE_SINK_TOKENS": "-1"}, None, "sink_tokens must be >= 0"),
+    ({"SPARSE_DECODE_MIN_SEQ_LEN": "-4096"}, None, "decode_min_seq_len must be >= 0"),
+    ({"SPARSE_DECODE_MIN_SEQ_LEN": "8k"}, None, "cannot read '8k' as int"),
     ({"SPARSE_TOKEN_BUDGET": "256", "SPARSE_LOCAL_TOKENS": "512"}, None, "impossible budget"),
     ({"SPARSE_XATTN_THRESHOLD": "1.5"}, None, r"xattn_threshold must be in \(0, 1\]"),
     ({"SPARSE_BLOCK_SIZE": "48"}, None, "block_size must be a power of two"),

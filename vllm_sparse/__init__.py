@@ -9,7 +9,9 @@ starts (API server, engine core, workers), before any model is built. It
    (``--attention-backend CUSTOM``), and on vLLM versions that support named backends also as
    ``SPARSE``;
 3. with ``SPARSE_ATTN=1``, makes vLLM pick the sparse backend wherever the user did not name a
-   backend, so existing deployments switch on with env vars alone.
+   backend, so existing deployments switch on with env vars alone;
+4. registers the Prometheus collector behind ``sparse_serve:*`` on ``/metrics``
+   (:mod:`vllm_sparse.metrics`).
 
 Registration is idempotent: calling ``register()`` again changes nothing.
 """
@@ -48,3 +50,7 @@ def register() -> None:
 
     if env_switch_enabled():
         install_env_switch()
+
+    from vllm_sparse import metrics
+
+    metrics.register_collector()

@@ -7,10 +7,13 @@ key per page), i.e. ``1 / block_size`` of the layer's KV cache (6.25 % at block 
 
 Every forward:
 
-1. updates the summaries of the pages this step wrote (vLLM wrote K/V just before);
-2. decode requests (the batch is reordered decode-first) run top-k page selection and split-KV
-   paged decode over the selected pages -- static shapes, so pure-decode batches run inside
-   vLLM's full CUDA graphs;
+1. when the step has prefill chunks, updates the summaries of the pages this step wrote (vLLM
+   wrote K/V just before);
+2. decode requests (the batch is reordered decode-first) run top-k page selection, whose scoring
+   launch also re-summarizes each decode token's page, and split-KV paged decode over the
+   selected pages (every page, unscored, for sequences of at most ``decode_min_seq_len``
+   tokens) -- static shapes, so pure-decode batches run inside vLLM's full CUDA graphs, with
+   no separate summary launch;
 3. prefill chunks of sequences of at most ``min_seq_len`` tokens run dense FlashAttention-3 (the
    same kernel as vLLM's FLASH_ATTN backend); longer ones run the configured estimator and the
    block-sparse prefill kernel. Consecutive requests of one kind share one launch.
@@ -129,8 +132,13 @@ class _PathCounters:
         self.sparse_prefill_reqs = 0
         self.dense_prefill_reqs = 0
         self.decode_steps = 0
+        # prefill chunks whose estimated density exceeded prefill_dense_above (layer 0)
+        self.prefill_dense_fallbacks = 0
         self.device_sums: torch.Tensor | None = None
         self._last = time.monotonic()
+        self._last_write = 0.0
+        # Only one process per engine writes the metrics file (tensor-parallel rank 0).
+        self.write_metrics = True
 
     def sums_for(self, device: torch.device) -> torch.Tensor:
         if self.device_sums is None:
@@ -142,22 +150,42 @@ class _PathCounters:
         return {
             "prefill_chunks_sparse": self.sparse_prefill_reqs,
             "prefill_chunks_dense": self.dense_prefill_reqs,
+            "prefill_chunks_dense_fallback": self.prefill_dense_fallbacks,
             "decode_steps": self.decode_steps,
             "decode_kv_fraction_read": sums[0] / sums[1] if sums[1] else None,
             "prefill_block_density": sums[2] / sums[3] if sums[3] else None,
+            "device_sums": sums,
         }
 
-    def maybe_log(self, cfg: SparseConfig) -> None:
+    def maybe_report(self, cfg: SparseConfig) -> None:
+        """Write the metrics file every ``metrics.WRITE_EVERY_S`` and log every
+        ``LOG_EVERY_S`` seconds (each reads the device sums: one small host sync)."""
+        from vllm_sparse import metrics
+
         now = time.monotonic()
-        if now - self._last < LOG_EVERY_S:
+        write = self.write_metrics and now - self._last_write >= metrics.WRITE_EVERY_S
+        log = now - self._last >= LOG_EVERY_S
+        if not (write or log):
+            return
+        snap = self.snapshot()
+        if write:
+            self._last_write = now
+            try:
+                metrics.write_snapshot(snap)
+            except OSError as e:  # metrics are best effort; serving goes on
+                self.write_metrics = False
+                logger.warning("sparse-serve: cannot write the metrics file (%s); metrics "
+                               "stay in the logs only", e)
+        if not log:
             return
         self._last = now
-        snap = self.snapshot()
         logger.info(
-            "sparse-serve stats: prefill chunks sparse=%d dense=%d (dense fallback: at most "
-            "min_seq_len=%d tokens, or prefill method dense); decode steps=%d; decode KV read "
-            "fraction=%s; prefill block density=%s", snap["prefill_chunks_sparse"],
-            snap["prefill_chunks_dense"], cfg.min_seq_len, snap["decode_steps"],
+            "sparse-serve stats: prefill chunks sparse=%d dense=%d (at most min_seq_len=%d "
+            "tokens, or prefill method dense), of the sparse ones fell back to dense=%d "
+            "(layer 0: estimated density > prefill_dense_above=%s); decode steps=%d; decode KV "
+            "read fraction=%s; prefill block density=%s", snap["prefill_chunks_sparse"],
+            snap["prefill_chunks_dense"], cfg.min_seq_len,
+            snap["prefill_chunks_dense_fallback"], cfg.prefill_dense_above, snap["decode_steps"],
             _fmt(snap["decode_kv_fraction_read"]), _fmt(snap["prefill_block_density"]))
 
 
@@ -166,6 +194,15 @@ def _fmt(x: float | None) -> str:
 
 
 PATH_COUNTERS = _PathCounters()
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:  # no model-parallel group (unit tests build the classes directly)
+        return 0
 
 
 class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
@@ -183,6 +220,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         from sparse_kernels.sparse_decode import DecodeWorkspace
 
         self.cfg = vllm_sparse_config(vllm_config)
+        PATH_COUNTERS.write_metrics = _tp_rank() == 0
         mc = vllm_config.model_config
         pc = vllm_config.parallel_config
         self.block_size = kv_cache_spec.block_size
@@ -221,7 +259,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             runs = self._prefill_runs(m, num_decodes)
         if num_decodes:
             PATH_COUNTERS.decode_steps += 1
-        PATH_COUNTERS.maybe_log(self.cfg)
+        PATH_COUNTERS.maybe_report(self.cfg)
         return SparseAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
@@ -411,8 +449,32 @@ class SparseAttentionImpl(AttentionImpl):
             idx = int(m.group(1)) if m else None
             self._layer_index = idx
             prefill, decode = self.cfg.methods_for(idx if idx is not None else -1)
+            if len(prefill) > 1:
+                # head_config names the model's KV heads; this rank holds a slice of them.
+                first = self._first_global_kv_head()
+                local = {h - first: m for h, m in prefill.items()
+                         if h is not None and 0 <= h - first < self.num_kv_heads}
+                prefill = {None: prefill[None], **local}
             self._methods = (prefill if len(prefill) > 1 else prefill[None], decode[None])
         return self._methods
+
+    def _first_global_kv_head(self) -> int:
+        """The model's index of this rank's KV head 0 under tensor parallelism.
+
+        Query heads are split evenly over ranks; rank ``r`` holds query heads from
+        ``r * num_heads``, whose KV head is that index divided by the model's GQA group. Also
+        right when KV heads are replicated (fewer KV heads than ranks)."""
+        try:
+            from vllm.config import get_current_vllm_config
+
+            vc = get_current_vllm_config()
+            pc = vc.parallel_config
+            total_q = vc.model_config.get_num_attention_heads(pc) * pc.tensor_parallel_size
+            total_kv = vc.model_config.get_total_num_kv_heads()
+        except Exception:  # no current config (unit tests): a single rank
+            return 0
+        group = max(1, total_q // max(1, total_kv))
+        return _tp_rank() * self.num_heads // group
 
     def _get_summaries(self, key_cache: torch.Tensor) -> torch.Tensor:
         s = self._summaries
@@ -456,8 +518,13 @@ class SparseAttentionImpl(AttentionImpl):
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         summaries = self._get_summaries(key_cache)
         n = m.num_actual_tokens
-        update_page_summaries(key_cache, summaries, m.block_table, m.query_start_loc,
-                              m.seq_lens, num_tokens=query.shape[0])
+        if m.prefill_runs and decode_method == "topk":
+            # Prefill tokens (and this step's decode tokens, summarized again below: harmless).
+            # Decode tokens' pages are summarized in the top-k scoring launch (fuse_summary),
+            # so a pure-decode step (CUDA graph) has no summary launch. Only top-k decode reads
+            # summaries: a layer decoding dense does not maintain them.
+            update_page_summaries(key_cache, summaries, m.block_table, m.query_start_loc,
+                                  m.seq_lens, num_tokens=query.shape[0])
         q = query[:n]
         out = output[:n]
         if prefill_method != "dense" and self.max_model_len:
@@ -469,10 +536,11 @@ class SparseAttentionImpl(AttentionImpl):
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
                                    self.scale, selected=m.selected, workspace=m.workspace,
-                                   select_workspace=m.select_workspace)
+                                   select_workspace=m.select_workspace, fuse_summary=True)
             if stats is not None:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads
+                # (a dense row of the selection counts its whole sequence)
                 read = total if sel is None else tokens_read(
                     sel, seq, key_cache.shape[1]).sum(dtype=torch.float64)
                 stats[0] += read
@@ -480,13 +548,17 @@ class SparseAttentionImpl(AttentionImpl):
         for run in m.prefill_runs:
             qr, orun = q[run.tok_start:run.tok_end], out[run.tok_start:run.tok_end]
             if run.sparse and prefill_method != "dense":
-                dens = sparse_prefill_attention(prefill_method, self.cfg, qr, key_cache,
-                                                value_cache, run.block_table, run.block_meta,
-                                                orun, self.scale)
+                dens, fell_back = sparse_prefill_attention(
+                    prefill_method, self.cfg, qr, key_cache, value_cache, run.block_table,
+                    run.block_meta, orun, self.scale,
+                    dense_fallback=lambda qr=qr, run=run, orun=orun: _dense_prefill(
+                        qr, key_cache, value_cache, run, orun, self.scale))
                 if stats is not None:
                     causal = _causal_blocks(run.block_meta) * self.num_kv_heads
-                    stats[2] += dens.double() * causal
+                    stats[2] += causal if fell_back else dens.double() * causal
                     stats[3] += causal
+                    if fell_back:
+                        PATH_COUNTERS.prefill_dense_fallbacks += run.req_end - run.req_start
             else:
                 _dense_prefill(qr, key_cache, value_cache, run, orun, self.scale)
         return output

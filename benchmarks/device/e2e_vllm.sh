@@ -4,7 +4,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/device/setup_env.sh vllm || exit 1
-export SPARSE_SERVE_STATS_EVERY_S=${SPARSE_SERVE_STATS_EVERY_S:-10}
+export SPARSE_SERVE_STATS_EVERY_S=${SPARSE_SERVE_STATS_EVERY_S:-30} SPARSE_SERVE_METRICS_EVERY_S=${SPARSE_SERVE_METRICS_EVERY_S:-1}
 LENS=${LENS:-"4096 32768 126976"}
 for backend in ${BACKENDS:-FLASH_ATTN CUSTOM}; do
   timeout ${PER_BACKEND_S:-280} python3 benchmarks/bench_vllm_e2e.py --backend $backend \

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from sparse_kernels.page_select import select_pages
+from sparse_kernels.page_select import DENSE_ROW, select_pages
 from sparse_kernels.page_summary import allocate_page_summaries, build_page_summaries
 from sparse_kernels.reference import dense_attention, random_paged_kv
 from sparse_kernels.reference_decode import ref_select_pages, ref_sparse_decode
@@ -155,3 +155,60 @@ def test_select_then_decode_pipeline(dtype, page, group):
     want = ref_sparse_decode(*c[:5], want_sel)
     _close(out, want, dtype)
     _close(out[1], _dense_ref(*c[:5])[1], dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype,layout,page,group,num_splits,block_n",
+    [
+        (torch.float32, "NHD", 16, 1, 3, 16),
+        (torch.float32, "HND", 1, 4, 5, 16),
+        (torch.bfloat16, "interleaved", 16, 8, 4, 32),
+        (torch.float16, "NHD", 1, 8, 1, 16),
+    ],
+)
+def test_dense_sentinel_rows(dtype, layout, page, group, num_splits, block_n):
+    """Rows ``[DENSE_ROW, -1, ...]`` read every page of their sequence (more pages than the
+    row has slots), beside list rows of the same batch -- per (sequence, KV head), so one
+    head of a sequence may be dense and the other listed; splits partition the dense rows'
+    tiles. Equal to the reference, and dense rows to dense attention."""
+    num_select = 3
+    # dense rows of 2x, 1x + 1 token, 5x the budget; a list row; a sequence in both modes
+    seq_lens = [2 * num_select * page + 3, num_select * page + 1, 5 * num_select * page,
+                (3 * num_select + 1) * page, 4 * num_select * page - 2]
+    q, k, v, bt, sl = _setup(seq_lens, group, 64, page, dtype, layout, seed=7)
+    sel = _random_selection(seq_lens, page, 2, num_select, seed=8)
+    dense_rows = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (4, 1)]
+    for b, h in dense_rows:
+        sel[b, h] = -1
+        sel[b, h, 0] = DENSE_ROW
+    out = sparse_decode(*_dev(q, k, v, bt, sl, sel), num_splits=num_splits, block_n=block_n)
+    want = ref_sparse_decode(q, k, v, bt, sl, sel)
+    _close(out, want, dtype)
+    dense = _dense_ref(q, k, v, bt, sl)
+    _close(out[:3], dense[:3], dtype)
+    g = group
+    _close(out[4, g:], dense[4, g:], dtype)  # KV head 1 dense, head 0 listed
+    # the listed rows really differ from dense attention (a kernel reading every page of
+    # every row, or none of a dense row, would not pass)
+    assert (want[3] - dense[3]).abs().max() > 10 * TOL[dtype]
+    assert (want[4, :g] - dense[4, :g]).abs().max() > 10 * TOL[dtype]
+
+
+def test_dense_sentinel_rows_from_select_pages():
+    """select_pages(dense_pages=...) -> sparse_decode: dense rows equal dense attention,
+    sparse rows the reference over their selection."""
+    page, num_select, sink, local, dense_pages = 16, 4, 1, 1, 9
+    seq_lens = [9 * page, 5 * page - 3, 20 * page + 1, 2 * page]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, torch.float32, "NHD", seed=9)
+    q, k, v, bt, sl = _dev(q, k, v, bt, sl)
+    summ = allocate_page_summaries(k)
+    build_page_summaries(k, summ, bt, sl)
+    sel = select_pages(q, summ, bt, sl, page, num_select, sink, local, dense_pages=dense_pages)
+    assert sel[:2, :, 0].eq(DENSE_ROW).all() and not sel[2:, :, 0].eq(DENSE_ROW).any()
+    out = sparse_decode(q, k, v, bt, sl, sel, num_splits=2, block_n=16)
+    c = [x.cpu() for x in (q, k, v, bt, sl)]
+    _close(out, ref_sparse_decode(*c, sel.cpu()), torch.float32)
+    dense = _dense_ref(*c)
+    _close(out[:2], dense[:2], torch.float32)
+    _close(out[3], dense[3], torch.float32)  # shorter than the budget: every page listed
+    assert (out[2].cpu() - dense[2]).abs().max() > 1e-3  # the long one really was sparse

@@ -7,6 +7,7 @@ import torch
 
 from sparse_kernels import page_select
 from sparse_kernels.page_select import (
+    DENSE_ROW,
     density,
     pages_read,
     reselect_pages,
@@ -159,11 +160,100 @@ def test_reselect_refreshes_local_window():
 
 def test_pages_and_tokens_read():
     page = 16
-    sel = torch.tensor([[[0, 2, 5, -1]], [[0, 1, -1, -1]]], dtype=torch.int32)
-    sl = torch.tensor([90, 20], dtype=torch.int32)  # seq 0: page 5 holds 10 tokens
-    assert pages_read(sel).tolist() == [[3], [2]]
-    assert tokens_read(sel, sl, page).tolist() == [[42], [20]]
-    torch.testing.assert_close(density(sel, sl, page), torch.tensor([[42 / 90], [1.0]]))
+    sel = torch.tensor([[[0, 2, 5, -1]], [[0, 1, -1, -1]], [[DENSE_ROW, -1, -1, -1]]],
+                       dtype=torch.int32)
+    sl = torch.tensor([90, 20, 77], dtype=torch.int32)  # seq 0: page 5 holds 10 tokens
+    assert pages_read(sel, sl, page).tolist() == [[3], [2], [5]]  # dense row: every page
+    assert tokens_read(sel, sl, page).tolist() == [[42], [20], [77]]
+    torch.testing.assert_close(density(sel, sl, page), torch.tensor([[42 / 90], [1.0], [1.0]]))
+    empty = sel[:, :, :0]  # a zero budget reads nothing (and has no slot for the sentinel)
+    assert pages_read(empty, sl, page).tolist() == [[0]] * 3
+    assert tokens_read(empty, sl, page).tolist() == [[0]] * 3
+
+
+# -- dense rows (dense_pages): no scoring, no top-k, the DENSE_ROW sentinel ----------------------
+
+def _sentinel_row(k):
+    return [DENSE_ROW] + [-1] * (k - 1)
+
+
+@pytest.mark.parametrize("method,chunk_pages,looped", [("triton", None, False),
+                                                       ("fused", 16, False),
+                                                       ("torch", None, False),
+                                                       ("triton", 16, True)])
+def test_dense_rows_sentinel(monkeypatch, method, chunk_pages, looped):
+    """Rows of num_select < n_pages <= dense_pages get exactly [DENSE_ROW, -1, ...]; shorter
+    rows keep the explicit list of all their pages, longer rows the Quest top-k; every
+    method agrees with the reference. Short and dense rows are not scored: their summaries are
+    NaN here and reach nothing, their stored scores are +inf; with raw scores stored every
+    row is scored."""
+    if looped:  # blocks of 4 pages: the output rows (6 slots) span two blocks
+        monkeypatch.setattr(page_select, "_IN_REGS_PAGES_PER_8_WARPS", 16)
+        monkeypatch.setattr(page_select, "_LOOP_BLOCK", 4)
+    page, k, sink, local, dense = 4, 6, 1, 2, 11
+    n_pages = [k + 1, 1, dense, k, 40, dense + 1, 0, 9]  # ragged; dense row first
+    seq_lens = [max(0, n * page - (b % 3)) for b, n in enumerate(n_pages)]
+    q, summ, bt, sl = _setup(seq_lens, 4, 32, page, seed=21)
+    want = ref_select_pages(q, summ, bt, sl, page, k, sink, local, dense_pages=dense)
+    for b, n in enumerate(n_pages):
+        for h in range(2):
+            row = want[b, h].tolist()
+            if k < n <= dense:
+                assert row == _sentinel_row(k), (b, row)
+            elif n <= k:
+                assert row == list(range(n)) + [-1] * (k - n), (b, row)
+            else:
+                assert DENSE_ROW not in row and -1 not in row, (b, row)
+    # NaN summaries on every page of the short and dense rows: never loaded
+    poisoned = summ.clone()
+    for b, n in enumerate(n_pages):
+        if n <= dense:
+            poisoned[bt[b, :n].long()] = float("nan")
+    ws = page_select.SelectWorkspace(len(seq_lens), 2, bt.shape[1], device=DEVICE)
+    sel = select_pages(*_dev(q, poisoned, bt, sl), page, k, sink, local, method=method,
+                       workspace=ws, chunk_pages=chunk_pages, dense_pages=dense).cpu()
+    assert torch.equal(sel, want), (method, sel, want)
+    for b, n in enumerate(n_pages):
+        if n <= dense:
+            assert (ws.scores[b, :, :n].cpu() == float("inf")).all(), b
+    # dense_pages at or below the budget: no dense rows (the dense_pages=0 selection)
+    plain = ref_select_pages(q, summ, bt, sl, page, k, sink, local)
+    for dp in (0, k):
+        got = select_pages(*_dev(q, summ, bt, sl), page, k, sink, local, method=method,
+                           chunk_pages=chunk_pages, dense_pages=dp).cpu()
+        assert torch.equal(got, plain), dp
+    # raw scores stored (selection reuse): every row is scored, dense ones too
+    raw = torch.full((len(seq_lens), 2, bt.shape[1]), float("nan"), device=DEVICE)
+    sel = select_pages(*_dev(q, summ, bt, sl), page, k, sink, local, method=method,
+                       chunk_pages=chunk_pages, dense_pages=dense, raw_scores=raw).cpu()
+    assert torch.equal(sel, want)
+    torch.testing.assert_close(raw.cpu(), ref_page_scores(q, summ, bt, sl, page), rtol=1e-4,
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["triton", "torch"])
+def test_reselect_with_dense_rows(method):
+    """Selection reuse decides dense rows on the current lengths: a row that stays within
+    dense_pages keeps the sentinel, a dense row that outgrew it is selected from its stored
+    raw scores, a short row that grew into the dense range becomes dense."""
+    page, k, sink, local, dense = 4, 5, 1, 1, 8
+    old = [7 * page, 8 * page - 1, 3 * page, 20 * page]
+    new = [7 * page + 1, 8 * page + 2, 6 * page + 1, 20 * page + 3]
+    q, summ, bt, sl_new = _setup(new, 4, 32, page, seed=22)
+    sl_old = torch.tensor(old, dtype=torch.int32)
+    raw = torch.empty(len(old), 2, bt.shape[1], device=DEVICE)
+    first = select_pages(*_dev(q, summ, bt, sl_old), page, k, sink, local, raw_scores=raw,
+                         dense_pages=dense).cpu()
+    assert [first[b, 0].tolist() == _sentinel_row(k) for b in range(4)] == [
+        True, True, False, False]
+    again = reselect_pages(raw, sl_new.to(DEVICE), page, k, sink, local, method=method,
+                           dense_pages=dense).cpu()
+    want = ref_select_from_scores(ref_page_scores(q, summ, bt, sl_old, page), sl_new, page, k,
+                                  sink, local, dense_pages=dense)
+    assert torch.equal(again, want), (again, want)
+    assert [again[b, 1].tolist() == _sentinel_row(k) for b in range(4)] == [
+        True, False, True, False]
+    assert DENSE_ROW not in again[1].flatten().tolist()  # outgrew: a real top-k selection
 
 
 # -- the fused multi-chunk path (select_pages method="triton") ---------------------------------
@@ -248,11 +338,17 @@ def test_fused_ties_straddling_chunk_boundary():
     assert torch.equal(sel, ref_select_pages(q, summ, bt, sl, page, k, 0, 0))
 
 
-@pytest.mark.parametrize("page,chunk,method", [(16, 16, "fused"), (4, 32, "triton")])
-def test_fused_summary_refresh(page, chunk, method):
+@pytest.mark.parametrize("page,chunk,method,local,dense", [(16, 16, "fused", 1, 0),
+                                                         (4, 32, "triton", 1, 0),
+                                                         (4, 16, "triton", 0, 20),
+                                                         (16, 16, "torch", 0, 20)])
+def test_fused_summary_refresh(page, chunk, method, local, dense):
     """select_pages(k_cache=...) on a decode step: the last page's summary (stale in the
-    buffer) is recomputed in the same launch and used for scoring."""
-    seq_lens = [40 * page + 3, 16 * page, 5]  # partial last page, full last page, one page
+    buffer) is recomputed in the same launch and used for scoring (also with no forced local
+    page, where the last page's score decides); dense rows (``dense``) and short rows are
+    refreshed too, though they are not scored."""
+    # partial last page, full last page, one page, a dense row (with dense=20)
+    seq_lens = [40 * page + 3, 16 * page, 5, 20 * page - 1]
     q, summ, bt, sl = _setup(seq_lens, 4, 64, page, seed=12)
     g = torch.Generator().manual_seed(13)
     k, _, _ = random_paged_kv(seq_lens, 2, 64, page, torch.float32, generator=g)
@@ -261,15 +357,24 @@ def test_fused_summary_refresh(page, chunk, method):
     for b, s in enumerate(seq_lens):
         stale[int(bt[b, (s - 1) // page])] = 0.0  # the step's page: not yet summarized
     raw = torch.empty(len(seq_lens), 2, bt.shape[1], device=DEVICE)
-    num_select, sink, local = 6, 1, 1
-    stale_d = stale.to(DEVICE)
+    num_select, sink = 6, 1
+    stale_d = stale.clone().to(DEVICE)
+    want = ref_select_pages(q, summ, bt, sl, page, num_select, sink, local, dense)
     sel = select_pages(*_dev(q), stale_d, *_dev(bt, sl), page, num_select, sink, local,
                        raw_scores=raw, k_cache=k.to(DEVICE), chunk_pages=chunk,
-                       method=method).cpu()
+                       method=method, dense_pages=dense).cpu()
     torch.testing.assert_close(stale_d.cpu(), summ)
-    assert torch.equal(sel, ref_select_pages(q, summ, bt, sl, page, num_select, sink, local))
+    assert torch.equal(sel, want)
+    assert (sel[3, :, 0] == DENSE_ROW).all() == (dense > 0)
     torch.testing.assert_close(raw.cpu(), ref_page_scores(q, summ, bt, sl, page), rtol=1e-4,
                                atol=1e-3)
+    # without raw scores (dense and short rows unscored): still refreshed, same selection
+    stale_d = stale.clone().to(DEVICE)
+    sel = select_pages(*_dev(q), stale_d, *_dev(bt, sl), page, num_select, sink, local,
+                       k_cache=k.to(DEVICE), chunk_pages=chunk, method=method,
+                       dense_pages=dense).cpu()
+    torch.testing.assert_close(stale_d.cpu(), summ)
+    assert torch.equal(sel, want)
 
 
 def test_reselect_torch_matches_triton():

@@ -140,3 +140,57 @@ def test_padded_sequences_write_nothing():
     assert torch.isnan(summ).all()
     build_page_summaries(k, summ, bt, _i32([0, 0]))
     assert torch.isnan(summ).all()
+
+
+@pytest.mark.parametrize("page,dtype", [(4, torch.float32), (16, torch.bfloat16)])
+def test_decode_attention_fused_summary_steps(page, dtype):
+    """Decode steps through ``decode_attention(fuse_summary=True)`` with no
+    ``update_page_summaries`` call: after each step the whole buffer equals a from-scratch
+    build of the cache (a sparse row, a dense row, a short row and one that crosses from
+    short to dense, several of them crossing page boundaries), and the output equals the
+    reference over the returned selection (dense rows: dense attention)."""
+    import math
+
+    from sparse_kernels.config import SparseConfig
+    from sparse_kernels.page_select import DENSE_ROW
+    from sparse_kernels.pipeline import decode_attention, decode_budget_pages
+    from sparse_kernels.reference import dense_attention
+    from sparse_kernels.reference_decode import ref_sparse_decode
+
+    cfg = SparseConfig(token_budget=4 * page, sink_tokens=page, local_tokens=page,
+                       decode_min_seq_len=8 * page)  # 4 pages selected, dense up to 8 pages
+    steps = 5
+    # sparse (crosses a page), dense (crosses a page), short, short -> dense, dense -> sparse
+    start = [12 * page - 2, 6 * page - 1, 2 * page, 4 * page - 2, 8 * page - 1]
+    final = [s + steps for s in start]
+    k, true_k, bt = _poisoned_cache(final, start, page, "interleaved", dtype, 64, seed=4)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    summ = _nan_summaries(k)
+    build_page_summaries(k, summ, bt, _i32(start))
+    batch, group = len(start), 2
+    g = torch.Generator().manual_seed(6)
+    num_select = decode_budget_pages(cfg, page)[0]
+    saw_dense = set()
+    for step in range(1, steps + 1):
+        lens = [s + step for s in start]
+        for b in range(batch):
+            _write(k, true_k, bt, b, [lens[b] - 1], page)
+        q = torch.randn(batch, 2 * group, 64, generator=g).to(dtype).to(DEVICE)
+        out = torch.empty_like(q)
+        sel = decode_attention("topk", cfg, q, k, v, summ, bt, _i32(lens), out,
+                               1 / math.sqrt(64), fuse_summary=True)
+        _assert_summaries_equal(summ, ref_page_summaries(k.cpu(), bt.cpu(), torch.tensor(lens)))
+        c = [x.cpu() for x in (q, k, v, bt)] + [torch.tensor(lens, dtype=torch.int32)]
+        want = ref_sparse_decode(*c, sel.cpu())
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float().cpu(), want, rtol=tol, atol=tol)
+        dense = dense_attention(*c[:4], torch.arange(batch + 1, dtype=torch.int32), c[4])
+        for b in range(batch):
+            n = -(-lens[b] // page)
+            is_dense = bool((sel[b, :, 0] == DENSE_ROW).all())
+            assert is_dense == (num_select < n <= 8), (step, b, n)
+            if is_dense:
+                saw_dense.add(b)
+                torch.testing.assert_close(out[b].float().cpu(), dense[b].float(), rtol=tol,
+                                           atol=tol)
+    assert saw_dense == {1, 3, 4}

@@ -30,8 +30,9 @@ def test_per_head_prefill_methods_keep_each_heads_own_lists():
                        xattn_threshold=1.0, xattn_stride=4)
     scale = 1 / math.sqrt(D)
     out = torch.empty_like(q)
-    dens = sparse_prefill_attention({None: "xattention", 0: "streaming"}, cfg, q, k, v, bt, meta,
-                                    out, scale)
+    dens, fell_back = sparse_prefill_attention({None: "xattention", 0: "streaming"}, cfg, q, k,
+                                               v, bt, meta, out, scale)
+    assert not fell_back
     dense = reference.dense_attention(q, k, v, bt, qsl, sl)
     streaming = torch.empty_like(q)
     sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, streaming, scale)
@@ -42,6 +43,33 @@ def test_per_head_prefill_methods_keep_each_heads_own_lists():
     torch.testing.assert_close(out[:, :g], streaming[:, :g], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(streaming[:, :g], dense[:, :g], atol=1e-3)
     assert 0.5 < float(dens) < 1.0
+
+
+@pytest.mark.parametrize("dense_above, expect_fallback", [(0.3, True), (0.9, False), (1.0, False)])
+def test_prefill_dense_fallback_above_density(dense_above, expect_fallback):
+    """A chunk whose estimated density exceeds prefill_dense_above runs the dense function
+    instead of the sparse kernel; below it (or at 1.0) the sparse kernel runs."""
+    q, k, v, bt, qsl, sl, meta = _prefill_case()
+    cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
+                       prefill_dense_above=dense_above)
+    scale = 1 / math.sqrt(D)
+    out = torch.full_like(q, float("nan"))
+    calls = []
+
+    def dense():
+        calls.append(1)
+        out.copy_(reference.dense_attention(q, k, v, bt, qsl, sl))
+
+    dens, fell_back = sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, out, scale,
+                                               dense_fallback=dense)
+    assert 0.3 < float(dens) < 0.9  # the streaming window keeps part of the blocks here
+    assert fell_back is expect_fallback and len(calls) == int(expect_fallback)
+    dense_out = reference.dense_attention(q, k, v, bt, qsl, sl)
+    if expect_fallback:
+        torch.testing.assert_close(out, dense_out, atol=1e-6, rtol=1e-6)
+    else:
+        assert not torch.isnan(out).any()
+        assert not torch.allclose(out, dense_out, atol=1e-3)
 
 
 @pytest.mark.parametrize("page, expect", [(16, (256, 4, 32)), (64, (64, 1, 8))])
@@ -58,4 +86,6 @@ def test_warm_up_prefill_covers_every_length_bucket():
                        xattn_stride=4)
     q = torch.zeros(1, HQ, D)
     lengths = warm_up_prefill("xattention", cfg, q, k, v, max_seq_len=200, scale=0.125)
-    assert lengths == [32, 64, 128, 200]
+    # Per power-of-two bucket: the top length and one block less (key-block counts that are
+    # and are not multiples of 16 compile different kernel variants).
+    assert lengths == [32, 48, 64, 112, 128, 184, 200]

@@ -94,7 +94,9 @@ def test_mixed_batch_matches_dense_attention(monkeypatch, prefill_method):
 
 def test_decode_reads_only_the_budget(monkeypatch):
     seq_lens = [300, 120]
-    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0)
+    # decode_min_seq_len = the budget: no dense rows (120 tokens would be one by default)
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
+                       decode_min_seq_len=64)
     k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=1)
     qsl = m.query_start_loc
     builder = _builder(cfg, 4)
@@ -144,3 +146,96 @@ def test_layer0_accumulates_density_stats(monkeypatch):
     _impl(cfg).forward(_Layer(), torch.randn(65, HQ, D), None, None, kv_cache, meta,
                        torch.empty(65, HQ, D))
     assert backend.PATH_COUNTERS.snapshot() == snap
+
+
+def test_per_head_methods_follow_the_ranks_kv_heads(monkeypatch):
+    """head_config names the model's KV heads; under tensor parallelism a rank maps them to
+    its own slice (rank 1 of 2 with 2 local KV heads holds the model's KV heads 2 and 3)."""
+    from types import SimpleNamespace
+
+    from sparse_kernels.config import HeadOverride
+
+    cfg = SparseConfig(prefill_method="xattention", head_overrides=(
+        HeadOverride(layer=None, heads=(0,), prefill_method="streaming"),
+        HeadOverride(layer=None, heads=(3,), prefill_method="vertical_slash")))
+    vc = SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=2),
+        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: HQ,
+                                     get_total_num_kv_heads=lambda: 2 * HKV))
+    import vllm.config
+
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config", lambda: vc)
+    for rank, want in ((0, {None: "xattention", 0: "streaming"}),
+                       (1, {None: "xattention", 1: "vertical_slash"})):
+        monkeypatch.setattr(backend, "_tp_rank", lambda rank=rank: rank)
+        impl = _impl(cfg)
+        assert impl._first_global_kv_head() == rank * HKV
+        assert impl._layer_methods(_Layer())[0] == want
+    # Replicated KV heads (fewer KV heads than ranks): 4 ranks, 2 KV heads, 1 per rank.
+    vc.parallel_config.tensor_parallel_size = 4
+    vc.model_config.get_total_num_kv_heads = lambda: 2
+    vc.model_config.get_num_attention_heads = lambda pc: HQ // 2  # per rank
+    impl = backend.SparseAttentionImpl(HQ // 2, D, 1 / math.sqrt(D), 1, None, None, "auto")
+    for rank, first in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        monkeypatch.setattr(backend, "_tp_rank", lambda rank=rank: rank)
+        assert impl._first_global_kv_head() == first
+
+
+def test_pure_decode_dense_row_and_fused_summary(monkeypatch):
+    """A pure-decode batch: a sequence of at most decode_min_seq_len tokens (above the budget)
+    reads every page, unscored (sentinel row), beside a sparse one; no separate summary launch
+    runs, the scoring launch re-summarizes both decode tokens' pages; layer 0's stats count
+    the dense row as fully read. A mixed batch still runs the summary update."""
+    from sparse_kernels.page_select import DENSE_ROW
+    from sparse_kernels.page_summary import build_page_summaries
+    from sparse_kernels.reference_decode import ref_page_summaries, ref_sparse_decode
+
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    seq_lens = [100, 300]  # 7 pages (budget 4 < 7 <= 8: dense), 19 pages (sparse)
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0)
+    assert cfg.effective_decode_min_seq_len == 128
+    k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=3)
+    builder = _builder(cfg, 4)
+    meta = builder.build(0, m)
+    impl = _impl(cfg)
+    # Summaries as after the previous step: this step's token not summarized yet.
+    impl._summaries = torch.zeros(k_cache.shape[0], 2, HKV, D)
+    build_page_summaries(k_cache, impl._summaries, bt, m.seq_lens - 1)
+    before = impl._summaries.clone()
+    calls = []
+    import sparse_kernels.page_summary as page_summary
+
+    real_update = page_summary.update_page_summaries
+    monkeypatch.setattr(page_summary, "update_page_summaries",
+                        lambda *a, **kw: (calls.append(1), real_update(*a, **kw)))
+
+    class Layer0:
+        layer_name = "model.layers.0.self_attn.attn"
+
+    q = torch.randn(2, HQ, D)
+    out = torch.full((2, HQ, D), float("nan"))
+    impl.forward(Layer0(), q, None, None, kv_cache, meta, out)
+    assert calls == []  # pure decode: the summary update is fused into the scoring launch
+    want_summ = ref_page_summaries(k_cache, bt, m.seq_lens, before)
+    torch.testing.assert_close(impl._summaries, want_summ, rtol=0, atol=0)
+    assert not torch.equal(want_summ, before)  # the step's token changed its page's summary
+    sel = builder.selected[:2]
+    k = cfg.token_budget // PAGE
+    assert sel[0].tolist() == [[DENSE_ROW] + [-1] * (k - 1)] * HKV
+    assert (sel[1] >= 0).sum(-1).tolist() == [k] * HKV
+    dense = reference.dense_attention(q, k_cache, v_cache, bt, m.query_start_loc, m.seq_lens)
+    torch.testing.assert_close(out[0], dense[0], atol=2e-4, rtol=2e-4)
+    want = ref_sparse_decode(q, k_cache, v_cache, bt, m.seq_lens, sel, 1 / math.sqrt(D))
+    torch.testing.assert_close(out, want.to(out.dtype), atol=2e-4, rtol=2e-4)
+    assert not torch.allclose(out[1], dense[1], atol=1e-3)  # the long one really was sparse
+    # stats: the dense row reads its 100 tokens, the sparse one 3 full pages + its last 12
+    snap = backend.PATH_COUNTERS.snapshot()
+    assert snap["decode_kv_fraction_read"] == pytest.approx((100 + 3 * 16 + 12) / 400)
+
+    # A mixed batch (decode + prefill) runs the summary update for the prefill tokens.
+    _fake_fa3(monkeypatch)
+    _, _, kv_cache, _, m = _batch([100, 40], [1, 40], seed=4)
+    meta = builder.build(0, m)
+    impl.forward(_Layer(), torch.randn(41, HQ, D), None, None, kv_cache, meta,
+                 torch.empty(41, HQ, D))
+    assert calls == [1]
