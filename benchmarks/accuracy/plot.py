@@ -12,8 +12,9 @@ label are averaged per length):
 * ``accuracy_vs_prefill_density.png`` -- accuracy vs ``prefill_block_density`` (blocks
   computed in prefill / causal blocks), same rule.
 
-A fraction is taken from ``summary.by_length[i]`` when set there, else from the run's top-level
-field; runs where both are null are left out of that plot (dense runs can be given 1.0).
+A fraction is taken from ``summary.by_length[i]`` when set there (``run_accuracy.py
+--engine-stats`` measures it per length), else from the run's top-level field; runs where both
+are null are left out of that plot (dense runs can be given 1.0).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@
 #   BACKENDS="FLASH_ATTN CUSTOM" IN=32768 OUTLEN=256 N=32 C=8 bash benchmarks/device/serve_bench.sh
 #   BACKENDS=CUSTOM IN=50000 RANGE=0.98 N=200 C=32 OUTLEN=64 bash benchmarks/device/serve_bench.sh
 #     (200 requests of 1K..99K input tokens at concurrency 32: the load test)
+#   PARALLEL=1: backend k runs on GPU k at the same time (a machine with one GPU per backend);
+#   GPUS=0,1 SERVE_ARGS="--tensor-parallel-size 2": tensor parallelism over two GPUs.
 #
 # Dummy weights of Llama-3.1-8B's shape. The random dataset needs a tokenizer: TOKENIZER names a
 # folder with one whose vocabulary fits the model's 128256 ids (SmolLM2's 49152-token tokenizer,
@@ -22,35 +24,51 @@ PORT=${PORT:-8011}
 VLLM="python3 -m vllm.entrypoints.cli.main"
 export SPARSE_SERVE_STATS_EVERY_S=${SPARSE_SERVE_STATS_EVERY_S:-30}
 
-for backend in ${BACKENDS:-FLASH_ATTN CUSTOM}; do
-  log="$OUT/serve_${backend}_${TAG}.log"
-  $VLLM serve "$MODEL" --tokenizer "$TOKENIZER" --load-format dummy \
-    --attention-backend "$backend" --max-model-len "$MAXLEN" --port $PORT \
+serve_one() {  # backend gpus port
+  local backend=$1 gpus=$2 port=$3
+  local log="$OUT/serve_${backend}_${TAG}.log" res="$OUT/bench_${backend}_${TAG}.log"
+  CUDA_VISIBLE_DEVICES=$gpus $VLLM serve "$MODEL" --tokenizer "$TOKENIZER" --load-format dummy \
+    --attention-backend "$backend" --max-model-len "$MAXLEN" --port $port \
     --no-enable-prefix-caching --gpu-memory-utilization ${GPU_UTIL:-0.88} \
     ${SERVE_ARGS:-} > "$log" 2>&1 &
-  server=$!
-  up=0
+  local server=$! up=0
   for _ in $(seq 1 ${START_TIMEOUT_S:-400}); do
-    if curl -sf "localhost:$PORT/health" >/dev/null 2>&1; then up=1; break; fi
+    if curl -sf "localhost:$port/health" >/dev/null 2>&1; then up=1; break; fi
     kill -0 $server 2>/dev/null || break
     sleep 1
   done
   if [ $up != 1 ]; then
-    echo "== $backend: server did not come up"; tail -30 "$log"; kill $server 2>/dev/null; wait $server 2>/dev/null
-    continue
+    echo "server did not come up" > "$res"; tail -30 "$log" >> "$res"
+    kill $server 2>/dev/null; wait $server 2>/dev/null; return 1
   fi
-  $VLLM bench serve --backend vllm --model "$MODEL" --tokenizer "$TOKENIZER" --port $PORT \
+  $VLLM bench serve --backend vllm --model "$MODEL" --tokenizer "$TOKENIZER" --port $port \
     --dataset-name random --random-input-len "$IN" --random-output-len "$OUTLEN" \
     --random-range-ratio "$RANGE" --num-prompts "$N" --max-concurrency "$C" --ignore-eos \
     --seed 0 --save-result --result-dir "$OUT" --result-filename "serve_${backend}_${TAG}.json" \
-    --metadata "attention_backend=$backend" "sparse_env=$(env | grep '^SPARSE_' | grep -v SPARSE_SERVE | tr '\n' ' ')" \
-    > "$OUT/bench_${backend}_${TAG}.log" 2>&1
-  echo "== $backend rc=$?"
-  grep -E "Successful requests|Failed|Benchmark duration|Total input|throughput|Mean TTFT|Median TTFT|Mean TPOT|Median TPOT|P99 TTFT|Mean ITL" \
-    "$OUT/bench_${backend}_${TAG}.log"
-  curl -s "localhost:$PORT/metrics" | grep -E "^sparse_serve|^vllm:request_success_total" \
+    --metadata "attention_backend=$backend" "gpus=$gpus" \
+      "sparse_env=$(env | grep '^SPARSE_' | grep -v SPARSE_SERVE | tr '\n' ' ')" > "$res" 2>&1
+  echo "bench rc=$?" >> "$res"
+  curl -s "localhost:$port/metrics" | grep -E "^sparse_serve|^vllm:request_success_total" \
     > "$OUT/metrics_${backend}_${TAG}.txt"
-  grep -E "sparse_serve" "$OUT/metrics_${backend}_${TAG}.txt" | head -12
-  grep -E "sparse-serve stats|Traceback|Error" "$log" | tail -4
   kill $server; wait $server 2>/dev/null
-done
+}
+
+report() {
+  local backend=$1
+  echo "== $backend"
+  grep -E "rc=|did not|Successful requests|Failed|Benchmark duration|Total input|throughput|Mean TTFT|Median TTFT|P99 TTFT|Mean TPOT|Median TPOT|Mean ITL" \
+    "$OUT/bench_${backend}_${TAG}.log"
+  grep -E "sparse_serve" "$OUT/metrics_${backend}_${TAG}.txt" 2>/dev/null | head -12
+  grep -E "sparse-serve stats|Traceback|Error" "$OUT/serve_${backend}_${TAG}.log" | tail -4
+}
+
+nvidia-smi --query-gpu=index,name --format=csv,noheader
+if [ "${PARALLEL:-0}" = 1 ]; then
+  # One GPU per backend, at the same time (GPUs of one kind): backend k on GPU k, port PORT+k.
+  k=0
+  for backend in ${BACKENDS:-FLASH_ATTN CUSTOM}; do serve_one $backend $k $((PORT + k)) & k=$((k + 1)); done
+  wait
+else
+  for backend in ${BACKENDS:-FLASH_ATTN CUSTOM}; do serve_one $backend ${GPUS:-0} $PORT; done
+fi
+for backend in ${BACKENDS:-FLASH_ATTN CUSTOM}; do report $backend; done

@@ -1,0 +1,367 @@
+"""Accuracy harness: per-length density statistics from the sparse backend's counters
+(``--engine-stats``), generated token ids, the token-match comparison (compare.py), sample
+preparation (parallel, cached), partial JSONs, and the device script's argument checks.
+
+CPU only, no model: the character tokenizer, the built-in filler, fake generators and a fake
+counters object shaped like ``vllm_sparse.backend._PathCounters``. The real counters class is
+used where vLLM is installed (skipped otherwise).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ACC = REPO / "benchmarks" / "accuracy"
+sys.path.insert(0, str(ACC))
+import compare as C  # noqa: E402
+import run_accuracy as RA  # noqa: E402
+import tasks as T  # noqa: E402
+
+CHAR = T.CharTokenizer()
+OPTS = T.TaskOptions(haystack="builtin")
+BASE = ["--model", "m", "--haystack", "builtin", "--no-progress", "--samples", "3",
+        "--depths", "0", "1", "--tasks", "niah", "qa"]
+
+
+# --- a stand-in for vllm_sparse.backend._PathCounters ------------------------------------
+
+
+class FakeSums:
+    """The four device sums: in-place zero_() and tolist(), like the CUDA tensor."""
+
+    def __init__(self):
+        self.v = [0.0] * 4
+
+    def zero_(self):
+        self.v[:] = [0.0] * 4
+        return self
+
+    def tolist(self):
+        return list(self.v)
+
+
+class FakeCounters:
+    def __init__(self):
+        self.device_sums = FakeSums()
+        self.decode_steps = 0
+        self.sparse_prefill_reqs = 0
+
+    def snapshot(self):
+        s = self.device_sums.tolist()
+        return {"prefill_chunks_sparse": self.sparse_prefill_reqs, "decode_steps": self.decode_steps,
+                "decode_kv_fraction_read": s[0] / s[1] if s[1] else None,
+                "prefill_block_density": s[2] / s[3] if s[3] else None}
+
+
+READ = {2048: 0.5, 4096: 0.25}  # decode fraction read per length, as the fake engine does it
+DENSITY = {2048: 0.6, 4096: None}  # None: no sparse prefill at that length
+
+
+def engine_for(counters):
+    """A generator that 'runs' the samples and accumulates what the backend would."""
+
+    def gen(samples, max_tokens):
+        for s in samples:
+            held = float(s.input_tokens)
+            counters.device_sums.v[0] += READ[s.length] * held
+            counters.device_sums.v[1] += held
+            if DENSITY[s.length] is not None:
+                counters.device_sums.v[2] += DENSITY[s.length] * 100
+                counters.device_sums.v[3] += 100
+                counters.sparse_prefill_reqs += 1
+        counters.decode_steps += 7
+        return [{"text": " " + ", ".join(s.answers), "token_ids": [s.index, len(s.answers)]}
+                for s in samples]
+
+    return gen
+
+
+def test_engine_stats_per_length(tmp_path):
+    c = FakeCounters()
+    c.device_sums.v[:] = [9e9, 1e9, 5.0, 5.0]  # left by the engine's warm-up / graph capture
+    c.decode_steps = 1000
+    out = tmp_path / "s.json"
+    doc = RA.main(BASE + ["--backend", "CUSTOM", "--engine-stats", "--lengths", "2048", "4096",
+                          "--prefill-block-density", "1.0", "--decode-kv-fraction-read", "0.9",
+                          "--sparse-env", "SPARSE_TOKEN_BUDGET=2048", "--out", str(out)],
+                  generate=engine_for(c), engine={"name": "fake"}, tok=CHAR,
+                  stats_counters=lambda: c)
+    by_len = {e["length"]: e for e in doc["summary"]["by_length"]}
+    # measured values win over --decode-kv-fraction-read; the warm-up sums were zeroed
+    assert by_len[2048]["decode_kv_fraction_read"] == pytest.approx(0.5)
+    assert by_len[4096]["decode_kv_fraction_read"] == pytest.approx(0.25)
+    assert by_len[2048]["prefill_block_density"] == pytest.approx(0.6)
+    # no sparse prefill measured at 4096: the command line's value stays
+    assert by_len[4096]["prefill_block_density"] == 1.0
+    es = {e["length"]: e for e in doc["engine_stats"]["by_length"]}
+    assert es[2048]["decode_steps"] == 14 and es[4096]["decode_steps"] == 14  # 2 calls x 7
+    assert es[2048]["prefill_chunks_sparse"] == 6 and es[4096]["prefill_chunks_sparse"] == 0
+    assert es[4096]["prefill_block_density"] is None
+    assert len(es[2048]["sums"]) == 4
+    # top level: over all lengths, weighted by the KV held
+    held = {L: sum(s["input_tokens"] for s in doc["samples"] if s["length"] == L) for L in READ}
+    want = sum(READ[L] * held[L] for L in READ) / sum(held.values())
+    assert doc["decode_kv_fraction_read"] == pytest.approx(want, rel=1e-5)
+    assert doc["prefill_block_density"] == pytest.approx(0.6)
+    assert json.loads(out.read_text())["engine_stats"]["by_length"][1]["length"] == 4096
+    assert doc["config"]["engine_stats"] is True and doc["partial"] is False
+    sc = doc["config"]["sparse_config"]  # the config the environment gives, for the record
+    assert sc.get("token_budget") == 2048 or "No module named 'sparse_kernels'" in sc.get("error", "")
+
+
+def test_engine_stats_need_the_sparse_backend(tmp_path, capsys):
+    def boom():
+        raise AssertionError("counters must not be read for a dense backend")
+
+    doc = RA.main(BASE + ["--backend", "FLASH_ATTN", "--engine-stats", "--lengths", "2048",
+                          "--decode-kv-fraction-read", "1.0", "--out", str(tmp_path / "d.json")],
+                  generate=engine_for(FakeCounters()), engine={"name": "fake"}, tok=CHAR,
+                  stats_counters=boom)
+    assert doc["engine_stats"] is None
+    assert doc["summary"]["by_length"][0]["decode_kv_fraction_read"] == 1.0
+    assert "not the sparse backend" in capsys.readouterr().err
+
+
+def test_engine_stats_failure_does_not_stop_the_run(tmp_path, capsys):
+    class Broken:
+        device_sums = None
+
+        def snapshot(self):
+            raise RuntimeError("no counters here")
+
+    doc = RA.main(BASE + ["--backend", "CUSTOM", "--engine-stats", "--lengths", "2048",
+                          "--out", str(tmp_path / "b.json")],
+                  generate=engine_for(FakeCounters()), engine={"name": "fake"}, tok=CHAR,
+                  stats_counters=Broken)
+    assert doc["summary"]["overall"] == 1.0
+    st = doc["engine_stats"]["by_length"][0]
+    assert st["decode_kv_fraction_read"] is None and "no counters here" in st["error"]
+    assert "--engine-stats failed" in capsys.readouterr().err
+
+
+def test_engine_stats_sets_inprocess_engine(monkeypatch):
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    args = RA.build_parser().parse_args(["--model", "m", "--backend", "CUSTOM", "--engine-stats"])
+    assert RA._engine_stats_wanted(args)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert not RA._engine_stats_wanted(args)
+
+
+def test_engine_stats_zero_in_place():
+    torch = pytest.importorskip("torch")
+    c = FakeCounters()
+    c.device_sums = torch.tensor([3.0, 4.0, 1.0, 2.0], dtype=torch.float64)
+    before = c.device_sums
+    st = RA.EngineStats(lambda: c)
+    st.reset()
+    assert c.device_sums is before and before.tolist() == [0.0] * 4  # CUDA graphs keep the address
+    before += torch.tensor([1.0, 4.0, 0.0, 0.0], dtype=torch.float64)
+    r = st.read()
+    assert r["decode_kv_fraction_read"] == 0.25 and r["prefill_block_density"] is None
+    assert r["sums"] == [1.0, 4.0, 0.0, 0.0]
+
+
+def test_engine_stats_real_backend_counters(monkeypatch):
+    """The interface EngineStats relies on, against the backend's own class."""
+    pytest.importorskip("vllm")
+    torch = pytest.importorskip("torch")
+    from vllm_sparse import backend
+
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    st = RA.EngineStats()  # looks backend.PATH_COUNTERS up on every call
+    st.reset()  # before the first forward: no sums yet
+    assert st.read()["decode_kv_fraction_read"] is None
+    sums = backend.PATH_COUNTERS.sums_for(torch.device("cpu"))
+    sums += torch.tensor([10.0, 40.0, 3.0, 4.0], dtype=torch.float64)
+    backend.PATH_COUNTERS.decode_steps += 5
+    r = st.read()
+    assert r["decode_kv_fraction_read"] == 0.25 and r["prefill_block_density"] == 0.75
+    assert r["decode_steps"] == 5
+    st.reset()
+    assert backend.PATH_COUNTERS.device_sums is sums and sums.tolist() == [0.0] * 4
+    r = st.read()
+    assert r["decode_kv_fraction_read"] is None and r["decode_steps"] == 0
+
+
+# --- generated token ids ---------------------------------------------------------------------
+
+
+def test_token_ids_stored(tmp_path):
+    doc = RA.main(BASE + ["--lengths", "2048", "--out", str(tmp_path / "t.json")],
+                  generate=engine_for(FakeCounters()), engine={"name": "fake"}, tok=CHAR)
+    assert all(s["token_ids"] == [s["index"], 1] for s in doc["samples"])
+    doc = RA.main(BASE + ["--lengths", "2048", "--out", str(tmp_path / "u.json")],
+                  generate=lambda ss, mt: ["x"] * len(ss), engine={"name": "fake"}, tok=CHAR)
+    assert all(s["token_ids"] is None for s in doc["samples"])
+    assert RA._split_output(("a", (1, 2))) == ("a", [1, 2])
+
+
+def test_dry_engine_is_an_oracle(tmp_path):
+    doc = RA.main(BASE + ["--engine", "dry", "--lengths", "2048", "--out", str(tmp_path / "y.json")],
+                  tok=CHAR)
+    assert doc["summary"]["overall"] == 1.0
+    s = doc["samples"][0]
+    assert CHAR.decode(s["token_ids"]).startswith(" " + s["answers"][0][:5])
+
+
+# --- compare.py ------------------------------------------------------------------------------
+
+
+def _ids(s):
+    return [s.index, 100 + len(s.answers), 7, 7, 7, 7, 7, 7, 7, 9]
+
+
+def _ref_gen(samples, max_tokens):
+    return [{"text": " " + s.answers[0], "token_ids": _ids(s)} for s in samples]
+
+
+def _run_gen(samples, max_tokens):
+    """index 0: differs in the 10th id only; index 1: in the first; index 2: equal."""
+    outs = []
+    for s in samples:
+        ids = _ids(s)
+        text = " " + s.answers[0]
+        if s.index == 0:
+            ids[9] = 10
+        elif s.index == 1:
+            ids[0] = -1
+            text = " wrong"
+        outs.append({"text": text, "token_ids": ids})
+    return outs
+
+
+def test_token_match(tmp_path, capsys):
+    ref = RA.main(BASE + ["--lengths", "2048", "4096", "--out", str(tmp_path / "ref.json")],
+                  generate=_ref_gen, engine={"name": "fake"}, tok=CHAR)
+    run = RA.main(BASE + ["--lengths", "2048", "4096", "--out", str(tmp_path / "run.json")],
+                  generate=_run_gen, engine={"name": "fake"}, tok=CHAR)
+    m = C.token_match(ref, run)
+    assert [e["length"] for e in m["by_length"]] == [2048, 4096]
+    for e in m["by_length"]:
+        assert e["n"] == 6  # 2 tasks x 3 samples
+        assert e["exact"] == pytest.approx(1 / 3)  # only index 2
+        assert e["first8"] == pytest.approx(2 / 3)  # index 0 differs after 8 ids
+        assert e["mean_common_prefix"] == pytest.approx((9 + 0 + 10) / 3, abs=1e-3)
+        assert e["accuracy_ref"] == 1.0 and e["accuracy"] == pytest.approx(2 / 3)
+        assert e["score_agree"] == pytest.approx(2 / 3)
+    assert m["overall"]["n"] == 12 and m["overall"]["exact"] == pytest.approx(1 / 3)
+    assert C.token_match(ref, ref)["overall"]["exact"] == 1.0
+    # CLI: the JSON file, and the text
+    out = C.main([str(tmp_path / "ref.json"), str(tmp_path / "run.json"), "--json",
+                  str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["overall"] == out["overall"]
+    assert "exact 0.333" in capsys.readouterr().out
+
+
+def test_token_match_pairs_and_missing_ids(tmp_path):
+    ref = RA.main(BASE + ["--lengths", "2048", "--out", str(tmp_path / "a.json")],
+                  generate=_ref_gen, engine={"name": "fake"}, tok=CHAR)
+    run = json.loads(json.dumps(ref))
+    run["samples"][0]["token_ids"] = None  # e.g. a server run
+    run["samples"][1]["index"] = 99  # no partner
+    m = C.token_match(ref, run)
+    assert m["missing_token_ids"] == 1 and m["unpaired"] == 1
+    assert m["overall"]["n"] == len(ref["samples"]) - 2 and m["overall"]["exact"] == 1.0
+
+
+def test_summary_lines(tmp_path, capsys):
+    c = FakeCounters()
+    RA.main(BASE + ["--backend", "CUSTOM", "--engine-stats", "--lengths", "2048", "4096",
+                    "--out", str(tmp_path / "s.json"), "--method", "fake sparse"],
+            generate=engine_for(c), engine={"name": "fake"}, tok=CHAR, stats_counters=lambda: c)
+    capsys.readouterr()
+    C.main(["--summary", str(tmp_path / "s.json")])
+    text = capsys.readouterr().out
+    assert "fake sparse" in text and "decode KV read 0.500" in text and "decode_steps=14" in text
+
+
+# --- samples: parallel and cached ------------------------------------------------------------
+
+
+def test_prepare_groups_parallel_equals_serial():
+    serial = {(t, L): T.generate_samples(CHAR, t, L, 4, seed=3, depths=[0.0, 0.5], opts=OPTS)
+              for L in (2048, 3000) for t in ("niah", "vt")}
+    par = RA.prepare_groups(CHAR, ["niah", "vt"], [2048, 3000], 4, depths=[0.0, 0.5], seed=3,
+                            opts=OPTS, workers=3, chunk=1)
+    assert set(par) == set(serial)
+    for k in serial:
+        assert [s.prompt_token_ids for s in par[k]] == [s.prompt_token_ids for s in serial[k]]
+        assert [(s.index, s.depth, s.answers) for s in par[k]] == \
+            [(s.index, s.depth, s.answers) for s in serial[k]]
+
+
+def test_sample_cache(tmp_path, monkeypatch):
+    first = RA.prepare_groups(CHAR, ["niah"], [2048], 3, opts=OPTS, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("niah_2048_3_*.pkl"))) == 1
+
+    def no_generation(*a, **k):
+        raise AssertionError("cached samples were generated again")
+
+    monkeypatch.setattr(T, "make_sample", no_generation)
+    again = RA.prepare_groups(CHAR, ["niah"], [2048], 3, opts=OPTS, cache_dir=tmp_path)
+    assert [s.prompt for s in again[("niah", 2048)]] == [s.prompt for s in first[("niah", 2048)]]
+    with pytest.raises(AssertionError, match="generated again"):  # another seed: a miss
+        RA.prepare_groups(CHAR, ["niah"], [2048], 3, seed=1, opts=OPTS, cache_dir=tmp_path)
+
+
+# --- partial results, limits -----------------------------------------------------------------
+
+
+def test_partial_json_after_each_length(tmp_path):
+    out = tmp_path / "p.json"
+
+    def dies_at_4096(samples, max_tokens):
+        if samples[0].length == 4096:
+            raise KeyboardInterrupt  # the device script's timeout, say
+        return _ref_gen(samples, max_tokens)
+
+    with pytest.raises(KeyboardInterrupt):
+        RA.main(BASE + ["--lengths", "2048", "4096", "--out", str(out)],
+                generate=dies_at_4096, engine={"name": "fake"}, tok=CHAR)
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True
+    assert {s["length"] for s in doc["samples"]} == {2048}
+    assert [e["length"] for e in doc["summary"]["by_length"]] == [2048]
+    assert "2048" in doc["timing"]["by_length"]
+
+
+def test_samples_must_fit_max_model_len(tmp_path):
+    called = []
+    with pytest.raises(SystemExit, match="max-model-len"):
+        RA.main(BASE + ["--lengths", "2048", "--max-model-len", "2000", "--out",
+                        str(tmp_path / "x.json")],
+                generate=lambda ss, mt: called.append(1), engine={"name": "fake"}, tok=CHAR)
+    assert not called
+
+
+def test_plots_from_engine_stats(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot as P
+
+    c = FakeCounters()
+    RA.main(BASE + ["--backend", "CUSTOM", "--engine-stats", "--lengths", "2048", "4096",
+                    "--prefill-block-density", "1.0", "--out", str(tmp_path / "s.json")],
+            generate=engine_for(c), engine={"name": "fake"}, tok=CHAR, stats_counters=lambda: c)
+    runs = P.load_runs([tmp_path / "s.json"])
+    pts = P.fraction_points(runs, "decode_kv_fraction_read")
+    assert sorted((x, L) for x, _, L in pts["CUSTOM"]) == [(0.25, 4096), (0.5, 2048)]
+    written = P.main([str(tmp_path / "s.json"), "--out-dir", str(tmp_path / "plots")])
+    assert {"accuracy_vs_decode_kv.png", "accuracy_vs_prefill_density.png"} <= {w.name for w in written}
+
+
+# --- the device script -----------------------------------------------------------------------
+
+
+def test_device_script_rejects_unknown_config(tmp_path):
+    script = REPO / "benchmarks" / "device" / "accuracy_vllm.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"))
+    r = subprocess.run(["bash", str(script), "dense", "bogus"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown config 'bogus'" in r.stdout
