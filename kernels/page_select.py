@@ -323,16 +323,30 @@ def _topk_pages_kernel(
     BLOCK: tl.constexpr,
     IN_REGS: tl.constexpr,
     FORCE: tl.constexpr,
+    SHORT_BLOCK: tl.constexpr,
 ):
-    """Grid ``(batch, num_kv_heads)``: :func:`_select_row` of each row of ``scores``."""
+    """Grid ``(batch, num_kv_heads)``: :func:`_select_row` of each row of ``scores``.
+
+    ``BLOCK`` covers the longest row the buffers allow (an engine's block-table width); with
+    ``IN_REGS``, rows of at most ``SHORT_BLOCK`` pages take a register tile of that size
+    instead (same algorithm, a quarter or less of the work: at 32K context and page 16 a row
+    is 2048 pages while a 128K engine sizes BLOCK for 8192)."""
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     row = scores_ptr + seq_idx.to(tl.int64) * stride_sc_b + kv_head * stride_sc_h
     out = sel_ptr + seq_idx.to(tl.int64) * stride_sel_b + kv_head * stride_sel_h
-    _select_row(row, stride_sc_p, n_pages, num_select, dense_pages, sink_pages, local_pages,
-                out, stride_sel_k, FORCE, False, BLOCK, IN_REGS)
+    if IN_REGS and SHORT_BLOCK < BLOCK:
+        if n_pages <= SHORT_BLOCK:
+            _select_row(row, stride_sc_p, n_pages, num_select, dense_pages, sink_pages,
+                        local_pages, out, stride_sel_k, FORCE, False, SHORT_BLOCK, True)
+        else:
+            _select_row(row, stride_sc_p, n_pages, num_select, dense_pages, sink_pages,
+                        local_pages, out, stride_sel_k, FORCE, False, BLOCK, IN_REGS)
+    else:
+        _select_row(row, stride_sc_p, n_pages, num_select, dense_pages, sink_pages,
+                    local_pages, out, stride_sel_k, FORCE, False, BLOCK, IN_REGS)
 
 
 @triton.jit
@@ -386,6 +400,7 @@ def _select_fused_kernel(
     ROW_BLOCK: tl.constexpr,
     IN_REGS: tl.constexpr,
     DO_SELECT: tl.constexpr,
+    SKIP_TAIL: tl.constexpr,
 ):
     """Grid ``(num_chunks, batch, num_kv_heads)``; a chunk is ``BLOCK_P * SUB_BLOCKS`` pages.
 
@@ -408,6 +423,12 @@ def _select_fused_kernel(
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     bt_row = block_table_ptr + seq_idx64 * stride_bt
+    if SKIP_TAIL:
+        # The grid covers the block table's width (the engine's longest possible sequence);
+        # a chunk past this sequence's pages has nothing to score or refresh, and its reader
+        # (the radix top-k) reads no score beyond n_pages.
+        if pid_c * CHUNK >= n_pages:
+            return
 
     if FUSE_SUMMARY:
         # Decode step: this step's token is the last of the sequence; its page's summary is
@@ -510,6 +531,11 @@ _IN_REGS_PAGES_PER_8_WARPS = 8192
 _LOOP_BLOCK = 4096
 
 
+# Register tile of the top-k for rows of at most this many pages when the buffers are wider
+# (see _topk_pages_kernel): 32K tokens at page 16.
+SHORT_ROW_BLOCK = 2048
+
+
 def _row_block(max_pages: int, num_warps: int, block: int | None = None):
     """(BLOCK, IN_REGS) of :func:`_select_row` for rows of ``max_pages``."""
     if block is not None:
@@ -574,6 +600,7 @@ def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, loc
         BLOCK=blk,
         IN_REGS=in_regs,
         FORCE=force,
+        SHORT_BLOCK=min(blk, SHORT_ROW_BLOCK),
         num_warps=num_warps,
     )
     return out
@@ -691,14 +718,14 @@ def select_pages(
         return out
     _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
                     scores, raw_scores, None, None, num_select, dense_pages, skip_pages,
-                    k_cache, chunk_pages, num_warps)
+                    k_cache, chunk_pages, num_warps, skip_tail=method == "triton")
     return topk_pages(scores, seq_lens, page_size, num_select, out=out, method=method,
                       num_warps=topk_warps, dense_pages=dense_pages)
 
 
 def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
                     scores, raw_scores, out, counters, num_select, dense_pages, skip_pages,
-                    k_cache, chunk_pages, num_warps):
+                    k_cache, chunk_pages, num_warps, skip_tail=False):
     """Scoring launch (``out is None``) or the fused scoring + top-k launch. Rows of at most
     ``skip_pages`` pages load no summaries (their valid pages score ``+inf``)."""
     batch, num_q_heads, head_dim = q.shape
@@ -745,6 +772,9 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
         ROW_BLOCK=row_block,
         IN_REGS=in_regs,
         DO_SELECT=do_select,
+        # Only the two-launch radix top-k reads just the first n_pages scores; torch.topk
+        # reads whole rows, the fused path counts every program, reuse keeps raw scores.
+        SKIP_TAIL=skip_tail and not do_select and raw_scores is None,
         num_warps=num_warps,
     )
 

@@ -238,7 +238,12 @@ class EngineStats:
         c = self._counters()
         sums = getattr(c, "device_sums", None)
         if sums is not None:
-            sums.zero_()
+            import torch
+
+            # The engine created the tensor under inference mode; updating it in place
+            # outside that mode is refused.
+            with torch.inference_mode():
+                sums.zero_()
         self._host0 = self._host_counts(c.snapshot())
 
     def read(self) -> dict:

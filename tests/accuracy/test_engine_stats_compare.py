@@ -156,12 +156,16 @@ def test_engine_stats_sets_inprocess_engine(monkeypatch):
 def test_engine_stats_zero_in_place():
     torch = pytest.importorskip("torch")
     c = FakeCounters()
-    c.device_sums = torch.tensor([3.0, 4.0, 1.0, 2.0], dtype=torch.float64)
+    # The engine allocates the sums while running the model, under torch.inference_mode:
+    # an inference tensor, which refuses in-place updates outside that mode.
+    with torch.inference_mode():
+        c.device_sums = torch.tensor([3.0, 4.0, 1.0, 2.0], dtype=torch.float64)
     before = c.device_sums
     st = RA.EngineStats(lambda: c)
     st.reset()
     assert c.device_sums is before and before.tolist() == [0.0] * 4  # CUDA graphs keep the address
-    before += torch.tensor([1.0, 4.0, 0.0, 0.0], dtype=torch.float64)
+    with torch.inference_mode():
+        before += torch.tensor([1.0, 4.0, 0.0, 0.0], dtype=torch.float64)
     r = st.read()
     assert r["decode_kv_fraction_read"] == 0.25 and r["prefill_block_density"] is None
     assert r["sums"] == [1.0, 4.0, 0.0, 0.0]

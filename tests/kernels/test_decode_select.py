@@ -409,3 +409,24 @@ def test_topk_adaptive_radix_edge_rows(block):
     got = topk_pages(scores.to(DEVICE), seq_lens.to(DEVICE), page, k, block=block).cpu()
     want = ref_select_from_scores(scores, seq_lens, page, k, 0, 0)
     assert torch.equal(got, want), (got, want)
+
+
+def test_wide_block_table_skips_tail_chunks_and_ignores_stale_scores():
+    """An engine's block table is as wide as its longest possible sequence: scoring programs
+    past a sequence's pages return at once, so the workspace beyond n_pages keeps whatever an
+    earlier step left there (+inf here, which would win every slot if it were read)."""
+    page, num_select, sink, local = 16, 8, 1, 2
+    seq_lens = [30 * page + 5, 12 * page, 3]
+    q, summ, bt, sl = _setup(seq_lens, 4, 64, page, seed=5)
+    wide = torch.zeros(len(seq_lens), 400, dtype=bt.dtype)  # 400 pages: chunks of 64 -> 7
+    wide[:, : bt.shape[1]] = bt
+    ws = page_select.SelectWorkspace(len(seq_lens), 2, wide.shape[1], torch.device(DEVICE),
+                                     counters=False)
+    scores, _ = ws.views(len(seq_lens), 2, wide.shape[1])
+    scores.fill_(float("inf"))
+    want = ref_select_pages(q, summ, bt, sl, page, num_select, sink, local)
+    sel = select_pages(*_dev(q, summ, wide, sl), page, num_select, sink, local,
+                       workspace=ws, chunk_pages=64).cpu()
+    assert torch.equal(sel, want), (sel, want)
+    # the tail really was skipped: the stale +inf is still there past the longest row
+    assert (scores[0, :, 31 + 64:].cpu() == float("inf")).all()
