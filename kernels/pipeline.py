@@ -205,8 +205,9 @@ def warm_up_prefill(
     Some launch parameters follow the number of key blocks (next power of two, and whether
     tensor strides derived from it are multiples of 16), so the first request of each kind
     would otherwise JIT-compile kernels while serving. This runs
-    one small chunk (one query block) at the end of a sequence of each bucket's length, reading
-    page 0 of the cache for every page (reads only; the output goes to a scratch tensor).
+    one small chunk (one query block) at the end of a sequence of each bucket's length, alone
+    and beside a second sequence, reading page 0 of the cache for every page (reads only; the
+    output goes to a scratch tensor).
     Returns the sequence lengths it ran.
     """
     from sparse_kernels.block_sparse_prefill import prefill_block_metadata
@@ -226,13 +227,36 @@ def warm_up_prefill(
         if n >= max_seq_len:
             break
         n *= 2
-    q = torch.zeros((q_len,) + tuple(q_like.shape[1:]), dtype=q_like.dtype, device=dev)
+    # Each length once as a batch of one sequence and once as two: Triton also specializes
+    # integer arguments equal to 1 (the batch size, strides of one-row tensors).
+    q = torch.zeros((2 * q_len,) + tuple(q_like.shape[1:]), dtype=q_like.dtype, device=dev)
     out = torch.empty_like(q)
-    qsl = torch.tensor([0, q_len], dtype=torch.int32, device=dev)
     for seq_len in lengths:
-        block_table = torch.zeros((1, -(-seq_len // page)), dtype=torch.int32, device=dev)
-        seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=dev)
-        meta = prefill_block_metadata(qsl, seq_lens, cfg.block_size, num_tokens=q_len,
-                                      max_seq_len=seq_len)
-        sparse_prefill_attention(method, cfg, q, k_cache, v_cache, block_table, meta, out, scale)
+        for batch in (1, 2):
+            lens = [seq_len] if batch == 1 else [seq_len, max(q_len, seq_len - cfg.block_size)]
+            qsl = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=dev)
+            block_table = torch.zeros((batch, -(-seq_len // page)), dtype=torch.int32,
+                                      device=dev)
+            seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            meta = prefill_block_metadata(qsl, seq_lens, cfg.block_size,
+                                          num_tokens=batch * q_len, max_seq_len=seq_len)
+            sparse_prefill_attention(method, cfg, q[: batch * q_len], k_cache, v_cache,
+                                     block_table, meta, out[: batch * q_len], scale)
     return lengths
+
+
+def warm_up_summary_update(k_cache: torch.Tensor, summaries: torch.Tensor) -> None:
+    """Compile :func:`update_page_summaries` for this cache layout (batches of one and of two
+    sequences) without touching the engine's summaries: a one-page scratch buffer has the
+    same strides as the real one, and only page 0 of the cache is read (through a one-page
+    view of the cache, whose strides are the cache's own)."""
+    from sparse_kernels.page_summary import update_page_summaries
+
+    dev = k_cache.device
+    scratch = torch.zeros((1,) + tuple(summaries.shape[1:]), dtype=summaries.dtype, device=dev)
+    for batch in (1, 2):
+        qsl = torch.arange(0, batch + 1, dtype=torch.int32, device=dev)
+        update_page_summaries(k_cache[:1], scratch, torch.zeros((batch, 1), dtype=torch.int32,
+                                                            device=dev),
+                              qsl, torch.ones(batch, dtype=torch.int32, device=dev),
+                              num_tokens=batch)

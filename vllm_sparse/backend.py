@@ -527,9 +527,9 @@ class SparseAttentionImpl(AttentionImpl):
                                   m.seq_lens, num_tokens=query.shape[0])
         q = query[:n]
         out = output[:n]
-        if prefill_method != "dense" and self.max_model_len:
-            _warm_up_once(prefill_method, self.cfg, q, key_cache, value_cache,
-                          self.max_model_len, self.scale)
+        if self.max_model_len:
+            _warm_up_once(prefill_method, decode_method, self.cfg, q, key_cache, value_cache,
+                          summaries, self.max_model_len, self.scale)
         nd = m.num_decodes
         stats = PATH_COUNTERS.sums_for(q.device) if self._layer_index == 0 else None
         if nd:
@@ -567,19 +567,27 @@ class SparseAttentionImpl(AttentionImpl):
 _WARMED: set = set()
 
 
-def _warm_up_once(method, cfg, q, key_cache, value_cache, max_model_len, scale) -> None:
-    """JIT-compile the prefill kernels for every length bucket once per process and shape,
-    on the first forward that is not being captured into a CUDA graph."""
-    key = (repr(method), q.shape[1:], q.dtype, key_cache.shape[1:], key_cache.dtype)
+def _warm_up_once(prefill_method, decode_method, cfg, q, key_cache, value_cache, summaries,
+                  max_model_len, scale) -> None:
+    """JIT-compile the prefill kernels for every length bucket (and the summary update of
+    top-k decode layers) once per process and shape, on the first forward that is not being
+    captured into a CUDA graph, so that no request pays a compilation."""
+    key = (repr(prefill_method), decode_method, q.shape[1:], q.dtype, key_cache.shape[1:],
+           key_cache.dtype)
     if key in _WARMED or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
     _WARMED.add(key)
-    from sparse_kernels.pipeline import warm_up_prefill
+    from sparse_kernels.pipeline import warm_up_prefill, warm_up_summary_update
 
     t0 = time.monotonic()
-    lengths = warm_up_prefill(method, cfg, q, key_cache, value_cache, max_model_len, scale)
-    logger.info("sparse-serve: prefill kernels (%s) compiled for sequence lengths %s in %.1f s",
-                method, lengths, time.monotonic() - t0)
+    if decode_method == "topk":
+        warm_up_summary_update(key_cache, summaries)
+    if prefill_method == "dense":
+        return
+    lengths = warm_up_prefill(prefill_method, cfg, q, key_cache, value_cache, max_model_len,
+                              scale)
+    logger.info("sparse-serve: prefill kernels (%s) compiled for sequence lengths %s, batches "
+                "of 1 and 2, in %.1f s", prefill_method, lengths, time.monotonic() - t0)
 
 
 def _causal_blocks(meta) -> torch.Tensor:

@@ -14,6 +14,10 @@
 #   default         --backend CUSTOM, no SPARSE_* at all (prefill/decode defaults of config.py)
 #   streaming, vertical_slash, flexprefill, xattention
 #                   --backend CUSTOM, SPARSE_PREFILL_METHOD=<name>, everything else default
+#   topk_only       CUSTOM, dense prefill, default top-k decode (what decode selection costs)
+#   prefill_only    CUSTOM, default sparse prefill, dense decode (what prefill sparsity costs)
+#   budget8192      CUSTOM, dense prefill, top-k decode with an 8192-token budget (25% at 32K)
+#   budget8192_xattention   CUSTOM, default prefill, top-k decode with an 8192-token budget
 # Every SPARSE_* variable of the calling environment (but SPARSE_SERVE_*) is unset first.
 #
 # Outputs in $OUT (at most 8 files): accuracy_qwen_<config>.json per config (rewritten after
@@ -80,8 +84,8 @@ say() { echo "$@" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - ACC_T0 )); }
 
 for c in "${CONFIGS[@]}"; do
-  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention) ;;
-    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention)"; exit 2;; esac
+  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention) ;;
+    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention)"; exit 2;; esac
 done
 
 if [ "$DRY" = 1 ]; then
@@ -134,6 +138,16 @@ config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
           ENVS=(SPARSE_PREFILL_METHOD=dense "SPARSE_TOKEN_BUDGET=$FULL_BUDGET")
           EXTRA=(--prefill-block-density 1.0);;
     default) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $dec (CUSTOM defaults)";;
+    # Ablations: which half of the defaults costs accuracy, and the next decode budget.
+    topk_only) BACKEND=CUSTOM; LABEL="dense prefill + $dec"; ENVS=(SPARSE_PREFILL_METHOD=dense)
+               EXTRA=(--prefill-block-density 1.0);;
+    prefill_only) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + dense decode"
+                  ENVS=(SPARSE_DECODE_METHOD=dense) EXTRA=(--decode-kv-fraction-read 1.0);;
+    budget8192) BACKEND=CUSTOM; LABEL="dense prefill + $DEF_DECODE 8192"
+                ENVS=(SPARSE_PREFILL_METHOD=dense SPARSE_TOKEN_BUDGET=8192)
+                EXTRA=(--prefill-block-density 1.0);;
+    budget8192_xattention) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $DEF_DECODE 8192"
+                           ENVS=(SPARSE_TOKEN_BUDGET=8192);;
     *) BACKEND=CUSTOM; LABEL="$1 + $dec"; ENVS=("SPARSE_PREFILL_METHOD=$1");;
   esac
 }

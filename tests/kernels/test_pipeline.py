@@ -89,3 +89,14 @@ def test_warm_up_prefill_covers_every_length_bucket():
     # Per power-of-two bucket: the top length and one block less (key-block counts that are
     # and are not multiples of 16 compile different kernel variants).
     assert lengths == [32, 48, 64, 112, 128, 184, 200]
+
+
+def test_warm_up_summary_update_leaves_the_engines_summaries_alone():
+    from sparse_kernels.page_summary import allocate_page_summaries
+    from sparse_kernels.pipeline import warm_up_summary_update
+
+    k, _, _ = reference.random_paged_kv([64, 40], HKV, D, PAGE)
+    summaries = allocate_page_summaries(k).normal_()
+    before = summaries.clone()
+    warm_up_summary_update(k, summaries)
+    assert torch.equal(summaries, before)
