@@ -5,7 +5,10 @@ page 16); one attention layer, one decode token per sequence, every sequence at 
 context. Times, per (context, batch, budget):
 
   * summary   -- ``update_page_summaries`` for this step's token (incremental);
-  * select    -- ``select_pages``: page-chunk scoring kernel + radix top-k kernel;
+  * select    -- ``select_pages``: page-chunk scoring kernel + radix top-k (default
+    ``topk_method="auto"``: two-stage for small grids and long rows, else single-stage);
+    ``select_single`` / ``select_two_stage``: the same with the top-k path forced (A/B);
+    ``topk_single`` / ``topk_two_stage``: the top-k alone, on the scores of a select call;
     ``select_fused``: ``method="fused"`` (one launch, the last program of a row selects);
     ``select_fused_summary``: ``select_pages(k_cache=...)``, the summary update folded in;
   * attention -- ``sparse_decode`` over the selected pages;
@@ -41,7 +44,14 @@ import torch
 import triton
 
 from sparse_kernels import page_select
-from sparse_kernels.page_select import SelectWorkspace, default_chunk_pages, select_pages
+from sparse_kernels.page_select import (
+    SelectWorkspace,
+    default_chunk_pages,
+    resolve_topk_method,
+    select_pages,
+    topk_pages,
+    two_stage_plan,
+)
 from sparse_kernels.page_summary import build_page_summaries, update_page_summaries
 from sparse_kernels.sparse_decode import (
     DecodeWorkspace,
@@ -121,7 +131,9 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
     max_splits = 64
     ws = DecodeWorkspace(batch, hq, d, max_splits, dev)
-    sws = SelectWorkspace(batch, hkv, pages_per_seq, dev)
+    # candidates: room for a forced two-stage top-k at any batch (a default plan keeps at most
+    # pages_per_seq per row), so no buffer grows while graphs are captured
+    sws = SelectWorkspace(batch, hkv, pages_per_seq, dev, candidates=batch * hkv * pages_per_seq)
     sws_f = SelectWorkspace(batch, hkv, pages_per_seq, dev)  # method="fused" (counters)
 
     def dense_ours():
@@ -156,6 +168,14 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
             sel_box["sel"] = select_pages(q, summaries, block_table, seq_lens, page, k_sel,
                                           sink, local, workspace=sws)
 
+        def select_single():
+            select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                         workspace=sws, topk_method="single")
+
+        def select_two_stage():
+            select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                         workspace=sws, topk_method="two_stage")
+
         def select_fused():
             select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
                          workspace=sws_f, method="fused")
@@ -166,6 +186,25 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
         select()
         sel_static = sel_box["sel"].clone()
+        topk_path = resolve_topk_method("auto", batch, hkv, pages_per_seq, k_sel, dev)
+        plan = two_stage_plan(batch, hkv, pages_per_seq, k_sel, dev)
+        # the top-k alone, on the scores select() left in the workspace (static from here on)
+        sc_view = sws.views(batch, hkv, pages_per_seq)[0]
+        topk_out = torch.empty_like(sel_static)
+
+        def topk_single():
+            topk_pages(sc_view, seq_lens, page, k_sel, out=topk_out, topk_method="single")
+
+        def topk_two_stage():
+            topk_pages(sc_view, seq_lens, page, k_sel, out=topk_out, topk_method="two_stage",
+                       workspace=sws)
+
+        check_1 = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                               topk_method="single")
+        check_2 = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                               topk_method="two_stage")
+        # must hold: the two top-k paths are exact (bit-identical, ties included)
+        sel_two_stage_matches_single = bool(torch.equal(check_1, check_2))
         check = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
                              method="fused")
         check_t = select_pages(q, summaries, block_table, seq_lens, page, k_sel, sink, local,
@@ -193,19 +232,36 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
         t_sum, t_sel, t_att, t_all = timer(summary), timer(select), timer(attention), timer(pipeline)
         t_sel_fused, t_sel_fs = timer(select_fused), timer(select_fused_summary)
+        t_sel_1, t_sel_2 = timer(select_single), timer(select_two_stage)
+        t_topk_1, t_topk_2 = timer(topk_single), timer(topk_two_stage)
         t_fused = timer(pipeline_fused)
         sweep = None
         if args.sweep and batch <= args.sweep_max_batch:
-            sweep = {"select": {}, "select_fused": {}, "attention": {}}
+            sweep = {"select": {}, "select_two_stage": {}, "select_fused": {}, "attention": {}}
             best_sel = (t_sel, {})
             for chunk in (64, 128, 256):
                 for nw in (4, 8):
                     for tw in (8, 16):
-                        kw = dict(chunk_pages=chunk, num_warps=nw, topk_warps=tw)
+                        kw = dict(chunk_pages=chunk, num_warps=nw, topk_warps=tw,
+                                  topk_method="single")
                         t = timer(lambda kw=kw: select_pages(
                             q, summaries, block_table, seq_lens, page, k_sel, sink, local,
                             workspace=sws, **kw))
                         sweep["select"][f"chunk{chunk}_w{nw}_topkw{tw}"] = t
+                        if t < best_sel[0]:
+                            best_sel = (t, kw)
+            # two-stage top-k: segment size x stage-1 warps x stage-2 warps (default scoring)
+            for seg in (256, 512, 1024, 2048, 4096):
+                if seg < 2 * k_sel or seg >= pages_per_seq:
+                    continue
+                for w1 in (4, 8):
+                    for w2 in (4, 8, 16):
+                        kw = dict(topk_method="two_stage", segment_pages=seg, stage1_warps=w1,
+                                  topk_warps=w2)
+                        t = timer(lambda kw=kw: select_pages(
+                            q, summaries, block_table, seq_lens, page, k_sel, sink, local,
+                            workspace=sws, **kw))
+                        sweep["select_two_stage"][f"seg{seg}_w{w1}_topkw{w2}"] = t
                         if t < best_sel[0]:
                             best_sel = (t, kw)
             for chunk in (128, 256):
@@ -253,8 +309,16 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
             "select_chunk_pages": default_chunk_pages(batch, hkv, pages_per_seq, dev),
             "select_num_warps": page_select.SCORE_NUM_WARPS,
             "topk_num_warps": page_select.default_topk_warps(pages_per_seq),
+            "select_topk_method": topk_path,
+            "two_stage_plan": (None if plan is None
+                               else {"segment_pages": plan[0], "num_segments": plan[1]}),
             "summary_ms": t_sum,
             "select_ms": t_sel,
+            "select_single_ms": t_sel_1,
+            "select_two_stage_ms": t_sel_2,
+            "topk_single_ms": t_topk_1,
+            "topk_two_stage_ms": t_topk_2,
+            "select_two_stage_matches_single": sel_two_stage_matches_single,
             "select_fused_ms": t_sel_fused,
             "select_fused_summary_ms": t_sel_fs,
             "select_matches_fused": sel_matches_fused,
@@ -278,11 +342,14 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
 
 
 _COLS = [("context", 7), ("batch", 5), ("budget", 6), ("dense_fa3_ms", 9),
-         ("dense_ours_ms", 9), ("summary_ms", 9), ("select_ms", 9), ("select_fused_ms", 9),
+         ("dense_ours_ms", 9), ("summary_ms", 9), ("select_ms", 9), ("select_single_ms", 9),
+         ("select_two_stage_ms", 9), ("topk_single_ms", 9), ("topk_two_stage_ms", 9),
+         ("select_fused_ms", 9),
          ("select_fused_summary_ms", 9), ("attention_ms", 9), ("sparse_total_ms", 9),
          ("sparse_fused_total_ms", 9), ("speedup", 7), ("speedup_fused", 7),
          ("ours_dense_vs_fa3_max_abs_diff", 9)]
-_HEAD = ["ctx", "batch", "budget", "fa3 ms", "ours-d ms", "summ ms", "select ms", "sel-1L",
+_HEAD = ["ctx", "batch", "budget", "fa3 ms", "ours-d ms", "summ ms", "select ms", "sel-1st",
+         "sel-2st", "topk-1st", "topk-2st", "sel-1L",
          "sel+summ", "attn ms", "sparse ms", "fused ms", "speedup", "sp-fused", "|d-fa3|"]
 
 

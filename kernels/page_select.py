@@ -24,6 +24,14 @@ Pipeline (all on device, static shapes, no host sync, CUDA-graph safe):
    one exponent range, in one histogram bin; H100, 8192-page rows: select 57 -> 44 us).
    (``method="torch"``: ``torch.topk`` + sort, same result up to ties.)
 
+   Two-stage variant (``topk_method="two_stage"``, or ``"auto"``: small grids and long rows;
+   batch 1 at 8 KV heads is 8 programs on 132 SMs; opt-in, see :data:`DEFAULT_TOPK_METHOD`):
+   grid ``(num_segments, batch, num_kv_heads)``,
+   the exact top-k of each segment of a row into candidate buffers, then grid ``(batch,
+   num_kv_heads)``, the top-k of each row's candidates (a row ``num_segments * num_select``
+   long instead of ``max_pages``). Bit-identical to the single-stage output, ties included;
+   see :func:`two_stage_plan`.
+
 Dense rows: with ``dense_pages`` (a runtime int, so CUDA graphs stay valid), a row whose page
 count ``n_pages`` satisfies ``num_select < n_pages <= dense_pages`` is not scored or selected: its
 output row is ``[DENSE_ROW, -1, -1, ...]`` and :func:`~sparse_kernels.sparse_decode.sparse_decode`
@@ -214,6 +222,62 @@ def _radix_start(lo, hi, n_inf, num_select):
 
 
 @triton.jit
+def _write_short_row(n_pages, num_select, out, stride_out, BLOCK: tl.constexpr):
+    """Row of at most ``num_select`` pages: every page, then ``-1`` padding."""
+    offs_b = tl.arange(0, BLOCK)
+    for start in range(0, num_select, BLOCK):
+        offs = start + offs_b
+        tl.store(out + offs * stride_out, tl.where(offs < n_pages, offs, -1),
+                 mask=offs < num_select)
+
+
+@triton.jit
+def _write_dense_row(num_select, out, stride_out, BLOCK: tl.constexpr):
+    """Dense row: the sentinel, then ``-1`` padding (the decode reads every page)."""
+    offs_b = tl.arange(0, BLOCK)
+    for start in range(0, num_select, BLOCK):
+        offs = start + offs_b
+        tl.store(out + offs * stride_out, tl.where(offs == 0, _DENSE_ROW, -1),
+                 mask=offs < num_select)
+
+
+@triton.jit
+def _threshold_regs(key, m, num_select):
+    """Register-resident radix select: ``(prefix, remaining)``: ``prefix`` is the
+    ``num_select``-th largest of the keys ``key[m]`` (more than ``num_select`` of them),
+    ``remaining`` how many keys equal to it are still to take (the first ones in order)."""
+    fin = m & (key != _key_inf())
+    lo = tl.min(tl.where(fin, key, _u32(0xFFFFFFFF)), axis=0)
+    hi = tl.max(tl.where(fin, key, _u32(0)), axis=0)
+    n_inf = tl.sum((m & (key == _key_inf())).to(tl.int32), axis=0)
+    prefix, remaining, fixed_lo = _radix_start(lo, hi, n_inf, num_select)
+    while fixed_lo > 0:
+        shift = tl.maximum(fixed_lo - 8, 0)
+        mp = _pass_mask(key, m, prefix, fixed_lo)
+        digit = ((key >> shift.to(tl.uint32)) & 255).to(tl.int32)
+        hist = tl.histogram(digit, 256, mask=mp)
+        prefix, remaining = _radix_digit(hist, prefix, remaining, shift)
+        fixed_lo = shift
+    return prefix, remaining
+
+
+@triton.jit
+def _take_regs(key, m, prefix, remaining):
+    """In-order compaction after :func:`_threshold_regs`: ``(take, pos)``: every key
+    ``> prefix`` and the first ``remaining`` keys ``== prefix`` (ties: the earliest lanes),
+    each with its output slot (lane order kept). One scan for both exclusive counts
+    (tiles of at most 16384 lanes < 2**16): the ``>`` count in the high half."""
+    gt = (m & (key > prefix)).to(tl.int32)
+    eq = (m & (key == prefix)).to(tl.int32)
+    packed = gt * 65536 + eq
+    before = tl.cumsum(packed, 0) - packed
+    eq_before = before & 65535
+    take = (gt != 0) | ((eq != 0) & (eq_before < remaining))
+    pos = (before >> 16) + tl.minimum(eq_before, remaining)
+    return take, pos
+
+
+@triton.jit
 def _select_row(row, stride_p, n_pages, num_select, dense_pages, sink_pages, local_pages, out,
                 stride_out, FORCE: tl.constexpr, CG: tl.constexpr, BLOCK: tl.constexpr,
                 IN_REGS: tl.constexpr):
@@ -230,40 +294,13 @@ def _select_row(row, stride_p, n_pages, num_select, dense_pages, sink_pages, loc
     """
     offs_b = tl.arange(0, BLOCK)
     if n_pages <= num_select:
-        # Short sequence: every page, then -1 padding.
-        for start in range(0, num_select, BLOCK):
-            offs = start + offs_b
-            tl.store(out + offs * stride_out, tl.where(offs < n_pages, offs, -1),
-                     mask=offs < num_select)
+        _write_short_row(n_pages, num_select, out, stride_out, BLOCK)
     elif n_pages <= dense_pages:
-        # Dense row: the sentinel, then -1 padding (the decode reads every page).
-        for start in range(0, num_select, BLOCK):
-            offs = start + offs_b
-            tl.store(out + offs * stride_out, tl.where(offs == 0, _DENSE_ROW, -1),
-                     mask=offs < num_select)
+        _write_dense_row(num_select, out, stride_out, BLOCK)
     elif IN_REGS:
         key, m = _load_keys(row, stride_p, offs_b, n_pages, sink_pages, local_pages, FORCE, CG)
-        fin = m & (key != _key_inf())
-        lo = tl.min(tl.where(fin, key, _u32(0xFFFFFFFF)), axis=0)
-        hi = tl.max(tl.where(fin, key, _u32(0)), axis=0)
-        n_inf = tl.sum((m & (key == _key_inf())).to(tl.int32), axis=0)
-        prefix, remaining, fixed_lo = _radix_start(lo, hi, n_inf, num_select)
-        while fixed_lo > 0:
-            shift = tl.maximum(fixed_lo - 8, 0)
-            mp = _pass_mask(key, m, prefix, fixed_lo)
-            digit = ((key >> shift.to(tl.uint32)) & 255).to(tl.int32)
-            hist = tl.histogram(digit, 256, mask=mp)
-            prefix, remaining = _radix_digit(hist, prefix, remaining, shift)
-            fixed_lo = shift
-        # prefix is the k-th largest key: take keys > prefix, then the first `remaining` ties.
-        # One scan for both exclusive counts (BLOCK <= 16384 < 2**16): gt in the high half.
-        gt = (m & (key > prefix)).to(tl.int32)
-        eq = (m & (key == prefix)).to(tl.int32)
-        packed = gt * 65536 + eq
-        before = tl.cumsum(packed, 0) - packed
-        eq_before = before & 65535
-        take = (gt != 0) | ((eq != 0) & (eq_before < remaining))
-        pos = (before >> 16) + tl.minimum(eq_before, remaining)
+        prefix, remaining = _threshold_regs(key, m, num_select)
+        take, pos = _take_regs(key, m, prefix, remaining)
         tl.store(out + pos * stride_out, offs_b, mask=take)
     else:
         lo = tl.full([], 0xFFFFFFFF, tl.uint32)
@@ -347,6 +384,121 @@ def _topk_pages_kernel(
     else:
         _select_row(row, stride_sc_p, n_pages, num_select, dense_pages, sink_pages,
                     local_pages, out, stride_sel_k, FORCE, False, BLOCK, IN_REGS)
+
+
+@triton.jit
+def _topk_stage1_kernel(
+    scores_ptr,
+    seq_lens_ptr,
+    cand_key_ptr,
+    cand_page_ptr,
+    num_select,
+    dense_pages,
+    sink_pages,
+    local_pages,
+    seg_pages,
+    stride_sc_b,
+    stride_sc_h,
+    stride_sc_p,
+    stride_c_b,
+    stride_c_h,
+    stride_c_k,
+    PAGE_SIZE: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
+    FORCE: tl.constexpr,
+):
+    """Two-stage top-k, stage 1. Grid ``(num_segments, batch, num_kv_heads)``.
+
+    Program ``s`` takes pages ``[s * seg_pages, (s + 1) * seg_pages)`` of its row (a
+    ``SEG_BLOCK >= seg_pages`` register tile) and writes the segment's exact
+    top-``num_select`` (same order and tie rule as :func:`_select_row`: ties to the lowest
+    pages), in ascending page order, to candidate slots ``[s * num_select, (s + 1) *
+    num_select)``: the order keys (bit patterns, int32) and the pages. A segment of at most
+    ``num_select`` pages passes all of them, then pages ``-1``. Segments past the row's pages,
+    short rows and dense rows write nothing (stage 2 reads no candidate of them)."""
+    seg = tl.program_id(0)
+    seq_idx = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
+    start = seg * seg_pages
+    if (n_pages <= num_select) | (n_pages <= dense_pages) | (start >= n_pages):
+        return
+    row = scores_ptr + seq_idx.to(tl.int64) * stride_sc_b + kv_head * stride_sc_h
+    cbase = seq_idx.to(tl.int64) * stride_c_b + kv_head * stride_c_h
+    ck = cand_key_ptr + cbase + (seg * num_select) * stride_c_k
+    cp = cand_page_ptr + cbase + (seg * num_select) * stride_c_k
+    n_seg = tl.minimum(n_pages - start, seg_pages)
+    loc = tl.arange(0, SEG_BLOCK)
+    if n_seg <= num_select:
+        # (Only the last segment of a row, or segments smaller than the budget.)
+        for s0 in range(0, num_select, SEG_BLOCK):
+            slot = s0 + loc
+            pages = start + slot
+            valid = slot < n_seg
+            key, _ = _load_keys(row, stride_sc_p, pages, n_pages, sink_pages, local_pages,
+                                FORCE, False)
+            keep = slot < num_select
+            tl.store(ck + slot * stride_c_k, key.to(tl.int32, bitcast=True), mask=keep & valid)
+            tl.store(cp + slot * stride_c_k, tl.where(valid, pages, -1), mask=keep)
+    else:
+        pages = start + loc
+        key, m = _load_keys(row, stride_sc_p, pages, n_pages, sink_pages, local_pages,
+                            FORCE, False)
+        m = m & (loc < seg_pages)
+        prefix, remaining = _threshold_regs(key, m, num_select)
+        take, pos = _take_regs(key, m, prefix, remaining)
+        tl.store(ck + pos * stride_c_k, key.to(tl.int32, bitcast=True), mask=take)
+        tl.store(cp + pos * stride_c_k, pages, mask=take)
+
+
+@triton.jit
+def _topk_stage2_kernel(
+    seq_lens_ptr,
+    cand_key_ptr,
+    cand_page_ptr,
+    sel_ptr,
+    num_select,
+    dense_pages,
+    seg_pages,
+    num_segments,
+    stride_c_b,
+    stride_c_h,
+    stride_c_k,
+    stride_sel_b,
+    stride_sel_h,
+    stride_sel_k,
+    PAGE_SIZE: tl.constexpr,
+    CAND_BLOCK: tl.constexpr,
+):
+    """Two-stage top-k, stage 2. Grid ``(batch, num_kv_heads)``.
+
+    Short and dense rows get their fixed output rows (as in :func:`_select_row`); any other
+    row selects the exact top-``num_select`` of its candidates (the first ``cdiv(n_pages,
+    seg_pages) * num_select`` slots, pages ``-1`` excluded). Every page of the row's top-k is
+    among its segment's top-k, so this is the row's top-k; the candidates lie in ascending
+    page order (segments in order, each ascending), so ties taken in slot order are ties
+    taken by lowest page, and the output is ascending: identical to :func:`_select_row`."""
+    seq_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
+    out = sel_ptr + seq_idx.to(tl.int64) * stride_sel_b + kv_head * stride_sel_h
+    if n_pages <= num_select:
+        _write_short_row(n_pages, num_select, out, stride_sel_k, CAND_BLOCK)
+    elif n_pages <= dense_pages:
+        _write_dense_row(num_select, out, stride_sel_k, CAND_BLOCK)
+    else:
+        cbase = seq_idx.to(tl.int64) * stride_c_b + kv_head * stride_c_h
+        n_cand = tl.minimum((n_pages + seg_pages - 1) // seg_pages, num_segments) * num_select
+        idx = tl.arange(0, CAND_BLOCK)
+        pages = tl.load(cand_page_ptr + cbase + idx * stride_c_k, mask=idx < n_cand, other=-1)
+        m = pages >= 0
+        key = tl.load(cand_key_ptr + cbase + idx * stride_c_k, mask=m, other=0)
+        key = key.to(tl.uint32, bitcast=True)
+        prefix, remaining = _threshold_regs(key, m, num_select)
+        take, pos = _take_regs(key, m, prefix, remaining)
+        tl.store(out + pos * stride_sel_k, pages, mask=take)
 
 
 @triton.jit
@@ -504,23 +656,49 @@ class SelectWorkspace:
     """Allocate-once scratch of :func:`select_pages` (CUDA-graph friendly).
 
     ``scores`` fp32 ``[max_batch, num_kv_heads, max_pages]`` (forced scores, read back by the
-    top-k) and ``counters`` int32 ``[max_batch * num_kv_heads]`` (per-row arrival counters
-    of method "fused"; zero between launches: every launch resets what it used).
+    top-k), ``counters`` int32 ``[max_batch * num_kv_heads]`` (per-row arrival counters
+    of method "fused"; zero between launches: every launch resets what it used), and the
+    candidate buffers of the two-stage top-k (``cand_keys`` / ``cand_pages``, int32, flat,
+    ``candidates`` elements each; viewed as ``[batch, num_kv_heads, segments * num_select]``).
+
+    ``candidates`` defaults to :func:`default_candidate_capacity`: enough for every batch the
+    ``topk_method="auto"`` heuristic sends to the two-stage path (small grids only: a few MiB
+    for a 128K-token engine on an H100). A forced two-stage call that needs more grows the
+    buffers, outside CUDA-graph capture only (inside, it raises: size the workspace for it).
     """
 
     def __init__(self, max_batch: int, num_kv_heads: int, max_pages: int,
-                 device: torch.device | str | None = None, counters: bool = True):
+                 device: torch.device | str | None = None, counters: bool = True,
+                 candidates: int | None = None):
         self.max_batch, self.num_kv_heads, self.max_pages = max_batch, num_kv_heads, max_pages
         self.scores = torch.empty((max_batch, num_kv_heads, max_pages), dtype=torch.float32,
                                   device=device)
         self.counters = torch.zeros((max_batch * num_kv_heads if counters else 1,),
                                     dtype=torch.int32, device=device)
+        if candidates is None:
+            candidates = default_candidate_capacity(max_batch, num_kv_heads, max_pages,
+                                                    self.scores.device)
+        self.cand_keys = torch.empty((candidates,), dtype=torch.int32, device=device)
+        self.cand_pages = torch.empty((candidates,), dtype=torch.int32, device=device)
 
     def views(self, batch: int, num_kv_heads: int, max_pages: int):
         assert batch <= self.max_batch and num_kv_heads == self.num_kv_heads, (
             batch, self.max_batch, num_kv_heads, self.num_kv_heads)
         assert max_pages <= self.max_pages, (max_pages, self.max_pages)
         return self.scores[:batch, :, :max_pages], self.counters
+
+    def candidate_views(self, batch: int, num_kv_heads: int, width: int):
+        """``(keys, pages)`` int32 ``[batch, num_kv_heads, width]`` (two-stage top-k)."""
+        n = batch * num_kv_heads * width
+        if n > self.cand_keys.numel():
+            if self.cand_keys.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"SelectWorkspace holds {self.cand_keys.numel()} two-stage candidates, "
+                    f"this launch needs {n}; build it with candidates>={n} before capturing")
+            self.cand_keys = torch.empty((n,), dtype=torch.int32, device=self.scores.device)
+            self.cand_pages = torch.empty((n,), dtype=torch.int32, device=self.scores.device)
+        shape = (batch, num_kv_heads, width)
+        return self.cand_keys[:n].view(shape), self.cand_pages[:n].view(shape)
 
 
 # Scoring launch defaults (pages per program, warps).
@@ -534,6 +712,108 @@ _LOOP_BLOCK = 4096
 # Register tile of the top-k for rows of at most this many pages when the buffers are wider
 # (see _topk_pages_kernel): 32K tokens at page 16.
 SHORT_ROW_BLOCK = 2048
+
+# Two-stage top-k (see two_stage_plan): largest register tiles of stage 1 (a segment) and
+# stage 2 (a row's candidates); the "auto" heuristic needs rows of at least this many times
+# the budget.
+_MAX_SEGMENT_BLOCK = 8192
+_MAX_CANDIDATE_BLOCK = 16384
+TWO_STAGE_MIN_ROW_FACTOR = 4
+TOPK_METHODS = ("auto", "single", "two_stage")
+# "single" until the two-stage path has been compiled and timed on a GPU (written and tested
+# against the references on the CPU only; bench_decode.py --sweep times both): an engine
+# should not switch kernels on an unmeasured path.
+DEFAULT_TOPK_METHOD = "single"
+
+
+def _sms(device) -> int:
+    from sparse_kernels.sparse_decode import _device_sms  # (sparse_decode imports this module)
+
+    return _device_sms(torch.device(device) if device is not None else torch.device("cpu"))
+
+
+def two_stage_plan(batch: int, num_kv_heads: int, max_pages: int, num_select: int,
+                   device: torch.device | str | None,
+                   segment_pages: int | None = None) -> tuple[int, int] | None:
+    """``(segment_pages, num_segments)`` of the two-stage top-k over rows ``max_pages`` wide
+    (the block table's width: static, so a CUDA graph captured per batch size stays valid), or
+    ``None`` when the register tiles would not fit (or, for the default sizing, when no split
+    into at least two segments exists).
+
+    Default sizing: segments are powers of two of at least ``2 * num_select`` pages, with at
+    most about one program per SM in stage 1 (``batch * num_kv_heads * num_segments <= SMs``);
+    among those, the one minimizing ``segment tile + candidate tile`` (stage 1 and stage 2 run
+    one after the other, each one latency-bound program per row or segment, with work
+    proportional to its register tile), ties to the smaller segment. 8192 pages, budget 128
+    pages, 8 KV heads, 132 SMs: 8 segments of 1024 pages, a 1024-candidate stage 2 (against a
+    single 8192-page row). ``segment_pages`` overrides the segment size (any size >= 1).
+    """
+    if num_select <= 0 or max_pages <= 0:
+        return None
+    if segment_pages is not None:
+        seg = max(1, int(segment_pages))
+        n_seg = triton.cdiv(max_pages, seg)
+        if (triton.next_power_of_2(seg) > _MAX_SEGMENT_BLOCK
+                or triton.next_power_of_2(n_seg * num_select) > _MAX_CANDIDATE_BLOCK):
+            return None
+        return seg, n_seg
+    rows = max(1, batch * num_kv_heads)
+    max_segments = max(2, _sms(device) // rows)
+    best = None
+    seg = triton.next_power_of_2(max(2 * num_select, 1))
+    while seg < max_pages and seg <= _MAX_SEGMENT_BLOCK:
+        n_seg = triton.cdiv(max_pages, seg)
+        cand = triton.next_power_of_2(n_seg * num_select)
+        if n_seg <= max_segments and cand <= _MAX_CANDIDATE_BLOCK:
+            cost = seg + cand
+            if best is None or cost < best[0]:
+                best = (cost, seg, n_seg)
+        seg *= 2
+    return None if best is None else (best[1], best[2])
+
+
+def use_two_stage(batch: int, num_kv_heads: int, max_pages: int, num_select: int,
+                  device: torch.device | str | None) -> bool:
+    """``topk_method="auto"``: the two-stage top-k when the ``(batch, num_kv_heads)`` grid is
+    small (:func:`~sparse_kernels.sparse_decode._small_grid`: at most half as many rows as SMs,
+    batch 1 at 8 KV heads on an H100) and rows can be long (block-table width of at least
+    :data:`TWO_STAGE_MIN_ROW_FACTOR` x the budget), and a plan exists whose two register tiles
+    together are at most half the single-stage row tile, to pay for the second launch (H100,
+    8 KV heads: 128K tokens at page 16 = 8192 pages (8256 in vLLM's table), budgets of 128 to
+    512 pages: batch 1 to 4; 2048 pages, budget 128: batch 1 to 4; 1024 pages: never). Host
+    ints only. A cost model, to be confirmed on a GPU (``benchmarks/bench_decode.py`` times
+    both paths)."""
+    from sparse_kernels.sparse_decode import _small_grid
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if not (num_select > 0 and max_pages >= TWO_STAGE_MIN_ROW_FACTOR * num_select
+            and _small_grid(batch, num_kv_heads, dev)):
+        return False
+    plan = two_stage_plan(batch, num_kv_heads, max_pages, num_select, dev)
+    if plan is None:
+        return False
+    # The plan's cost model against the single-stage row tile (the whole row in registers):
+    # at most half of it, to pay for the second launch.
+    seg, n_seg = plan
+    cost = triton.next_power_of_2(seg) + triton.next_power_of_2(n_seg * num_select)
+    return 2 * cost <= triton.next_power_of_2(max_pages)
+
+
+def default_candidate_capacity(max_batch: int, num_kv_heads: int, max_pages: int,
+                               device: torch.device | str | None) -> int:
+    """Two-stage candidates (per buffer) of :class:`SelectWorkspace`: ``max_pages`` per row for
+    every batch the "auto" heuristic may send to the two-stage path (at most half as many rows
+    as SMs). A default plan keeps at most ``max_pages`` candidates per row: ``num_segments *
+    num_select <= num_segments * segment / 2 < max_pages`` (segments of ``>= 2 * num_select``
+    pages, fewer than ``max_pages``)."""
+    batch = min(max_batch, _sms(device) // max(1, 2 * num_kv_heads))
+    return max(0, batch) * num_kv_heads * max(0, max_pages)
+
+
+def default_stage1_warps(segment_pages: int) -> int:
+    """Warps of a two-stage segment program: 4 up to 1024 pages, 8 up to 4096, else 16."""
+    blk = triton.next_power_of_2(max(1, segment_pages))
+    return 4 if blk <= 1024 else (8 if blk <= 4096 else 16)
 
 
 def _row_block(max_pages: int, num_warps: int, block: int | None = None):
@@ -556,6 +836,10 @@ def topk_pages(
     block: int | None = None,
     num_warps: int | None = None,
     dense_pages: int = 0,
+    topk_method: str = DEFAULT_TOPK_METHOD,
+    segment_pages: int | None = None,
+    stage1_warps: int | None = None,
+    workspace: SelectWorkspace | None = None,
 ) -> torch.Tensor:
     """Top-``num_select`` logical pages of each row of ``scores``, sorted ascending.
 
@@ -566,20 +850,52 @@ def topk_pages(
         out: optional int32 ``[batch, num_kv_heads, num_select]``.
         method: ``"triton"`` (one radix-select kernel, grid ``(batch, num_kv_heads)``) or
             ``"torch"`` (``torch.topk`` + sort).
-        block: force the looped (re-read) variant with this block size (testing / tuning).
+        block: force the looped (re-read) variant with this block size (testing / tuning;
+            single-stage).
         dense_pages: rows of ``n_pages`` with ``num_select < n_pages <= dense_pages`` are dense
             rows (see :func:`select_pages`); runtime value.
+        topk_method, segment_pages, stage1_warps: single- or two-stage radix top-k (method
+            "triton"), see :func:`select_pages`.
+        workspace: optional :class:`SelectWorkspace` holding the two-stage candidate buffers
+            (else allocated per call).
     Returns:
         int32 ``[batch, num_kv_heads, num_select]``: a row with fewer than ``num_select``
         pages holds all of them followed by ``-1``; a dense row ``[DENSE_ROW, -1, ...]``.
         Static shapes, no host sync.
     """
     return _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, 0, 0, False, out,
-                        method, block, num_warps)
+                        method, block, num_warps, topk_method=topk_method,
+                        segment_pages=segment_pages, stage1_warps=stage1_warps,
+                        workspace=workspace)
+
+
+def resolve_topk_method(topk_method: str, batch: int, num_kv_heads: int, max_pages: int,
+                        num_select: int, device, segment_pages: int | None = None,
+                        block: int | None = None) -> str:
+    """``"single"`` or ``"two_stage"`` for a top-k launch (host ints only)."""
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"unknown topk_method {topk_method!r} (one of {TOPK_METHODS})")
+    if topk_method == "two_stage":
+        if block is not None:
+            raise ValueError("block (looped single-stage variant) with topk_method='two_stage'")
+        if two_stage_plan(batch, num_kv_heads, max_pages, num_select, device,
+                          segment_pages) is None:
+            raise ValueError(f"no two-stage plan for rows of {max_pages} pages, budget "
+                             f"{num_select} pages, segment_pages={segment_pages}")
+        return "two_stage"
+    if topk_method == "single" or block is not None:
+        return "single"
+    if segment_pages is not None:  # an explicit segment size asks for the two-stage path
+        ok = two_stage_plan(batch, num_kv_heads, max_pages, num_select, device,
+                            segment_pages) is not None
+        return "two_stage" if ok else "single"
+    ok = use_two_stage(batch, num_kv_heads, max_pages, num_select, device)
+    return "two_stage" if ok else "single"
 
 
 def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local, force, out,
-                 method, block, num_warps):
+                 method, block, num_warps, topk_method=DEFAULT_TOPK_METHOD, segment_pages=None,
+                 stage1_warps=None, workspace=None):
     batch, num_kv_heads, max_pages = scores.shape
     if out is None:
         out = torch.empty((batch, num_kv_heads, num_select), dtype=torch.int32,
@@ -590,6 +906,12 @@ def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, loc
         out.copy_(_topk_pages_torch(scores, seq_lens, page_size, num_select, dense_pages))
         return out
     if batch == 0 or num_select == 0:
+        return out
+    path = resolve_topk_method(topk_method, batch, num_kv_heads, max_pages, num_select,
+                               scores.device, segment_pages, block)
+    if path == "two_stage":
+        _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local,
+                          force, out, segment_pages, stage1_warps, num_warps, workspace)
         return out
     num_warps = num_warps or default_topk_warps(max_pages)
     blk, in_regs = _row_block(max_pages, num_warps, block)
@@ -604,6 +926,39 @@ def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, loc
         num_warps=num_warps,
     )
     return out
+
+
+def _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local, force,
+                      out, segment_pages, stage1_warps, stage2_warps, workspace):
+    """Two launches: per-segment exact top-k into candidate buffers (grid ``(num_segments,
+    batch, num_kv_heads)``), then the top-k of each row's candidates (grid ``(batch,
+    num_kv_heads)``). Static shapes (the plan depends on host ints only), no host sync."""
+    batch, num_kv_heads, max_pages = scores.shape
+    seg, n_seg = two_stage_plan(batch, num_kv_heads, max_pages, num_select, scores.device,
+                                segment_pages)
+    width = n_seg * num_select
+    if workspace is None:
+        ck = torch.empty((batch, num_kv_heads, width), dtype=torch.int32, device=scores.device)
+        cp = torch.empty_like(ck)
+    else:
+        ck, cp = workspace.candidate_views(batch, num_kv_heads, width)
+    seg_block = triton.next_power_of_2(seg)
+    _topk_stage1_kernel[(n_seg, batch, num_kv_heads)](
+        scores, seq_lens, ck, cp, num_select, dense_pages, sink, local, seg,
+        *scores.stride(), *ck.stride(),
+        PAGE_SIZE=page_size,
+        SEG_BLOCK=seg_block,
+        FORCE=force,
+        num_warps=stage1_warps or default_stage1_warps(seg),
+    )
+    cand_block = triton.next_power_of_2(width)
+    _topk_stage2_kernel[(batch, num_kv_heads)](
+        seq_lens, ck, cp, out, num_select, dense_pages, seg, n_seg,
+        *ck.stride(), *out.stride(),
+        PAGE_SIZE=page_size,
+        CAND_BLOCK=cand_block,
+        num_warps=stage2_warps or default_topk_warps(cand_block),
+    )
 
 
 def _topk_pages_torch(scores, seq_lens, page_size, num_select, dense_pages=0):
@@ -656,6 +1011,9 @@ def select_pages(
     num_warps: int | None = None,
     topk_warps: int | None = None,
     dense_pages: int = 0,
+    topk_method: str = DEFAULT_TOPK_METHOD,
+    segment_pages: int | None = None,
+    stage1_warps: int | None = None,
 ) -> torch.Tensor:
     """Quest top-k selection of logical pages for each (sequence, KV head).
 
@@ -679,11 +1037,22 @@ def select_pages(
         workspace: :class:`SelectWorkspace` (scores scratch, and the arrival counters of
             "fused"); allocated per call if ``None``.
         chunk_pages, num_warps: scoring launch tuning (pages per program: a power of two or
-            a multiple of 64; warps). topk_warps: warps of the top-k kernel.
+            a multiple of 64; warps). topk_warps: warps of the top-k kernel (two-stage: of
+            stage 2).
         dense_pages: a row with ``num_select < n_pages <= dense_pages`` is a dense row: no
             summaries are loaded for it (unless ``raw_scores`` is given) and no top-k runs;
             its output row is ``[DENSE_ROW, -1, ...]``. A runtime value (not compiled in),
             so CUDA graphs captured per batch size stay valid. ``0``: no dense rows.
+        topk_method: top-k of method "triton": ``"single"``: one radix-select program per
+            row; ``"two_stage"``: rows split into segments (:func:`two_stage_plan`), an exact
+            top-k per segment into ``workspace``'s candidate buffers, then one program per row
+            selects among its candidates (the same result, bit for bit, ties included);
+            ``"auto"``: two-stage for small grids and long rows (:func:`use_two_stage`, e.g.
+            batch 1 at 8 KV heads), else single. Default :data:`DEFAULT_TOPK_METHOD`. Host
+            ints only (batch, heads, block-table width), so CUDA graphs stay valid.
+        segment_pages: two-stage segment size (default: :func:`two_stage_plan`); given with
+            ``topk_method="auto"``, it selects the two-stage path where a plan exists.
+        stage1_warps: warps of the two-stage segment programs.
 
     Returns:
         ``selected`` int32 ``[batch, num_kv_heads, num_select]``: logical page indices sorted
@@ -693,6 +1062,8 @@ def select_pages(
     """
     if method not in ("triton", "fused", "torch"):
         raise ValueError(f"unknown select method {method!r}")
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"unknown topk_method {topk_method!r} (one of {TOPK_METHODS})")
     batch = q.shape[0]
     num_kv_heads = summaries.shape[2]
     max_pages = block_table.shape[1]
@@ -719,8 +1090,10 @@ def select_pages(
     _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
                     scores, raw_scores, None, None, num_select, dense_pages, skip_pages,
                     k_cache, chunk_pages, num_warps, skip_tail=method == "triton")
-    return topk_pages(scores, seq_lens, page_size, num_select, out=out, method=method,
-                      num_warps=topk_warps, dense_pages=dense_pages)
+    return _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, 0, 0, False, out,
+                        method, None, topk_warps, topk_method=topk_method,
+                        segment_pages=segment_pages, stage1_warps=stage1_warps,
+                        workspace=workspace)
 
 
 def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
@@ -807,6 +1180,8 @@ def reselect_pages(
     out: torch.Tensor | None = None,
     method: str = "triton",
     dense_pages: int = 0,
+    topk_method: str = DEFAULT_TOPK_METHOD,
+    segment_pages: int | None = None,
 ) -> torch.Tensor:
     """Selection reuse: top-k over stored raw scores, with sink/local forced for the current
     ``seq_lens``. Pages that were beyond the sequence when the scores were taken (``-inf``) but
@@ -820,11 +1195,14 @@ def reselect_pages(
         raw_scores: fp32 ``[batch, num_kv_heads, max_pages]`` from a previous
             ``select_pages(..., raw_scores=buf)``.
         seq_lens: int32 ``[batch]``: the current lengths.
+        topk_method, segment_pages: as in :func:`select_pages` (two-stage: the forcing is
+            applied by stage 1; candidates allocated per call).
     Returns: like :func:`select_pages`.
     """
     return _topk_launch(raw_scores, seq_lens, page_size, num_select, max(0, dense_pages),
                         sink_pages, local_pages, True, out,
-                        "torch" if method == "torch" else "triton", None, None)
+                        "torch" if method == "torch" else "triton", None, None,
+                        topk_method=topk_method, segment_pages=segment_pages)
 
 
 def _dense_rows(selected: torch.Tensor) -> torch.Tensor:

@@ -430,3 +430,200 @@ def test_wide_block_table_skips_tail_chunks_and_ignores_stale_scores():
     assert torch.equal(sel, want), (sel, want)
     # the tail really was skipped: the stale +inf is still there past the longest row
     assert (scores[0, :, 31 + 64:].cpu() == float("inf")).all()
+
+
+# -- two-stage top-k (segment candidates, then the top-k of each row's candidates) ------------
+
+def _two_stage_rows(n_pages, max_pages, k, seg, seed):
+    """Score rows for the two-stage checks: head 0 heavy integer ties (negative too) with a
+    tied block of winners straddling every segment boundary; head 1 tie-free negative
+    scores, +inf forced pages across segments (more than the budget in row 0), and a row of
+    mostly ``-inf`` (valid) scores. Beyond each row's pages: NaN (never to be read)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 3, (len(n_pages), 2, max_pages), generator=g).float()
+    for b0 in range(seg, max_pages, seg):  # ties at 9 straddle each segment boundary
+        scores[:, 0, max(0, b0 - 2): b0 + 2] = 9.0
+    scores[:, 1] = -torch.rand(len(n_pages), max_pages, generator=g) * 100 - 1
+    scores[:, 1, :2] = float("inf")  # sink-like
+    scores[:, 1, 1::seg] = float("inf")  # one forced page in every segment
+    scores[0, 1, : k + 3] = float("inf")  # more forced pages than the budget
+    scores[1, 1, 3:] = float("-inf")  # valid -inf pages: ties at the bottom
+    for b, n in enumerate(n_pages):
+        scores[b, :, n:] = float("nan")
+    return scores
+
+
+def _topk_all_ways(scores, n_pages, page, k, seg, dense_pages=0):
+    seq_lens = torch.tensor([max(0, n * page - (b % page)) for b, n in enumerate(n_pages)],
+                            dtype=torch.int32)
+    sc, sl = scores.to(DEVICE), seq_lens.to(DEVICE)
+    two = topk_pages(sc, sl, page, k, dense_pages=dense_pages, topk_method="two_stage",
+                     segment_pages=seg).cpu()
+    single = topk_pages(sc, sl, page, k, dense_pages=dense_pages, topk_method="single").cpu()
+    want = ref_select_from_scores(scores.nan_to_num(nan=float("-inf")), seq_lens, page, k, 0,
+                                  0, dense_pages=dense_pages)
+    return two, single, want, seq_lens
+
+
+@pytest.mark.parametrize("k,seg,max_pages", [
+    (5, 16, 100),   # budget not a power of two, 7 segments, a partial last one
+    (7, 12, 90),    # segment not a power of two (masked tile lanes)
+    (6, 4, 40),     # segments smaller than the budget: candidates are whole segments
+    (12, 128, 60),  # S = 1: one segment holds the whole row
+])
+def test_two_stage_matches_single_and_reference(k, seg, max_pages):
+    """Two-stage == single-stage == reference on ragged rows: empty, one page, shorter than
+    the budget, at it, just above it, a partial last segment, rows whose trailing segments
+    are past their pages, full rows; heavy ties across segment boundaries, +inf and -inf
+    pages, negative scores; with and without dense rows."""
+    page = 2
+    n_pages = [max_pages, max_pages - 1, 0, 1, k - 1, k, k + 1, k + 2, max_pages // 3 + 1,
+               2 * seg + 1]
+    n_pages = [min(n, max_pages) for n in n_pages]
+    scores = _two_stage_rows(n_pages, max_pages, k, seg, seed=k)
+    two, single, want, seq_lens = _topk_all_ways(scores, n_pages, page, k, seg)
+    assert torch.equal(single, want), (single, want)
+    assert torch.equal(two, want), (two, want)
+    _check_selection_invariants(two, [int(s) for s in seq_lens], page, k, 0, 0)
+    # dense rows (k < n_pages <= k + 1), on the rows that tell: full, empty, k, k+1, k+2
+    rows = [0, 2, 5, 6, 7]
+    two_d, single_d, want_d, _ = _topk_all_ways(scores[rows], [n_pages[r] for r in rows], page,
+                                                k, seg, dense_pages=k + 1)
+    assert torch.equal(single_d, want_d) and torch.equal(two_d, want_d), (two_d, want_d)
+    assert two_d[3].tolist() == [_sentinel_row(k)] * 2  # k + 1 pages: dense
+    assert DENSE_ROW not in two_d[4].flatten().tolist()  # k + 2 pages: selected
+    assert two_d[2].tolist() == [list(range(k))] * 2  # k pages: all listed
+    # the checks see the tie rule: the tied winners straddling segment boundaries are cut
+    if 2 * seg < max_pages and seg > 2:
+        row = two[0, 0].tolist()
+        tied = [j for j in range(max_pages) if float(scores[0, 0, j]) == 9.0]
+        assert len(tied) > k and row == tied[:k], (row, tied)
+
+
+def test_two_stage_ties_decided_in_stage_two():
+    """Every segment's candidates tie with every other segment's (all scores equal but a few
+    winners per segment): stage 2 must take the lowest pages among the tied candidates of
+    different segments, and stage 1 the lowest within each segment."""
+    page, k, seg, n = 1, 9, 8, 64
+    scores = torch.zeros(1, 2, n)
+    scores[0, :, 5::seg] = 1.0  # 8 winners, one per segment; 1 slot left to the tied zeros
+    scores[0, 1] = scores[0, 1].flip(-1)
+    seq_lens = torch.tensor([n], dtype=torch.int32)
+    two = topk_pages(scores.to(DEVICE), seq_lens.to(DEVICE), page, k, topk_method="two_stage",
+                     segment_pages=seg).cpu()
+    assert two[0, 0].tolist() == [0] + list(range(5, n, seg))
+    assert two[0, 1].tolist() == [0] + list(range(n - 1 - 5 - 7 * seg, n, seg))
+    assert torch.equal(two, ref_select_from_scores(scores, seq_lens, page, k, 0, 0))
+    # all tied: the first pages, although every segment offers candidates (k = 9: whole
+    # segments pass; k = 5 < seg: stage 1 cuts each segment's ties itself)
+    flat = torch.full((1, 2, n), -0.5)
+    for kk in (k, 5):
+        two = topk_pages(flat.to(DEVICE), seq_lens.to(DEVICE), page, kk,
+                         topk_method="two_stage", segment_pages=seg).cpu()
+        assert two[0].tolist() == [list(range(kk))] * 2, kk
+
+
+def test_two_stage_select_pages_auto_workspace_and_stale_candidates(monkeypatch):
+    """select_pages end to end (scoring with sink / local forcing, dense rows): the "auto"
+    heuristic on a 132-SM device takes the two-stage path at batch 1 and long rows and not
+    at batch 16 (spied); results equal single-stage and the reference. A workspace reused with
+    shorter rows (a CUDA-graph replay: segments past the new rows keep the candidates of the
+    longer ones) still gives the exact answer."""
+    from sparse_kernels import sparse_decode
+
+    monkeypatch.setattr(sparse_decode, "_device_sms", lambda device: 132)
+    calls = []
+    real = page_select._two_stage_launch
+    monkeypatch.setattr(page_select, "_two_stage_launch",
+                        lambda *a, **kw: calls.append(a[-4]) or real(*a, **kw))
+    page, k, sink, local = 4, 8, 1, 2
+    q, summ, bt, sl = _setup([150 * page - 1], 4, 16, page, seed=31)
+    args = (*_dev(q, summ, bt), page, k, sink, local)
+    assert page_select.use_two_stage(1, 2, bt.shape[1], k, DEVICE)
+    assert not page_select.use_two_stage(64, 2, bt.shape[1], k, DEVICE)
+    ws = page_select.SelectWorkspace(1, 2, bt.shape[1], device=DEVICE, counters=False)
+    assert ws.cand_keys.numel() >= 2 * bt.shape[1]  # sized for the auto path, no growth
+    buf = ws.cand_keys
+    want = ref_select_pages(q, summ, bt, sl, page, k, sink, local)
+    # The default stays single-stage until the two-stage path is timed on a GPU.
+    assert page_select.DEFAULT_TOPK_METHOD == "single"
+    got = select_pages(*args[:3], sl.to(DEVICE), *args[3:], workspace=ws,
+                       topk_method="auto").cpu()
+    assert calls == [None] and torch.equal(got, want), (got, want)
+    assert ws.cand_keys is buf
+    single = select_pages(*args[:3], sl.to(DEVICE), *args[3:], workspace=ws,
+                          topk_method="single").cpu()
+    assert len(calls) == 1 and torch.equal(single, want)
+    # shorter rows, same workspace: stale candidates of segments 2.. must not be read
+    for n in (40, 9, 5):  # two segments, just above the budget with dense rows, short
+        short = torch.tensor([n * page], dtype=torch.int32)
+        want_s = ref_select_pages(q, summ, bt, short, page, k, sink, local, dense_pages=9)
+        got_s = select_pages(*args[:3], short.to(DEVICE), *args[3:], workspace=ws,
+                             segment_pages=32, dense_pages=9, topk_method="auto").cpu()
+        assert torch.equal(got_s, want_s), (n, got_s, want_s)
+    # batch 16: auto keeps the single-stage kernel
+    calls.clear()
+    q16, summ16, bt16, sl16 = _setup([60 * page] * 16, 4, 16, page, seed=32)
+    got16 = select_pages(*_dev(q16, summ16, bt16, sl16), page, k, sink, local,
+                         topk_method="auto").cpu()
+    assert calls == [] and torch.equal(
+        got16, ref_select_pages(q16, summ16, bt16, sl16, page, k, sink, local))
+
+
+def test_two_stage_reselect_forces_in_stage_one():
+    """Selection reuse through the two-stage path: sink / local pages and pages without a
+    stored score are forced by stage 1 for the current lengths; same as single-stage."""
+    page, k, sink, local = 4, 6, 1, 2
+    old = torch.tensor([50 * page - 1, 30 * page], dtype=torch.int32)
+    q, summ, bt, _ = _setup([int(s) + 9 for s in old], 4, 32, page, seed=33)
+    raw = torch.empty(len(old), 2, bt.shape[1], device=DEVICE)
+    select_pages(*_dev(q, summ, bt, old), page, k, sink, local, raw_scores=raw,
+                 topk_method="single")
+    # grown within the local window: the reference applies
+    near = old + 5
+    two = reselect_pages(raw, near.to(DEVICE), page, k, sink, local, topk_method="two_stage",
+                         segment_pages=16).cpu()
+    want = ref_select_from_scores(ref_page_scores(q, summ, bt, old, page), near, page, k,
+                                  sink, local)
+    assert torch.equal(two, want), (two, want)
+    # grown past it: the unscored page 30 of row 1 is forced (not in the reference's model)
+    far = old + 9
+    two = reselect_pages(raw, far.to(DEVICE), page, k, sink, local, topk_method="two_stage",
+                         segment_pages=16).cpu()
+    single = reselect_pages(raw, far.to(DEVICE), page, k, sink, local,
+                            topk_method="single").cpu()
+    assert torch.equal(two, single), (two, single)
+    assert (two[1, :, :] == 30).any(dim=-1).all()
+
+
+def test_two_stage_plan_and_workspace_sizing(monkeypatch):
+    """Plan / heuristic on a 132-SM device (host ints only) and the workspace's candidate
+    capacity covering every plan the heuristic picks; explicit plans that do not fit raise."""
+    from sparse_kernels import sparse_decode
+
+    monkeypatch.setattr(sparse_decode, "_device_sms", lambda device: 132)
+    ps = page_select
+    assert ps.two_stage_plan(1, 8, 8192, 128, DEVICE) == (1024, 8)
+    assert ps.use_two_stage(1, 8, 8192, 128, DEVICE)
+    assert ps.use_two_stage(1, 8, 8256, 256, DEVICE)  # vLLM's padded table width
+    assert not ps.use_two_stage(16, 8, 8192, 128, DEVICE)  # grid large enough already
+    assert not ps.use_two_stage(1, 8, 400, 128, DEVICE)  # row shorter than 4x the budget
+    assert not ps.use_two_stage(1, 8, 1024, 128, DEVICE)  # too little to win
+    assert ps.resolve_topk_method("auto", 1, 8, 8192, 128, DEVICE, block=1024) == "single"
+    with pytest.raises(ValueError):
+        ps.resolve_topk_method("two_stage", 1, 8, 8192, 128, DEVICE, segment_pages=16384)
+    with pytest.raises(ValueError):
+        ps.resolve_topk_method("bogus", 1, 8, 8192, 128, DEVICE)
+    for heads in (1, 2, 8):
+        for width in (512, 2048, 8256, 16384, 65536):
+            cap = ps.default_candidate_capacity(256, heads, width, DEVICE)
+            for batch in range(1, 80):
+                for k in (16, 100, 128, 512):
+                    if ps.use_two_stage(batch, heads, width, k, DEVICE):
+                        seg, n_seg = ps.two_stage_plan(batch, heads, width, k, DEVICE)
+                        assert seg >= 2 * k and n_seg >= 2
+                        assert batch * heads * n_seg * k <= cap, (heads, width, batch, k)
+    # a forced plan the workspace was not sized for grows it (outside graph capture)
+    ws = ps.SelectWorkspace(2, 2, 64, device=DEVICE, counters=False, candidates=0)
+    keys, pages = ws.candidate_views(2, 2, 40)
+    assert keys.shape == pages.shape == (2, 2, 40) and ws.cand_keys.numel() == 160
