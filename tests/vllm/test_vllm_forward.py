@@ -239,3 +239,25 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch):
     impl.forward(_Layer(), torch.randn(41, HQ, D), None, None, kv_cache, meta,
                  torch.empty(41, HQ, D))
     assert calls == [1]
+
+
+def test_stats_count_dense_decode_rows_as_fully_read_in_mixed_batches(monkeypatch):
+    """A decode row of at most decode_min_seq_len tokens (dense row) beside a sparse decode row
+    and a prefill chunk: the layer-0 sums count the dense row's whole sequence as read."""
+    _fake_fa3(monkeypatch)
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    seq_lens, q_lens = [120, 300, 200], [1, 1, 64]
+    cfg = SparseConfig(prefill_method="streaming", token_budget=64, sink_tokens=16,
+                       local_tokens=16, min_seq_len=100, block_size=16, decode_min_seq_len=128)
+    _, _, kv_cache, _, m = _batch(seq_lens, q_lens, seed=4)
+    meta = _builder(cfg, 4).build(0, m)
+    assert meta.num_decodes == 2
+
+    class Layer0:
+        layer_name = "model.layers.0.self_attn.attn"
+
+    _impl(cfg).forward(Layer0(), torch.randn(66, HQ, D), None, None, kv_cache, meta,
+                       torch.empty(66, HQ, D))
+    sums = backend.PATH_COUNTERS.device_sums.tolist()
+    # dense row: 120 tokens per KV head; sparse row: 3 full pages + the partial last (12)
+    assert sums[0] == (120 + 3 * 16 + 12) * HKV and sums[1] == (120 + 300) * HKV
