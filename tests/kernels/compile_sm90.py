@@ -1,4 +1,4 @@
-"""Compile the decode kernels for an H100 (sm_90) on a machine without a GPU, no launch.
+"""Compile the decode and prefill kernels for an H100 (sm_90) on a machine without a GPU.
 
 Run as a script by test_compile_sm90.py (a fresh process: the tests interpret Triton, and this
 needs the compiler). Triton's driver is replaced by a stand-in that names the target, and every
@@ -61,7 +61,8 @@ jit.JITFunction.run = _compile_only
 
 def main() -> None:
     from sparse_kernels import page_select as ps
-    from sparse_kernels.pipeline import warm_up_summary_update
+    from sparse_kernels.config import PREFILL_METHODS, SparseConfig
+    from sparse_kernels.pipeline import warm_up_prefill, warm_up_summary_update
     from sparse_kernels.sparse_decode import sparse_decode
 
     cpu = torch.device("cpu")
@@ -80,6 +81,11 @@ def main() -> None:
         sel = torch.zeros(batch, hkv, 256, dtype=torch.int32)
         sparse_decode(q, kc, kc, bt, sl, selected=sel, out=torch.zeros_like(q), num_splits=4)
         warm_up_summary_update(kc, summ)
+        # Prefill: every estimator and the block-sparse kernel, through the engine's warm-up
+        # (length buckets up to 600 tokens, batches of one and two sequences).
+        for method in PREFILL_METHODS:
+            if method != "dense":
+                warm_up_prefill(method, SparseConfig(), q[:1], kc, kc, 600, d ** -0.5)
 
 
 if __name__ == "__main__":

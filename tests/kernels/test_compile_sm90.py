@@ -1,5 +1,5 @@
-"""The decode kernels compile for sm_90 (cubin) without a GPU: catches what the interpreter
-cannot, e.g. a construct the Triton compiler rejects, before a GPU run does."""
+"""The decode and prefill kernels compile for sm_90 (cubin) without a GPU: catches what the
+interpreter cannot, e.g. a construct the Triton compiler rejects, before a GPU run does."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 
-def test_decode_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     try:
         from triton.backends.nvidia import compiler  # noqa: F401
     except Exception as e:  # noqa: BLE001
@@ -25,5 +25,8 @@ def test_decode_kernels_compile_for_sm90():
     names = {n for n, _ in lines}
     assert {"_select_fused_kernel", "_topk_pages_kernel", "_topk_stage1_kernel",
             "_topk_stage2_kernel", "_sparse_decode_kernel", "_merge_splits_kernel",
-            "_update_summaries_kernel"} <= names, names
+            "_update_summaries_kernel", "_block_sparse_prefill_kernel",
+            "_build_block_lists_kernel", "_last_q_kernel", "_xattn_strided_lse_kernel",
+            "_xattn_block_scores_kernel", "_block_mean_k_kernel", "_pooled_logits_kernel"
+            } <= names, names
     assert all(kind == "cubin" for _, kind in lines), lines
