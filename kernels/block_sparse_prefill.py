@@ -53,6 +53,7 @@ __all__ = [
     "all_causal_block_lists",
     "block_density",
     "block_sparse_prefill_attention",
+    "chunk_of_sequence",
 ]
 
 
@@ -217,6 +218,16 @@ def interpret_upcast(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def chunk_of_sequence(b, seq_lens_ptr, qsl_ptr):
+    """(length, first query token, first position of this step's chunk) of sequence ``b``
+    of a ragged prefill batch (``seq_lens`` include the chunk; ``qsl`` = query_start_loc)."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    q_begin = tl.load(qsl_ptr + b)
+    q_end = tl.load(qsl_ptr + b + 1)
+    return seq_len, q_begin, seq_len - (q_end - q_begin)
+
+
+@triton.jit
 def _block_sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     block_table_ptr, seq_lens_ptr, qsl_ptr,
@@ -252,10 +263,7 @@ def _block_sparse_prefill_kernel(
     if b < 0:
         return
     qblk = tl.load(qb_idx_ptr + slot)
-    seq_len = tl.load(seq_lens_ptr + b)
-    q_begin = tl.load(qsl_ptr + b)
-    q_end = tl.load(qsl_ptr + b + 1)
-    chunk_start = seq_len - (q_end - q_begin)
+    seq_len, q_begin, chunk_start = chunk_of_sequence(b, seq_lens_ptr, qsl_ptr)
     pos_lo = qblk * BLOCK_SIZE + sub * BLOCK_Q
     if pos_lo + BLOCK_Q <= chunk_start:  # sub-block before the chunk (first, partial block)
         return

@@ -33,6 +33,7 @@ from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import (
     PrefillBlockLists,
     PrefillBlockMeta,
+    chunk_of_sequence,
     chunk_tiles,
     interpret_upcast,
     max_tiles,
@@ -73,10 +74,7 @@ def _xattn_strided_lse_kernel(
     if b < 0:
         return
     tidx = tl.load(tile_idx_ptr + tslot)
-    seq_len = tl.load(seq_lens_ptr + b)
-    q_begin = tl.load(qsl_ptr + b)
-    q_end = tl.load(qsl_ptr + b + 1)
-    chunk_start = seq_len - (q_end - q_begin)
+    seq_len, q_begin, chunk_start = chunk_of_sequence(b, seq_lens_ptr, qsl_ptr)
 
     ROWS: tl.constexpr = RT * G_PAD
     rows = tl.arange(0, ROWS)
@@ -153,8 +151,7 @@ def _xattn_block_scores_kernel(
                      mask=kb < num_kv_blocks)
         return
     i = tl.load(qb_idx_ptr + slot)
-    seq_len = tl.load(seq_lens_ptr + b)
-    chunk_start = seq_len - (tl.load(qsl_ptr + b + 1) - tl.load(qsl_ptr + b))
+    seq_len, _, chunk_start = chunk_of_sequence(b, seq_lens_ptr, qsl_ptr)
     # The block's strided rows i*R .. i*R+R-1 are consecutive row slots.
     srow0 = i * R
     row_slot0 = (tl.load(seq_slot0_ptr + b) + srow0 // RT - tl.load(seq_first_ptr + b)) * RT \
