@@ -77,9 +77,10 @@ def main() -> None:
     def delta(a, b):
         if a is None or b is None:
             return None
+        from vllm_sparse.metrics import fractions_from_sums
+
         d = [y - x for x, y in zip(a["device_sums"], b["device_sums"])]
-        return {"decode_kv_fraction_read": d[0] / d[1] if d[1] else None,
-                "prefill_block_density": d[2] / d[3] if d[3] else None,
+        return {**fractions_from_sums(d),
                 "prefill_chunks_sparse": b["prefill_chunks_sparse"] - a["prefill_chunks_sparse"],
                 "prefill_chunks_dense_fallback": b.get("prefill_chunks_dense_fallback", 0)
                 - a.get("prefill_chunks_dense_fallback", 0)}

@@ -106,23 +106,6 @@ def score_pages(
     _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
                     scores, raw_scores, None, None, 0, 0, 0, k_cache, block_p, num_warps)
     return scores
-    block_p = min(block_p or 64, triton.next_power_of_2(max_pages))
-    grid = (triton.cdiv(max_pages, block_p), batch, num_kv_heads)
-    _score_pages_kernel[grid](
-        q, summaries, block_table, seq_lens, scores, raw,
-        sink_pages, local_pages, max_pages,
-        *q.stride(), *summaries.stride(), block_table.stride(0),
-        *scores.stride(), *raw.stride(),
-        PAGE_SIZE=page_size,
-        GROUP=group,
-        GROUP_PAD=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_P=block_p,
-        STORE_RAW=raw_scores is not None,
-        num_warps=num_warps,
-    )
-    return scores
 
 
 @triton.jit

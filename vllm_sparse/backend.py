@@ -45,6 +45,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from sparse_kernels.config import SparseConfig, SparseConfigError, get_config
+from vllm_sparse import metrics
 
 logger = logging.getLogger("vllm.sparse_serve")
 
@@ -152,16 +153,13 @@ class _PathCounters:
             "prefill_chunks_dense": self.dense_prefill_reqs,
             "prefill_chunks_dense_fallback": self.prefill_dense_fallbacks,
             "decode_steps": self.decode_steps,
-            "decode_kv_fraction_read": sums[0] / sums[1] if sums[1] else None,
-            "prefill_block_density": sums[2] / sums[3] if sums[3] else None,
+            **metrics.fractions_from_sums(sums),
             "device_sums": sums,
         }
 
     def maybe_report(self, cfg: SparseConfig) -> None:
         """Write the metrics file every ``metrics.WRITE_EVERY_S`` and log every
         ``LOG_EVERY_S`` seconds (each reads the device sums: one small host sync)."""
-        from vllm_sparse import metrics
-
         now = time.monotonic()
         write = self.write_metrics and now - self._last_write >= metrics.WRITE_EVERY_S
         log = now - self._last >= LOG_EVERY_S

@@ -42,6 +42,14 @@ WRITE_EVERY_S = float(os.environ.get("SPARSE_SERVE_METRICS_EVERY_S", "5"))
 _collector = None
 
 
+def fractions_from_sums(sums) -> dict:
+    """The two ratios of the backend's four layer-0 sums ``[decode KV tokens read, decode KV
+    tokens held, prefill blocks computed, prefill causal blocks]`` (``None`` where the
+    denominator is 0): also right for differences or totals of such sums."""
+    return {"decode_kv_fraction_read": sums[0] / sums[1] if sums[1] else None,
+            "prefill_block_density": sums[2] / sums[3] if sums[3] else None}
+
+
 def metrics_path() -> str:
     """The snapshot file; set in the environment on first use so child processes share it."""
     path = os.environ.get(METRICS_FILE_ENV)

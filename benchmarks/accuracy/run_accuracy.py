@@ -264,8 +264,9 @@ def overall_fractions(per_length: dict) -> dict:
         if not st or st.get("sums") is None:
             return {k: None for k in FRACTION_KEYS}
         tot = [a + b for a, b in zip(tot, st["sums"])]
-    return {"decode_kv_fraction_read": round(tot[0] / tot[1], 6) if tot[1] else None,
-            "prefill_block_density": round(tot[2] / tot[3], 6) if tot[3] else None}
+    from vllm_sparse.metrics import fractions_from_sums  # sums exist: the backend ran here
+
+    return {k: None if v is None else round(v, 6) for k, v in fractions_from_sums(tot).items()}
 
 
 # --------------------------------------------------------------------------------------------
