@@ -9,5 +9,6 @@ python3 -m pip list 2>/dev/null | grep -i -E "^(pytest) " || echo "no pytest: ke
 if python3 -c "import pytest" 2>/dev/null; then
   TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels 2>&1 | tail -5 | tee "$OUT/kernel_tests_gpu.log"
 fi
-timeout 150 python3 benchmarks/bench_decode.py --require-fa3 --out "$OUT/decode.json" 2>&1 | tail -15
-timeout 200 python3 benchmarks/bench_prefill.py --out "$OUT/prefill.json" 2>&1 | tail -15
+# DECODE_ARGS: extra bench_decode.py arguments (e.g. the two-stage top-k sweep of docs/gpu-testing.md)
+timeout ${DECODE_TIMEOUT:-150} python3 benchmarks/bench_decode.py --require-fa3 ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tail -${DECODE_TAIL:-15}
+timeout ${PREFILL_TIMEOUT:-200} python3 benchmarks/bench_prefill.py --out "$OUT/prefill.json" 2>&1 | tail -15
