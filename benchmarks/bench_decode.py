@@ -369,7 +369,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)

@@ -25,7 +25,7 @@ Pipeline (all on device, static shapes, no host sync, CUDA-graph safe):
    (``method="torch"``: ``torch.topk`` + sort, same result up to ties.)
 
    Two-stage variant (``topk_method="two_stage"``, or ``"auto"``: small grids and long rows;
-   batch 1 at 8 KV heads is 8 programs on 132 SMs; opt-in, see :data:`DEFAULT_TOPK_METHOD`):
+   batch 1 at 8 KV heads is 8 programs on 132 SMs; the default, see :data:`DEFAULT_TOPK_METHOD`):
    grid ``(num_segments, batch, num_kv_heads)``,
    the exact top-k of each segment of a row into candidate buffers, then grid ``(batch,
    num_kv_heads)``, the top-k of each row's candidates (a row ``num_segments * num_select``
@@ -702,11 +702,14 @@ SHORT_ROW_BLOCK = 2048
 _MAX_SEGMENT_BLOCK = 8192
 _MAX_CANDIDATE_BLOCK = 16384
 TWO_STAGE_MIN_ROW_FACTOR = 4
+# ... and block tables of at least this many pages: on an H200 (benchmarks/results/
+# decode_2026-11-23_h200_two_stage.json) the two-stage top-k lost 10-15% on 2048-page rows
+# (32K tokens) at batch 1-4 and won 5-34% on 8192/8256-page rows (128K) at batch 1-4.
+TWO_STAGE_MIN_PAGES = 4096
 TOPK_METHODS = ("auto", "single", "two_stage")
-# "single" until the two-stage path has been compiled and timed on a GPU (written and tested
-# against the references on the CPU only; bench_decode.py --sweep times both): an engine
-# should not switch kernels on an unmeasured path.
-DEFAULT_TOPK_METHOD = "single"
+# "auto" since the H200 run above: both paths compiled, bit-identical selections on every
+# measured shape (32K-132K tokens, batch 1-16, budgets 128 and 256 pages).
+DEFAULT_TOPK_METHOD = "auto"
 
 
 def _sms(device) -> int:
@@ -760,17 +763,18 @@ def use_two_stage(batch: int, num_kv_heads: int, max_pages: int, num_select: int
     """``topk_method="auto"``: the two-stage top-k when the ``(batch, num_kv_heads)`` grid is
     small (:func:`~sparse_kernels.sparse_decode._small_grid`: at most half as many rows as SMs,
     batch 1 at 8 KV heads on an H100) and rows can be long (block-table width of at least
-    :data:`TWO_STAGE_MIN_ROW_FACTOR` x the budget), and a plan exists whose two register tiles
+    :data:`TWO_STAGE_MIN_ROW_FACTOR` x the budget and at least :data:`TWO_STAGE_MIN_PAGES`
+    pages), and a plan exists whose two register tiles
     together are at most half the single-stage row tile, to pay for the second launch (H100,
     8 KV heads: 128K tokens at page 16 = 8192 pages (8256 in vLLM's table), budgets of 128 to
-    512 pages: batch 1 to 4; 2048 pages, budget 128: batch 1 to 4; 1024 pages: never). Host
-    ints only. A cost model, to be confirmed on a GPU (``benchmarks/bench_decode.py`` times
-    both paths)."""
+    512 pages: batch 1 to 4; 2048 pages or fewer: never). Host ints only. A cost model,
+    checked on an H200 for 2048-8256 pages, batch 1-16, budgets of 128 and 256 pages
+    (``benchmarks/bench_decode.py --sweep`` times both paths)."""
     from sparse_kernels.sparse_decode import _small_grid
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if not (num_select > 0 and max_pages >= TWO_STAGE_MIN_ROW_FACTOR * num_select
-            and _small_grid(batch, num_kv_heads, dev)):
+            and max_pages >= TWO_STAGE_MIN_PAGES and _small_grid(batch, num_kv_heads, dev)):
         return False
     plan = two_stage_plan(batch, num_kv_heads, max_pages, num_select, dev)
     if plan is None:

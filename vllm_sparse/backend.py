@@ -141,6 +141,17 @@ class _PathCounters:
         # Only one process per engine writes the metrics file (tensor-parallel rank 0).
         self.write_metrics = True
 
+    def reset(self) -> None:
+        """Forget what was counted so far: vLLM's start-up batches (warm-up and CUDA-graph
+        capture runs of made-up requests) go through the same builder as real ones; the
+        builder resets the counts at every capture, so after the last one only served
+        requests count."""
+        self.sparse_prefill_reqs = self.dense_prefill_reqs = 0
+        self.decode_steps = self.prefill_dense_fallbacks = 0
+        if self.device_sums is not None and not (
+                torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            self.device_sums.zero_()
+
     def sums_for(self, device: torch.device) -> torch.Tensor:
         if self.device_sums is None:
             self.device_sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -268,6 +279,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> SparseAttentionMetadata:
+        PATH_COUNTERS.reset()  # start-up batches are not served requests
         return self.build(0, common_attn_metadata)
 
     def _prefill_runs(self, m: CommonAttentionMetadata, first: int) -> list[PrefillRun]:
@@ -486,8 +498,9 @@ class SparseAttentionImpl(AttentionImpl):
             # it, and a request only ever reads pages it (or the prefix cache) wrote.
             s = allocate_page_summaries(key_cache).zero_()
             self._summaries = s
-            logger.info("sparse-serve: page summaries %s, %.1f MiB per layer",
-                        tuple(s.shape), s.numel() * s.element_size() / 2**20)
+            if self._layer_index in (0, None):  # once, not once per layer
+                logger.info("sparse-serve: page summaries %s, %.1f MiB per attention layer",
+                            tuple(s.shape), s.numel() * s.element_size() / 2**20)
         return s
 
     # -- KV write (vLLM calls this before forward: forward_includes_kv_cache_update=False) ---

@@ -20,11 +20,12 @@ report() {
   grep -E "TTFT|batch |compiled|sparse-serve stats|JIT|Error|error|Traceback" "$OUT/e2e_$1.log" | grep -v "^$" | tail -20
 }
 nvidia-smi --query-gpu=index,name --format=csv,noheader
-gpu=0
+# GPU0: the first GPU to use (e.g. 1 when GPU 0 runs something else)
+gpu=${GPU0:-0}
 if [ "${PARALLEL:-0}" = 1 ]; then
   for b in ${BACKENDS:-FLASH_ATTN CUSTOM}; do run_one $b $gpu & gpu=$((gpu + 1)); done
   wait
   for b in ${BACKENDS:-FLASH_ATTN CUSTOM}; do echo "-- $b"; report $b; done
 else
-  for b in ${BACKENDS:-FLASH_ATTN CUSTOM}; do run_one $b 0; report $b; done
+  for b in ${BACKENDS:-FLASH_ATTN CUSTOM}; do run_one $b $gpu; report $b; done
 fi

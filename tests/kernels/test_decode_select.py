@@ -532,6 +532,7 @@ def test_two_stage_select_pages_auto_workspace_and_stale_candidates(monkeypatch)
     from sparse_kernels import sparse_decode
 
     monkeypatch.setattr(sparse_decode, "_device_sms", lambda device: 132)
+    monkeypatch.setattr(page_select, "TWO_STAGE_MIN_PAGES", 0)  # small rows, for the CPU
     calls = []
     real = page_select._two_stage_launch
     monkeypatch.setattr(page_select, "_two_stage_launch",
@@ -545,8 +546,7 @@ def test_two_stage_select_pages_auto_workspace_and_stale_candidates(monkeypatch)
     assert ws.cand_keys.numel() >= 2 * bt.shape[1]  # sized for the auto path, no growth
     buf = ws.cand_keys
     want = ref_select_pages(q, summ, bt, sl, page, k, sink, local)
-    # The default stays single-stage until the two-stage path is timed on a GPU.
-    assert page_select.DEFAULT_TOPK_METHOD == "single"
+    assert page_select.DEFAULT_TOPK_METHOD == "auto"
     got = select_pages(*args[:3], sl.to(DEVICE), *args[3:], workspace=ws,
                        topk_method="auto").cpu()
     assert calls == [None] and torch.equal(got, want), (got, want)
@@ -609,6 +609,8 @@ def test_two_stage_plan_and_workspace_sizing(monkeypatch):
     assert not ps.use_two_stage(16, 8, 8192, 128, DEVICE)  # grid large enough already
     assert not ps.use_two_stage(1, 8, 400, 128, DEVICE)  # row shorter than 4x the budget
     assert not ps.use_two_stage(1, 8, 1024, 128, DEVICE)  # too little to win
+    assert not ps.use_two_stage(1, 8, 2048, 128, DEVICE)  # 32K tokens: measured slower
+    assert ps.use_two_stage(1, 8, 8256, 512, DEVICE)  # 128K at the default 8192-token budget
     assert ps.resolve_topk_method("auto", 1, 8, 8192, 128, DEVICE, block=1024) == "single"
     with pytest.raises(ValueError):
         ps.resolve_topk_method("two_stage", 1, 8, 8192, 128, DEVICE, segment_pages=16384)

@@ -1,6 +1,7 @@
 """The engine-agnostic steps the adapters run (kernels/pipeline.py), against references."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +12,12 @@ from sparse_kernels.config import SparseConfig
 from sparse_kernels.pipeline import decode_budget_pages, sparse_prefill_attention
 
 HQ, HKV, D, PAGE = 4, 2, 64, 16
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
+
+
+def _dev(*xs):
+    return [x.to(DEVICE) for x in xs]
 
 
 def _prefill_case(seed=0):
@@ -24,18 +31,29 @@ def _prefill_case(seed=0):
     return q, k, v, bt, qsl, sl, meta
 
 
+def _meta_to_device(meta):
+    import dataclasses
+
+    return dataclasses.replace(meta, **{
+        f.name: getattr(meta, f.name).to(DEVICE) for f in dataclasses.fields(meta)
+        if isinstance(getattr(meta, f.name), torch.Tensor)})
+
+
 def test_per_head_prefill_methods_keep_each_heads_own_lists():
     q, k, v, bt, qsl, sl, meta = _prefill_case()
     cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
                        xattn_threshold=1.0, xattn_stride=4)
     scale = 1 / math.sqrt(D)
+    dense = reference.dense_attention(q, k, v, bt, qsl, sl)
+    q, k, v, bt = _dev(q, k, v, bt)
+    meta = _meta_to_device(meta)
     out = torch.empty_like(q)
     dens, fell_back = sparse_prefill_attention({None: "xattention", 0: "streaming"}, cfg, q, k,
                                                v, bt, meta, out, scale)
     assert not fell_back
-    dense = reference.dense_attention(q, k, v, bt, qsl, sl)
     streaming = torch.empty_like(q)
     sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, streaming, scale)
+    out, streaming = out.cpu(), streaming.cpu()
     g = HQ // HKV
     # KV head 1 (query heads 2, 3): XAttention at threshold 1.0 = dense.
     torch.testing.assert_close(out[:, g:], dense[:, g:], atol=2e-4, rtol=2e-4)
@@ -53,18 +71,21 @@ def test_prefill_dense_fallback_above_density(dense_above, expect_fallback):
     cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
                        prefill_dense_above=dense_above)
     scale = 1 / math.sqrt(D)
+    dense_out = reference.dense_attention(q, k, v, bt, qsl, sl)
+    q, k, v, bt = _dev(q, k, v, bt)
+    meta = _meta_to_device(meta)
     out = torch.full_like(q, float("nan"))
     calls = []
 
     def dense():
         calls.append(1)
-        out.copy_(reference.dense_attention(q, k, v, bt, qsl, sl))
+        out.copy_(dense_out)
 
     dens, fell_back = sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, out, scale,
                                                dense_fallback=dense)
     assert 0.3 < float(dens) < 0.9  # the streaming window keeps part of the blocks here
     assert fell_back is expect_fallback and len(calls) == int(expect_fallback)
-    dense_out = reference.dense_attention(q, k, v, bt, qsl, sl)
+    out = out.cpu()
     if expect_fallback:
         torch.testing.assert_close(out, dense_out, atol=1e-6, rtol=1e-6)
     else:
@@ -84,7 +105,7 @@ def test_warm_up_prefill_covers_every_length_bucket():
     k, v, _ = reference.random_paged_kv([64], HKV, D, PAGE)
     cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
                        xattn_stride=4)
-    q = torch.zeros(1, HQ, D)
+    q, k, v = _dev(torch.zeros(1, HQ, D), k, v)
     lengths = warm_up_prefill("xattention", cfg, q, k, v, max_seq_len=200, scale=0.125)
     # Per power-of-two bucket: the top length and one block less (key-block counts that are
     # and are not multiples of 16 compile different kernel variants).
@@ -96,6 +117,7 @@ def test_warm_up_summary_update_leaves_the_engines_summaries_alone():
     from sparse_kernels.pipeline import warm_up_summary_update
 
     k, _, _ = reference.random_paged_kv([64, 40], HKV, D, PAGE)
+    (k,) = _dev(k)
     summaries = allocate_page_summaries(k).normal_()
     before = summaries.clone()
     warm_up_summary_update(k, summaries)

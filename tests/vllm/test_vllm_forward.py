@@ -261,3 +261,30 @@ def test_stats_count_dense_decode_rows_as_fully_read_in_mixed_batches(monkeypatc
     sums = backend.PATH_COUNTERS.device_sums.tolist()
     # dense row: 120 tokens per KV head; sparse row: 3 full pages + the partial last (12)
     assert sums[0] == (120 + 3 * 16 + 12) * HKV and sums[1] == (120 + 300) * HKV
+
+
+def test_capture_builds_reset_the_counts(monkeypatch):
+    """vLLM's start-up batches (warm-up, CUDA-graph capture) are not served requests: a capture
+    build forgets what was counted before it, later builds count again."""
+    _fake_fa3(monkeypatch)
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    cfg = SparseConfig(prefill_method="streaming", token_budget=64, sink_tokens=16,
+                       local_tokens=16, min_seq_len=100, block_size=16)
+    _, _, kv_cache, _, m = _batch([300, 200], [1, 64], seed=2)
+    builder = _builder(cfg, 4)
+
+    class Layer0:
+        layer_name = "model.layers.0.self_attn.attn"
+
+    meta = builder.build(0, m)  # a warm-up batch
+    _impl(cfg).forward(Layer0(), torch.randn(65, HQ, D), None, None, kv_cache, meta,
+                       torch.empty(65, HQ, D))
+    before = backend.PATH_COUNTERS.snapshot()
+    assert before["decode_steps"] == 1 and before["prefill_chunks_sparse"] == 1
+    assert any(before["device_sums"])
+    builder.build_for_cudagraph_capture(m)  # a capture: counts start again from this batch
+    snap = backend.PATH_COUNTERS.snapshot()
+    assert snap["decode_steps"] == 1 and snap["prefill_chunks_sparse"] == 1
+    assert snap["device_sums"] == [0.0] * 4
+    builder.build(0, m)  # a served batch counts
+    assert backend.PATH_COUNTERS.snapshot()["decode_steps"] == 2
