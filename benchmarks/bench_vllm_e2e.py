@@ -46,11 +46,17 @@ def main() -> None:
     # The engine process writes its sparse-serve counters here (see engine_stats below).
     os.environ.setdefault("SPARSE_SERVE_METRICS_FILE", f"/tmp/sparse_serve_e2e_{os.getpid()}.json")
     max_len = max(args.lens + [args.decode_len if args.decode_batch else 0]) + args.output_len + 8
+    tp_extra = {}
+    if args.tp > 1 and os.environ.get("TP_FUSED_ALLREDUCE", "0") != "1":
+        # On hosts without NVLink multicast, vLLM 0.26's TP all-reduce + RMSNorm fusion
+        # (FlashInfer "mnnvl" workspace) faults; see benchmarks/device/serve_bench.sh.
+        os.environ.setdefault("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm")
+        tp_extra["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
     t_start = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True,
               attention_backend=args.backend, max_model_len=max_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=True,
-              max_num_batched_tokens=16384, tensor_parallel_size=args.tp,
+              max_num_batched_tokens=16384, tensor_parallel_size=args.tp, **tp_extra,
               **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     startup_s = time.perf_counter() - t_start
     rng = random.Random(0)

@@ -18,6 +18,9 @@
 #   prefill_only    CUSTOM, default sparse prefill, dense decode (what prefill sparsity costs)
 #   budget8192      CUSTOM, dense prefill, top-k decode with an 8192-token budget (25% at 32K)
 #   budget8192_xattention   CUSTOM, default prefill, top-k decode with an 8192-token budget
+#   xattention_t95  CUSTOM, XAttention at threshold 0.95 (denser than the default 0.9)
+#   vertical_slash_small    CUSTOM, vertical-slash with 512 vertical and 1024 slash lines (its
+#                   defaults, 1024 / 4096, fall back to dense on nearly every chunk up to 32K)
 # Every SPARSE_* variable of the calling environment (but SPARSE_SERVE_*) is unset first.
 #
 # Outputs in $OUT (at most 8 files): accuracy_qwen_<config>.json per config (rewritten after
@@ -84,8 +87,8 @@ say() { echo "$@" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - ACC_T0 )); }
 
 for c in "${CONFIGS[@]}"; do
-  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention) ;;
-    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention)"; exit 2;; esac
+  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small) ;;
+    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small)"; exit 2;; esac
 done
 
 if [ "$DRY" = 1 ]; then
@@ -148,6 +151,12 @@ config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
                 EXTRA=(--prefill-block-density 1.0);;
     budget8192_xattention) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $DEF_DECODE 8192"
                            ENVS=(SPARSE_TOKEN_BUDGET=8192);;
+    # Prefill settings that may keep every cell under 30% density at 32K.
+    xattention_t95) BACKEND=CUSTOM; LABEL="xattention 0.95 + $dec"
+                    ENVS=(SPARSE_PREFILL_METHOD=xattention SPARSE_XATTN_THRESHOLD=0.95);;
+    vertical_slash_small) BACKEND=CUSTOM; LABEL="vertical_slash 512/1024 + $dec"
+                          ENVS=(SPARSE_PREFILL_METHOD=vertical_slash SPARSE_VS_VERTICAL=512
+                                SPARSE_VS_SLASH=1024);;
     *) BACKEND=CUSTOM; LABEL="$1 + $dec"; ENVS=("SPARSE_PREFILL_METHOD=$1");;
   esac
 }

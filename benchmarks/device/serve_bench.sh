@@ -23,23 +23,44 @@ TAG=${TAG:-in${IN}_r${RANGE}_n${N}_c${C}}
 PORT=${PORT:-8011}
 VLLM="python3 -m vllm.entrypoints.cli.main"
 export SPARSE_SERVE_STATS_EVERY_S=${SPARSE_SERVE_STATS_EVERY_S:-30}
+# Tensor parallelism on the lent multi-GPU hosts: vLLM 0.26 turns on its all-reduce + RMSNorm
+# fusion at TP > 1, and FlashInfer then builds an "mnnvl" all-reduce workspace, which needs
+# NVLink multicast. These hosts run with multicast off (and it must stay off: it can take a
+# shared host's GPUs down); both TP=2 starts on 2026-11-23 died in the first forward with an
+# illegal address (benchmarks/results/serve_tp2_2026-11-23_failed_2.md). So, unless
+# TP_FUSED_ALLREDUCE=1: the fusion is off and FlashInfer's all-reduce backend is trtllm.
+TP_EXTRA=()
+if [[ "${SERVE_ARGS:-}" == *tensor-parallel-size* && "${TP_FUSED_ALLREDUCE:-0}" != 1 ]]; then
+  TP_EXTRA=(--compilation-config '{"pass_config": {"fuse_allreduce_rms": false}}')
+  export VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
+fi
+
+stop_server() {  # pid of a server started with setsid: SIGTERM, then SIGKILL, to its whole
+  local pid=$1  # process group (API server, engine core, TP workers), leaving other servers be
+  kill -TERM -- -"$pid" 2>/dev/null
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- -"$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+}
 
 serve_one() {  # backend gpus port
   local backend=$1 gpus=$2 port=$3
   local log="$OUT/serve_${backend}_${TAG}.log" res="$OUT/bench_${backend}_${TAG}.log"
-  CUDA_VISIBLE_DEVICES=$gpus $VLLM serve "$MODEL" --tokenizer "$TOKENIZER" --load-format dummy \
+  CUDA_VISIBLE_DEVICES=$gpus setsid $VLLM serve "$MODEL" --tokenizer "$TOKENIZER" --load-format dummy \
     --attention-backend "$backend" --max-model-len "$MAXLEN" --port $port \
     --no-enable-prefix-caching --gpu-memory-utilization ${GPU_UTIL:-0.88} \
-    ${SERVE_ARGS:-} > "$log" 2>&1 &
+    ${SERVE_ARGS:-} ${TP_EXTRA[@]+"${TP_EXTRA[@]}"} > "$log" 2>&1 &
   local server=$! up=0
   for _ in $(seq 1 ${START_TIMEOUT_S:-400}); do
     if curl -sf "localhost:$port/health" >/dev/null 2>&1; then up=1; break; fi
     kill -0 $server 2>/dev/null || break
+    # vLLM's API server outlives a failed engine start: stop waiting once the log says so.
+    grep -q -E "Engine core initialization failed|Worker failed with error|EngineCore failed" "$log" && break
     sleep 1
   done
   if [ $up != 1 ]; then
     echo "server did not come up" > "$res"; tail -30 "$log" >> "$res"
-    kill $server 2>/dev/null; wait $server 2>/dev/null; return 1
+    stop_server $server; return 1
   fi
   $VLLM bench serve --backend vllm --model "$MODEL" --tokenizer "$TOKENIZER" --port $port \
     --dataset-name random --random-input-len "$IN" --random-output-len "$OUTLEN" \
@@ -50,7 +71,7 @@ serve_one() {  # backend gpus port
   echo "bench rc=$?" >> "$res"
   curl -s "localhost:$port/metrics" | grep -E "^sparse_serve|^vllm:request_success_total" \
     > "$OUT/metrics_${backend}_${TAG}.txt"
-  kill $server; wait $server 2>/dev/null
+  stop_server $server
 }
 
 report() {
