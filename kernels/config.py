@@ -64,6 +64,9 @@ class SparseConfig:
     # a prefill chunk whose estimated block density exceeds this runs dense FA3 instead
     # (the estimator found little to skip); 1.0 never falls back
     prefill_dense_above: float = 0.6
+    # the last this-many query blocks of each sequence in a prefill chunk attend to every earlier
+    # block whatever the estimator chose (the newest tokens; in the last chunk, the question)
+    prefill_dense_last_blocks: int = 0
     # --- prefill estimators ----------------------------------------------------------
     block_size: int = 64  # query/key block of the block-sparse prefill kernel
     xattn_threshold: float = 0.9  # XAttention cumulative-probability threshold
@@ -126,7 +129,7 @@ class SparseConfig:
             if getattr(self, name) < 1:
                 raise SparseConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("sink_tokens", "local_tokens", "min_seq_len", "decode_min_seq_len",
-                     "vs_vertical", "vs_slash"):
+                     "vs_vertical", "vs_slash", "prefill_dense_last_blocks"):
             if getattr(self, name) < 0:
                 raise SparseConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.sink_tokens + self.local_tokens > self.token_budget:

@@ -96,7 +96,34 @@ def estimate_prefill_blocks(
     meta: PrefillBlockMeta,
     scale: float,
 ) -> PrefillBlockLists:
-    """Key-block lists for the prefill chunks described by ``meta`` with the given estimator."""
+    """Key-block lists for the prefill chunks described by ``meta`` with the given estimator
+    (then, with ``cfg.prefill_dense_last_blocks``, :func:`densify_last_blocks`)."""
+    lists = _estimate(method, cfg, q, k_cache, block_table, meta, scale)
+    if cfg.prefill_dense_last_blocks and method != "dense":
+        lists = densify_last_blocks(lists, meta, cfg.prefill_dense_last_blocks)
+    return lists
+
+
+def densify_last_blocks(lists: PrefillBlockLists, meta: PrefillBlockMeta,
+                        num_blocks: int) -> PrefillBlockLists:
+    """The last ``num_blocks`` query blocks of each sequence in the chunk keep every causal key
+    block (their rows of ``block_idx`` become ``0..i``); the other rows are unchanged.
+
+    A chunk's last query blocks hold the newest tokens of the prompt so far; in the final chunk,
+    the question whose hidden states start generation. Device ops only (no host sync)."""
+    seq = meta.q_block_seq.long()
+    valid = seq >= 0
+    last = (meta.seq_lens.long()[seq.clamp(min=0)] - 1) // meta.block_size
+    dense_row = valid & (meta.q_block_idx.long() > last - num_blocks)  # [num_q_blocks]
+    nkb = lists.block_idx.shape[2]
+    every = torch.arange(nkb, device=lists.block_idx.device, dtype=lists.block_idx.dtype)
+    block_idx = torch.where(dense_row[:, None, None], every, lists.block_idx)
+    full = (meta.q_block_idx + 1).to(lists.block_count.dtype)[:, None]
+    block_count = torch.where(dense_row[:, None], full, lists.block_count)
+    return PrefillBlockLists(block_idx, block_count, block_density(meta, block_count))
+
+
+def _estimate(method, cfg, q, k_cache, block_table, meta, scale) -> PrefillBlockLists:
     hkv = k_cache.shape[2]
     if method == "dense":
         return all_causal_block_lists(meta, hkv)

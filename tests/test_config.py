@@ -52,6 +52,7 @@ def test_overrides_beat_env():
     ({"SPARSE_TOKEN_BUDGET": "0"}, None, "token_budget must be >= 1"),
     ({"SPARSE_SINK_TOKENS": "-1"}, None, "sink_tokens must be >= 0"),
     ({"SPARSE_DECODE_MIN_SEQ_LEN": "-4096"}, None, "decode_min_seq_len must be >= 0"),
+    ({"SPARSE_PREFILL_DENSE_LAST_BLOCKS": "-1"}, None, "prefill_dense_last_blocks must be >= 0"),
     ({"SPARSE_DECODE_MIN_SEQ_LEN": "8k"}, None, "cannot read '8k' as int"),
     ({"SPARSE_TOKEN_BUDGET": "256", "SPARSE_LOCAL_TOKENS": "512"}, None, "impossible budget"),
     ({"SPARSE_XATTN_THRESHOLD": "1.5"}, None, r"xattn_threshold must be in \(0, 1\]"),

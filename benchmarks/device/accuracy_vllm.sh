@@ -21,6 +21,8 @@
 #   xattention_t95  CUSTOM, XAttention at threshold 0.95 (denser than the default 0.9)
 #   vertical_slash_small    CUSTOM, vertical-slash with 512 vertical and 1024 slash lines (its
 #                   defaults, 1024 / 4096, fall back to dense on nearly every chunk up to 32K)
+#   xattention_last1        CUSTOM, default XAttention with the last query block of every chunk
+#                   dense (SPARSE_PREFILL_DENSE_LAST_BLOCKS=1)
 # Every SPARSE_* variable of the calling environment (but SPARSE_SERVE_*) is unset first.
 #
 # Outputs in $OUT (at most 8 files): accuracy_qwen_<config>.json per config (rewritten after
@@ -87,8 +89,8 @@ say() { echo "$@" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - ACC_T0 )); }
 
 for c in "${CONFIGS[@]}"; do
-  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small) ;;
-    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small)"; exit 2;; esac
+  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small|xattention_last1) ;;
+    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small xattention_last1)"; exit 2;; esac
 done
 
 if [ "$DRY" = 1 ]; then
@@ -157,6 +159,8 @@ config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
     vertical_slash_small) BACKEND=CUSTOM; LABEL="vertical_slash 512/1024 + $dec"
                           ENVS=(SPARSE_PREFILL_METHOD=vertical_slash SPARSE_VS_VERTICAL=512
                                 SPARSE_VS_SLASH=1024);;
+    xattention_last1) BACKEND=CUSTOM; LABEL="xattention, last block dense + $dec"
+                      ENVS=(SPARSE_PREFILL_METHOD=xattention SPARSE_PREFILL_DENSE_LAST_BLOCKS=1);;
     *) BACKEND=CUSTOM; LABEL="$1 + $dec"; ENVS=("SPARSE_PREFILL_METHOD=$1");;
   esac
 }

@@ -122,3 +122,44 @@ def test_warm_up_summary_update_leaves_the_engines_summaries_alone():
     before = summaries.clone()
     warm_up_summary_update(k, summaries)
     assert torch.equal(summaries, before)
+
+
+@pytest.mark.parametrize("num_last", [1, 2])
+def test_dense_last_blocks(num_last):
+    """prefill_dense_last_blocks: the last query blocks of each sequence in the chunk keep every
+    causal key block (checked against the streaming reference mask with those rows filled);
+    their queries then get dense attention, the other rows keep the estimator's lists."""
+    from sparse_kernels.reference_prefill import (lists_to_mask, ref_q_blocks,
+                                                  ref_streaming_mask)
+
+    q, k, v, bt, qsl, sl, meta = _prefill_case()
+    scale = 1 / math.sqrt(D)
+    dense = reference.dense_attention(q, k, v, bt, qsl, sl)
+    base = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64)
+    cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
+                       prefill_dense_last_blocks=num_last)
+    slots = ref_q_blocks(qsl, sl, 16)
+    nkb = meta.max_kv_blocks
+    want = ref_streaming_mask(qsl, sl, HKV, 16, 16, 16, meta.num_q_blocks, nkb)
+    last_rows = []
+    for s, (b, i, t0, n) in enumerate(slots):
+        if i > (int(sl[b]) - 1) // 16 - num_last:
+            want[s, :, : i + 1] = True
+            last_rows.extend(range(t0, t0 + n))
+    q, k, v, bt = _dev(q, k, v, bt)
+    meta = _meta_to_device(meta)
+    from sparse_kernels.pipeline import estimate_prefill_blocks
+
+    lists = estimate_prefill_blocks("streaming", cfg, q, k, bt, meta, scale)
+    plain = estimate_prefill_blocks("streaming", base, q, k, bt, meta, scale)
+    assert torch.equal(lists_to_mask(lists.block_idx, lists.block_count, nkb), want)
+    assert float(lists.density) > float(plain.density)
+    out, ref_out = torch.empty_like(q), torch.empty_like(q)
+    sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, out, scale)
+    sparse_prefill_attention("streaming", base, q, k, v, bt, meta, ref_out, scale)
+    out, ref_out = out.cpu(), ref_out.cpu()
+    rows = torch.tensor(last_rows)
+    others = torch.tensor(sorted(set(range(q.shape[0])) - set(last_rows)))
+    torch.testing.assert_close(out[rows], dense[rows], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out[others], ref_out[others], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(ref_out[rows], dense[rows], atol=1e-3)  # the rule changed them
