@@ -7,9 +7,9 @@ for all query heads of the GQA group at once (group padded to 16 rows so ``tl.do
 It writes a normalized partial output and its log-sum-exp (base 2). Stage 2, grid
 ``(batch, num_q_heads)``, merges the splits (``merge_in_kernel=True``: the last split of each
 (sequence, KV head) merges them inside stage 1 instead; measured slower on an H100, off by
-default). With one split, stage 1 writes ``out`` directly. At small grids (batch 1) tiles are
-32 tokens and the split count targets four waves (:func:`default_block_n`,
-:func:`default_num_splits`).
+default). With one split, stage 1 writes ``out`` directly. Tiles are 32 tokens; the split
+count targets four waves of programs at small grids (batch 1) and about 32 at large ones
+(:func:`default_block_n`, :func:`default_num_splits`; measured on an H200).
 
 The selected pages are walked as a flat "slot space" of ``n_slots * page_size`` tokens; a tile
 of ``BLOCK_N`` slot-space tokens may span several pages (page size 1 or 16) or part of one
@@ -38,6 +38,12 @@ from sparse_kernels.page_select import DENSE_ROW
 _DENSE_ROW = tl.constexpr(DENSE_ROW)
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Split count of large grids (batch x KV heads above half the SMs), in waves of programs. H200
+# sweep (decode_2026-11-23_h200_two_stage.json), batch 16 x 8 KV heads, 128 rows: 33 splits of
+# 32-token tiles (32 waves) took 69 / 107 us at budgets 2048 / 4096 tokens, against 73 / 127 us
+# for the former rule (two waves: 3 splits of 64-token tiles), 75 / 113 us at 48 splits and
+# 85 / 123 us at 64. Larger batches get proportionally fewer splits (about as many programs).
+LARGE_GRID_WAVES = 32
 # Merge the splits inside the main kernel (no second launch); see sparse_decode().
 MERGE_IN_KERNEL_DEFAULT = False
 
@@ -334,21 +340,23 @@ def _device_sms(device: torch.device) -> int:
 
 
 def default_block_n(batch: int, num_kv_heads: int, device: torch.device) -> int:
-    """Tokens per tile: 32 when the grid is small (more, shorter splits; measured ~1-1.5 us
-    faster at batch 1 on an H100), else 64."""
-    return 32 if _small_grid(batch, num_kv_heads, device) else 64
+    """Tokens per tile: 32. Measured: ~1-1.5 us faster than 64 at batch 1 on an H100; on an
+    H200 (``benchmarks/results/decode_2026-11-23_h200_two_stage.json``, sweep) 32 beat 64 at
+    every batch from 1 to 16 and budget (2048, 4096) tried, by 5-25% at batch 16."""
+    return 32
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_slot_tokens: int,
                        device: torch.device, block_n: int = 64) -> int:
-    """Static split count: about two waves of programs (four when the grid is small: batch 1
-    is latency bound, shorter splits help), at least one tile per split.
+    """Static split count: about four waves of programs when the grid is small (batch 1 is
+    latency bound, shorter splits help), else about :data:`LARGE_GRID_WAVES` waves; at least
+    one tile per split, at most :data:`MAX_SPLITS`.
 
     Depends only on host ints (batch, heads, the static token extent), so a CUDA graph
     captured for a batch size keeps it.
     """
     sms = _device_sms(device)
-    waves = 4 if _small_grid(batch, num_kv_heads, device) else 2
+    waves = 4 if _small_grid(batch, num_kv_heads, device) else LARGE_GRID_WAVES
     splits = triton.cdiv(waves * sms, max(1, batch * num_kv_heads))
     max_useful = max(1, triton.cdiv(max_slot_tokens, block_n))
     return max(1, min(splits, max_useful, MAX_SPLITS))

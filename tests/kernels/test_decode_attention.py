@@ -212,3 +212,20 @@ def test_dense_sentinel_rows_from_select_pages():
     _close(out[:2], dense[:2], torch.float32)
     _close(out[3], dense[3], torch.float32)  # shorter than the budget: every page listed
     assert (out[2].cpu() - dense[2]).abs().max() > 1e-3  # the long one really was sparse
+
+
+def test_default_launch_shape(monkeypatch):
+    """The split heuristic on a 132-SM device (host ints only): 32-token tiles; about four
+    waves of programs at small grids, about 32 at large ones (the H200 sweep's best at batch
+    16 x 8 KV heads was 33 splits), never more splits than tiles or MAX_SPLITS."""
+    from sparse_kernels import sparse_decode as sd
+
+    monkeypatch.setattr(sd, "_device_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    assert {sd.default_block_n(b, 8, dev) for b in (1, 4, 16, 256)} == {32}
+    assert sd.default_num_splits(1, 8, 4096, dev, 32) == 64  # 4 waves: 66, capped at 64
+    assert sd.default_num_splits(8, 8, 4096, dev, 32) == 9
+    assert sd.default_num_splits(16, 8, 4096, dev, 32) == 33
+    assert sd.default_num_splits(16, 8, 8192, dev, 32) == 33
+    assert sd.default_num_splits(64, 8, 4096, dev, 32) == 9
+    assert sd.default_num_splits(16, 8, 128, dev, 32) == 4  # only 4 tiles
