@@ -22,7 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_kernels.block_sparse_prefill import PrefillBlockMeta, interpret_upcast
+from sparse_kernels.block_sparse_prefill import (
+    PrefillBlockMeta,
+    chunk_of_sequence,
+    interpret_upcast,
+)
 
 __all__ = ["last_q_scores"]
 
@@ -57,9 +61,9 @@ def _last_q_kernel(
     h = tl.program_id(0)
     kt = tl.program_id(1)
     b = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    q_end = tl.load(qsl_ptr + b + 1)
-    q_len = q_end - tl.load(qsl_ptr + b)
+    seq_len, q_begin, chunk_start = chunk_of_sequence(b, seq_lens_ptr, qsl_ptr)
+    q_len = seq_len - chunk_start
+    q_end = q_begin + q_len
     n_b = tl.minimum(q_len, LAST_Q)
     k0 = kt * BLOCK_N
     if (k0 >= seq_len) | (n_b == 0):
