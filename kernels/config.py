@@ -53,7 +53,7 @@ class SparseConfig:
     decode_method: str = "topk"
     # --- decode: top-k page selection ---------------------------------------------
     token_budget: int = 8192  # KV tokens read per (sequence, KV head) per step
-    sink_tokens: int = 64  # first tokens always kept (decode and streaming prefill)
+    sink_tokens: int = 64  # first tokens always kept (decode pages and prefill blocks)
     local_tokens: int = 512  # last tokens always kept (decode and streaming prefill)
     selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
     # --- when sparsity applies -------------------------------------------------------

@@ -99,9 +99,34 @@ def estimate_prefill_blocks(
     """Key-block lists for the prefill chunks described by ``meta`` with the given estimator
     (then, with ``cfg.prefill_dense_last_blocks``, :func:`densify_last_blocks`)."""
     lists = _estimate(method, cfg, q, k_cache, block_table, meta, scale)
+    sink_blocks = -(-cfg.sink_tokens // meta.block_size)
+    if method not in ("dense", "streaming") and sink_blocks > 1:  # block 0 is always kept
+        lists = add_sink_blocks(lists, meta, sink_blocks)
     if cfg.prefill_dense_last_blocks and method != "dense":
         lists = densify_last_blocks(lists, meta, cfg.prefill_dense_last_blocks)
     return lists
+
+
+def add_sink_blocks(lists: PrefillBlockLists, meta: PrefillBlockMeta,
+                    num_blocks: int) -> PrefillBlockLists:
+    """Add key blocks ``0 .. num_blocks - 1`` (the first ``sink_tokens``, within the causal
+    range) to every row's list, keeping it ascending; what the estimator chose stays.
+
+    A row's list is sorted, so its entries below ``n = min(num_blocks, i + 1)`` form a prefix
+    of some length ``p``; the new row is ``0 .. n-1`` followed by the old entries from ``p``.
+    Device ops only (no host sync)."""
+    idx, cnt = lists.block_idx, lists.block_count
+    nkb = idx.shape[2]
+    pos = torch.arange(nkb, device=idx.device)
+    n = torch.minimum(torch.full_like(meta.q_block_idx, num_blocks), meta.q_block_idx + 1)
+    n = torch.where(meta.q_block_seq >= 0, n, 0).to(idx.dtype)[:, None, None]  # [nqb, 1, 1]
+    listed = pos[None, None, :] < cnt[:, :, None]
+    p = ((idx < n) & listed).sum(-1, keepdim=True).to(idx.dtype)  # [nqb, Hkv, 1]
+    src = (pos[None, None, :] - n + p).clamp(0, nkb - 1).long()
+    shifted = torch.gather(idx, 2, src)
+    block_idx = torch.where(pos[None, None, :] < n, pos.to(idx.dtype)[None, None, :], shifted)
+    block_count = (cnt - p[..., 0] + n[..., 0]).to(cnt.dtype)
+    return PrefillBlockLists(block_idx, block_count, block_density(meta, block_count))
 
 
 def densify_last_blocks(lists: PrefillBlockLists, meta: PrefillBlockMeta,

@@ -163,3 +163,35 @@ def test_dense_last_blocks(num_last):
     torch.testing.assert_close(out[rows], dense[rows], atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(out[others], ref_out[others], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(ref_out[rows], dense[rows], atol=1e-3)  # the rule changed them
+
+
+@pytest.mark.parametrize("method", ["xattention", "vertical_slash", "flexprefill"])
+def test_sink_tokens_add_first_blocks_to_every_estimator(method):
+    """sink_tokens beyond one block: the estimators' lists gain key blocks 0.. of the sink
+    (within each row's causal range), everything else they chose stays."""
+    from sparse_kernels.pipeline import estimate_prefill_blocks
+    from sparse_kernels.reference_prefill import lists_to_mask, ref_q_blocks
+
+    q, k, v, bt, qsl, sl, meta = _prefill_case(seed=3)
+    kw = dict(block_size=16, local_tokens=16, token_budget=64, xattn_threshold=0.5,
+              xattn_stride=4, vs_vertical=1, vs_slash=1, vs_last_q=16, flex_gamma=0.5)
+    scale = 1 / math.sqrt(D)
+    q, k, v, bt = _dev(q, k, v, bt)
+    meta = _meta_to_device(meta)
+    nkb = meta.max_kv_blocks
+    plain = estimate_prefill_blocks(method, SparseConfig(sink_tokens=16, **kw), q, k, bt, meta,
+                                    scale)
+    sunk = estimate_prefill_blocks(method, SparseConfig(sink_tokens=48, **kw), q, k, bt, meta,
+                                   scale)
+    want = lists_to_mask(plain.block_idx, plain.block_count, nkb)
+    for s, (_b, i, _t0, _n) in enumerate(ref_q_blocks(qsl, sl, 16)):
+        want[s, :, : min(3, i + 1)] = True
+    got = lists_to_mask(sunk.block_idx, sunk.block_count, nkb)  # also checks no duplicates
+    assert torch.equal(got, want)
+    assert not torch.equal(want, lists_to_mask(plain.block_idx, plain.block_count, nkb))
+    cnt = sunk.block_count.cpu()
+    for s in range(cnt.shape[0]):  # ascending lists
+        for h in range(cnt.shape[1]):
+            row = sunk.block_idx.cpu()[s, h, : int(cnt[s, h])]
+            assert torch.all(row[1:] > row[:-1])
+    assert float(sunk.density) > float(plain.density)
