@@ -18,9 +18,10 @@ first layers would buy before building it into a kernel, or to pick a budget for
         --variants dense sum:4096 max:4096 norm_max:4096 oracle:4096 sum:4096@dl2 sum:8192 \
         --out study.json
 
-Variants: ``dense``, or ``SCHEME:BUDGET[@dlN]``: a scheme of ``selection_schemes.SCHEMES``,
-a token budget (a multiple of the page size), optionally the first N layers decoding
-dense (``@dl2``: Quest leaves layers 0 and 1 dense). Sink and local tokens, the page size and
+Variants: ``dense``, or ``SCHEME:BUDGET[@dlN][@sN]``: a scheme of
+``selection_schemes.SCHEMES``, a token budget (a multiple of the page size), optionally the
+first N layers decoding dense (``@dl2``: Quest leaves layers 0 and 1 dense) and a sink of N
+tokens for this variant (``@s128``; default ``--sink-tokens``). Local tokens, the page size and
 the dense threshold (rows of at most ``dense_factor * budget`` tokens read everything, as
 ``decode_min_seq_len=0`` does in the engines) follow the kernels' defaults.
 """
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -51,20 +53,28 @@ class Variant:
     scheme: str | None  # None: dense
     budget: int = 0
     dense_layers: int = 0
+    sink_tokens: int | None = None  # None: --sink-tokens
 
 
 def parse_variant(spec: str, page: int) -> Variant:
     if spec == "dense":
         return Variant("dense", None)
-    head, _, dl = spec.partition("@dl")
+    head, *opts = spec.split("@")
     scheme, _, budget = head.partition(":")
-    if scheme not in S.SCHEMES or not budget.isdigit() or (dl and not dl.isdigit()):
-        raise SystemExit(f"bad variant {spec!r}: 'dense' or SCHEME:BUDGET[@dlN], "
+    extra = {}
+    for o in opts:
+        m = re.fullmatch(r"(dl|s)(\d+)", o)
+        if m is None:
+            extra = None
+            break
+        extra["dense_layers" if m.group(1) == "dl" else "sink_tokens"] = int(m.group(2))
+    if scheme not in S.SCHEMES or not budget.isdigit() or extra is None:
+        raise SystemExit(f"bad variant {spec!r}: 'dense' or SCHEME:BUDGET[@dlN][@sN], "
                          f"SCHEME in {S.SCHEMES}")
     if int(budget) % page or int(budget) < page:
         raise SystemExit(f"variant {spec!r}: budget must be a positive multiple of the page "
                          f"size {page}")
-    return Variant(spec, scheme, int(budget), int(dl or 0))
+    return Variant(spec, scheme, int(budget), **extra)
 
 
 class StudyState:
@@ -74,7 +84,9 @@ class StudyState:
                  device):
         self.variants = variants
         self.page = page
-        self.sink_pages = -(-sink_tokens // page)
+        self.sink_pages = torch.tensor(
+            [-(-(sink_tokens if x.sink_tokens is None else x.sink_tokens) // page)
+             for x in variants], device=device)
         self.local_pages = -(-local_tokens // page)
         self.active = False
         v = len(variants)
@@ -119,8 +131,9 @@ def study_attention(module, query, key, value, attention_mask, scaling=None, dro
     pages = torch.ones((b, hkv, lo.shape[2]), dtype=torch.bool, device=query.device)
     for scheme, rows in st.rows_of.items():
         sc = S.scheme_scores(scheme, q[rows], lo[rows], hi[rows], probs[rows], st.page, scale)
-        pages[rows] = S.select_page_mask(sc, n, st.page, st.budget_pages[rows], st.sink_pages,
-                                         st.local_pages, st.dense_tokens[rows])
+        pages[rows] = S.select_page_mask(sc, n, st.page, st.budget_pages[rows],
+                                         st.sink_pages[rows], st.local_pages,
+                                         st.dense_tokens[rows])
     pages |= (st.dense_layers > module.layer_idx)[:, None, None]
     keep = S.token_mask(pages, n, st.page)  # [B, Hkv, L]
     recall = (probs * keep[:, :, None]).sum(-1).reshape(b, hq)  # [B, Hq]
@@ -204,6 +217,7 @@ def summarize(per_variant: dict, variants, num_layers: int) -> dict:
         valid = [m for m in layer_mean if m is not None]
         out[x.name] = {
             "scheme": x.scheme, "budget": x.budget, "dense_layers": x.dense_layers,
+            "sink_tokens": x.sink_tokens,
             "samples": rec["n"], "accuracy": rec["score"] / n,
             "exact_match_vs_dense": rec["exact"] / n, "first8_match_vs_dense": rec["first8"] / n,
             "recall_mean": sum(valid) / len(valid) if valid else None,

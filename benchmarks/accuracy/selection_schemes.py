@@ -83,14 +83,17 @@ def scheme_scores(scheme: str, q: torch.Tensor, lo: torch.Tensor, hi: torch.Tens
 
 
 def select_page_mask(scores: torch.Tensor, seq_len: int, page: int, budget_pages: torch.Tensor,
-                     sink_pages: int, local_pages: int, dense_tokens: torch.Tensor) -> torch.Tensor:
+                     sink_pages: int | torch.Tensor, local_pages: int,
+                     dense_tokens: torch.Tensor) -> torch.Tensor:
     """Boolean ``[B, Hkv, P]``: the pages each (row, KV head) reads.
 
     ``budget_pages`` and ``dense_tokens`` are int64 ``[B]`` (a budget per row, so rows of one
-    batch can compare budgets); every row holds ``seq_len`` tokens."""
+    batch can compare budgets), ``sink_pages`` an int or int64 ``[B]``; every row holds
+    ``seq_len`` tokens."""
     b, h, p = scores.shape
     idx = torch.arange(p, device=scores.device)
-    forced = (idx < sink_pages) | (idx >= p - local_pages)
+    sink = torch.as_tensor(sink_pages, device=scores.device).reshape(-1, 1, 1)
+    forced = (idx[None, None, :] < sink) | (idx >= p - local_pages)[None, None, :]
     s = torch.where(forced, float("inf"), scores)
     kmax = int(min(p, int(budget_pages.max())))
     top = s.topk(kmax, dim=-1).indices  # [B, Hkv, kmax], best first

@@ -128,3 +128,21 @@ def test_study_json(tmp_path):
     assert cell["sum:128"]["samples"] == 2
     assert cell["sum:128"]["kv_fraction_read"] < 0.2
     assert len(cell["sum:128"]["recall_per_layer"]) == 2
+
+
+def test_variant_options_and_per_row_sink():
+    pytest.importorskip("transformers")
+    import decode_selection_study as DS
+
+    v = DS.parse_variant("sum:4096@dl2@s128", 16)
+    assert (v.scheme, v.budget, v.dense_layers, v.sink_tokens) == ("sum", 4096, 2, 128)
+    assert DS.parse_variant("oracle:64", 16).sink_tokens is None
+    for bad in ("sum:4096@x2", "sum:4001", "nope:64", "sum:4096@s"):
+        with pytest.raises(SystemExit):
+            DS.parse_variant(bad, 16)
+    # per-row sinks: the row with the wider sink keeps pages 0-3 whatever their scores
+    sc = torch.arange(10.0).expand(2, 1, 10).contiguous()  # later pages score higher
+    m = S.select_page_mask(sc, 160, 16, torch.tensor([5, 5]), torch.tensor([1, 4]), 1,
+                           torch.tensor([0, 0]))
+    assert m[0, 0].nonzero().flatten().tolist() == [0, 6, 7, 8, 9]
+    assert m[1, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 9]
