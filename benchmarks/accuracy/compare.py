@@ -18,6 +18,11 @@ generated token ids count. Per length (and over all):
 One-line-per-length summaries of runs (what the device script prints)::
 
     python benchmarks/accuracy/compare.py --summary accuracy_*.json
+
+Where runs differ, by depth of the queried item (correct samples per task, length and depth,
+one column per run; ``--task`` / ``--length`` narrow it)::
+
+    python benchmarks/accuracy/compare.py --by-depth accuracy_qwen_dense.json accuracy_qwen_*.json
 """
 
 from __future__ import annotations
@@ -137,12 +142,45 @@ def summary_lines(doc: dict) -> list[str]:
     return lines
 
 
+def by_depth(docs: list[dict], tasks=None, lengths=None) -> dict:
+    """{(task, length, depth): [score sum of each run]} over the samples each run has (depth
+    None: tasks that place their items at random)."""
+    table: dict = defaultdict(lambda: [0.0] * len(docs))
+    for i, d in enumerate(docs):
+        for s in d["samples"]:
+            if (tasks and s["task"] not in tasks) or (lengths and s["length"] not in lengths):
+                continue
+            table[(s["task"], s["length"], s["depth"])][i] += float(s["score"])
+    return dict(table)
+
+
+def by_depth_lines(docs: list[dict], table: dict) -> list[str]:
+    names = [d.get("name") or f"run{i}" for i, d in enumerate(docs)]
+    width = max(8, *(len(n) for n in names))
+    lines = [f"{'task':16s} {'length':>6s} {'depth':>5s}  " + " ".join(f"{n:>{width}s}" for n in names)]
+    for (task, length, depth) in sorted(table, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2])):
+        row = table[(task, length, depth)]
+        d = "  any" if depth is None else f"{depth:5.2f}"
+        lines.append(f"{task:16s} {length:6d} {d}  " + " ".join(f"{v:>{width}.0f}" for v in row))
+    return lines
+
+
 def main(argv=None) -> dict | list:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="REFERENCE RUN (token match), or runs with --summary")
     ap.add_argument("--summary", action="store_true", help="print each run's per-length summary")
     ap.add_argument("--json", type=Path, default=None, help="write the token match here")
+    ap.add_argument("--by-depth", action="store_true",
+                    help="correct samples per task, length and depth, one column per run")
+    ap.add_argument("--task", nargs="+", default=None, help="--by-depth: only these tasks")
+    ap.add_argument("--length", nargs="+", type=int, default=None,
+                    help="--by-depth: only these lengths")
     args = ap.parse_args(argv)
+    if args.by_depth:
+        docs = [load(f) for f in args.files]
+        table = by_depth(docs, args.task, args.length)
+        print("\n".join(by_depth_lines(docs, table)))
+        return table
     if args.summary:
         docs = [load(f) for f in args.files]
         for d in docs:

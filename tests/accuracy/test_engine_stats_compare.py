@@ -369,3 +369,21 @@ def test_device_script_rejects_unknown_config(tmp_path):
     r = subprocess.run(["bash", str(script), "dense", "bogus"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown config 'bogus'" in r.stdout
+
+
+def test_by_depth_table(tmp_path, capsys):
+    """compare.py --by-depth: correct samples per (task, length, depth), one column per run.
+    Depths 0 and 1 cycle over the 3 samples (indices 0, 2 at depth 0; 1 at depth 1); the run
+    answers index 1 wrong."""
+    ref = RA.main(BASE + ["--lengths", "2048", "--out", str(tmp_path / "ref.json")],
+                  generate=_ref_gen, engine={"name": "fake"}, tok=CHAR)
+    run = RA.main(BASE + ["--lengths", "2048", "--out", str(tmp_path / "run.json")],
+                  generate=_run_gen, engine={"name": "fake"}, tok=CHAR)
+    table = C.by_depth([ref, run])
+    assert table[("niah", 2048, 0.0)] == [2.0, 2.0]
+    assert table[("niah", 2048, 1.0)] == [1.0, 0.0]
+    assert set(table) == {(t, 2048, d) for t in ("niah", "qa") for d in (0.0, 1.0)}
+    out = C.main(["--by-depth", str(tmp_path / "ref.json"), str(tmp_path / "run.json"),
+                  "--task", "qa"])
+    assert set(out) == {("qa", 2048, 0.0), ("qa", 2048, 1.0)}
+    assert "qa" in capsys.readouterr().out
