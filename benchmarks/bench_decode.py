@@ -239,31 +239,30 @@ def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Time
         if args.sweep and batch <= args.sweep_max_batch:
             sweep = {"select": {}, "select_two_stage": {}, "select_fused": {}, "attention": {}}
             best_sel = (t_sel, {})
+
+            def try_select(table: str, label: str, kw: dict) -> None:
+                nonlocal best_sel
+                t = timer(lambda: select_pages(q, summaries, block_table, seq_lens, page, k_sel,
+                                               sink, local, workspace=sws, **kw))
+                sweep[table][label] = t
+                if t < best_sel[0]:
+                    best_sel = (t, kw)
+
             for chunk in (64, 128, 256):
                 for nw in (4, 8):
                     for tw in (8, 16):
-                        kw = dict(chunk_pages=chunk, num_warps=nw, topk_warps=tw,
-                                  topk_method="single")
-                        t = timer(lambda kw=kw: select_pages(
-                            q, summaries, block_table, seq_lens, page, k_sel, sink, local,
-                            workspace=sws, **kw))
-                        sweep["select"][f"chunk{chunk}_w{nw}_topkw{tw}"] = t
-                        if t < best_sel[0]:
-                            best_sel = (t, kw)
+                        try_select("select", f"chunk{chunk}_w{nw}_topkw{tw}",
+                                   dict(chunk_pages=chunk, num_warps=nw, topk_warps=tw,
+                                        topk_method="single"))
             # two-stage top-k: segment size x stage-1 warps x stage-2 warps (default scoring)
             for seg in (256, 512, 1024, 2048, 4096):
                 if seg < 2 * k_sel or seg >= pages_per_seq:
                     continue
                 for w1 in (4, 8):
                     for w2 in (4, 8, 16):
-                        kw = dict(topk_method="two_stage", segment_pages=seg, stage1_warps=w1,
-                                  topk_warps=w2)
-                        t = timer(lambda kw=kw: select_pages(
-                            q, summaries, block_table, seq_lens, page, k_sel, sink, local,
-                            workspace=sws, **kw))
-                        sweep["select_two_stage"][f"seg{seg}_w{w1}_topkw{w2}"] = t
-                        if t < best_sel[0]:
-                            best_sel = (t, kw)
+                        try_select("select_two_stage", f"seg{seg}_w{w1}_topkw{w2}",
+                                   dict(topk_method="two_stage", segment_pages=seg,
+                                        stage1_warps=w1, topk_warps=w2))
             for chunk in (128, 256):
                 sweep["select_fused"][f"chunk{chunk}_w16"] = timer(
                     lambda c=chunk: select_pages(

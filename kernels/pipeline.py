@@ -96,8 +96,9 @@ def estimate_prefill_blocks(
     meta: PrefillBlockMeta,
     scale: float,
 ) -> PrefillBlockLists:
-    """Key-block lists for the prefill chunks described by ``meta`` with the given estimator
-    (then, with ``cfg.prefill_dense_last_blocks``, :func:`densify_last_blocks`)."""
+    """Key-block lists for the prefill chunks described by ``meta`` with the given estimator,
+    then :func:`add_sink_blocks` (a sink of more than one block) and, with
+    ``cfg.prefill_dense_last_blocks``, :func:`densify_last_blocks`."""
     lists = _estimate(method, cfg, q, k_cache, block_table, meta, scale)
     sink_blocks = -(-cfg.sink_tokens // meta.block_size)
     if method not in ("dense", "streaming") and sink_blocks > 1:  # block 0 is always kept
@@ -140,11 +141,9 @@ def densify_last_blocks(lists: PrefillBlockLists, meta: PrefillBlockMeta,
     valid = seq >= 0
     last = (meta.seq_lens.long()[seq.clamp(min=0)] - 1) // meta.block_size
     dense_row = valid & (meta.q_block_idx.long() > last - num_blocks)  # [num_q_blocks]
-    nkb = lists.block_idx.shape[2]
-    every = torch.arange(nkb, device=lists.block_idx.device, dtype=lists.block_idx.dtype)
-    block_idx = torch.where(dense_row[:, None, None], every, lists.block_idx)
-    full = (meta.q_block_idx + 1).to(lists.block_count.dtype)[:, None]
-    block_count = torch.where(dense_row[:, None], full, lists.block_count)
+    full = all_causal_block_lists(meta, lists.block_idx.shape[1])
+    block_idx = torch.where(dense_row[:, None, None], full.block_idx, lists.block_idx)
+    block_count = torch.where(dense_row[:, None], full.block_count, lists.block_count)
     return PrefillBlockLists(block_idx, block_count, block_density(meta, block_count))
 
 
