@@ -23,9 +23,11 @@ Which path ran is counted per process and logged every ``LOG_EVERY_S`` seconds.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -205,6 +207,36 @@ def _fmt(x: float | None) -> str:
 PATH_COUNTERS = _PathCounters()
 
 
+def reset_counts_after_warm_up() -> bool:
+    """Reset :data:`PATH_COUNTERS` when the vLLM worker's ``compile_or_warm_up_model``
+    returns.
+
+    Start-up runs dummy batches through the metadata builder: the CUDA-graph captures (each
+    resets the counts itself) and, after them, a sampler warm-up of ``max_num_seqs`` one-token
+    requests (vLLM 0.26: 1,024 "dense prefill chunks" in the first stats line of a server).
+    This wraps the method of the worker class already imported in this process, once, so
+    that logs and ``/metrics`` count served requests only. Returns whether the wrapper is in
+    place; without that worker class (another vLLM layout, unit tests) the per-capture reset
+    is all there is."""
+    cls = getattr(sys.modules.get("vllm.v1.worker.gpu_worker"), "Worker", None)
+    fn = getattr(cls, "compile_or_warm_up_model", None)
+    if fn is None:
+        return False
+    if getattr(fn, "_sparse_serve_resets_counts", False):
+        return True
+
+    @functools.wraps(fn)
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            PATH_COUNTERS.reset()
+
+    compile_or_warm_up_model._sparse_serve_resets_counts = True
+    cls.compile_or_warm_up_model = compile_or_warm_up_model
+    return True
+
+
 def _tp_rank() -> int:
     try:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -230,6 +262,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
 
         self.cfg = vllm_sparse_config(vllm_config)
         PATH_COUNTERS.write_metrics = _tp_rank() == 0
+        # Builders are made when the KV cache is set up, before the worker's warm-up.
+        reset_counts_after_warm_up()
         mc = vllm_config.model_config
         pc = vllm_config.parallel_config
         self.block_size = kv_cache_spec.block_size

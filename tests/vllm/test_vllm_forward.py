@@ -288,3 +288,46 @@ def test_capture_builds_reset_the_counts(monkeypatch):
     assert snap["device_sums"] == [0.0] * 4
     builder.build(0, m)  # a served batch counts
     assert backend.PATH_COUNTERS.snapshot()["decode_steps"] == 2
+
+
+def test_worker_warm_up_resets_the_counts(monkeypatch):
+    """After CUDA-graph capture vLLM 0.26 still runs a sampler warm-up batch through build()
+    (max_num_seqs one-token requests); the counts restart when the worker's
+    compile_or_warm_up_model returns. The hook wraps the method once, on the worker class
+    already imported, and the real vLLM worker class has that method."""
+    import sys
+    import types
+
+    from vllm.v1.worker import gpu_worker  # noqa: F401 - the hook looks it up in sys.modules
+
+    assert callable(getattr(sys.modules["vllm.v1.worker.gpu_worker"].Worker,
+                            "compile_or_warm_up_model", None))
+    _fake_fa3(monkeypatch)
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    cfg = SparseConfig(prefill_method="streaming", token_budget=64, sink_tokens=16,
+                       local_tokens=16, min_seq_len=100, block_size=16)
+    _, _, _, _, m = _batch([300, 200], [1, 64], seed=2)
+    calls = []
+
+    class Worker:
+        def compile_or_warm_up_model(self):
+            builder.build(0, m)  # the post-capture warm-up batch
+            calls.append(backend.PATH_COUNTERS.snapshot()["decode_steps"])
+            return "compile times"
+
+    fake = types.ModuleType("vllm.v1.worker.gpu_worker")
+    fake.Worker = Worker
+    monkeypatch.setitem(sys.modules, "vllm.v1.worker.gpu_worker", fake)
+    builder = _builder(cfg, 4)  # (the builder's __init__, skipped here, installs the hook)
+    assert backend.reset_counts_after_warm_up()
+    wrapped = Worker.compile_or_warm_up_model
+    assert wrapped._sparse_serve_resets_counts
+    assert backend.reset_counts_after_warm_up() and Worker.compile_or_warm_up_model is wrapped
+    assert Worker().compile_or_warm_up_model() == "compile times"
+    assert calls == [1]  # counted while warming up ...
+    snap = backend.PATH_COUNTERS.snapshot()
+    assert snap["decode_steps"] == 0 and snap["prefill_chunks_sparse"] == 0  # ... not after
+    builder.build(0, m)
+    assert backend.PATH_COUNTERS.snapshot()["decode_steps"] == 1
+    monkeypatch.delitem(sys.modules, "vllm.v1.worker.gpu_worker")
+    assert not backend.reset_counts_after_warm_up()  # no worker class: nothing to wrap
