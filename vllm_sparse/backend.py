@@ -152,7 +152,11 @@ class _PathCounters:
         self.decode_steps = self.prefill_dense_fallbacks = 0
         if self.device_sums is not None and not (
                 torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            self.device_sums.zero_()
+            # In place (CUDA graphs captured so far add into this very tensor). It was made
+            # inside vLLM's inference mode, and an inference tensor can only be written to in
+            # inference mode: the worker's warm-up hook calls this outside it.
+            with torch.inference_mode():
+                self.device_sums.zero_()
 
     def sums_for(self, device: torch.device) -> torch.Tensor:
         if self.device_sums is None:

@@ -323,8 +323,15 @@ def test_worker_warm_up_resets_the_counts(monkeypatch):
     wrapped = Worker.compile_or_warm_up_model
     assert wrapped._sparse_serve_resets_counts
     assert backend.reset_counts_after_warm_up() and Worker.compile_or_warm_up_model is wrapped
+    # vLLM runs forward in inference mode, where the device sums are first made; the hook
+    # resets them outside it (a plain zero_() raised there on the GPU, 2026-11-23).
+    with torch.inference_mode():
+        sums = backend.PATH_COUNTERS.sums_for(torch.device("cpu"))
+        sums += 1.0
+    assert sums.is_inference()
     assert Worker().compile_or_warm_up_model() == "compile times"
     assert calls == [1]  # counted while warming up ...
+    assert sums.tolist() == [0.0] * 4 and backend.PATH_COUNTERS.device_sums is sums
     snap = backend.PATH_COUNTERS.snapshot()
     assert snap["decode_steps"] == 0 and snap["prefill_chunks_sparse"] == 0  # ... not after
     builder.build(0, m)
