@@ -53,10 +53,10 @@ class SparseConfig:
     decode_method: str = "topk"
     # --- decode: top-k page selection ---------------------------------------------
     token_budget: int = 8192  # KV tokens read per (sequence, KV head) per step
-    # first tokens always kept (decode pages and prefill blocks); 128 rather than 64: with a
-    # 64-token sink, Qwen2.5 lost multi-key needles planted just past the chat template's
-    # first ~64 tokens at 32K (benchmarks/results/accuracy_2026-11-23_h200_session4/)
-    sink_tokens: int = 128
+    # first tokens always kept (decode pages and prefill blocks). 128 was measured and not
+    # adopted: it did not win back the 32K multi-key needles planted at token ~64 (5 of 10 at
+    # depth 0 against 4 of 10; dense 9), benchmarks/results/accuracy_2026-11-23_h200_session4/
+    sink_tokens: int = 64
     local_tokens: int = 512  # last tokens always kept (decode and streaming prefill)
     selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
     # --- when sparsity applies -------------------------------------------------------

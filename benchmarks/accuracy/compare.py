@@ -23,12 +23,23 @@ Where runs differ, by depth of the queried item (correct samples per task, lengt
 one column per run; ``--task`` / ``--length`` narrow it)::
 
     python benchmarks/accuracy/compare.py --by-depth accuracy_qwen_dense.json accuracy_qwen_*.json
+
+Paired differences per (task, length) cell against a reference, with their uncertainty (the
+samples are the same prompts in every run, so a cell's difference is a paired one)::
+
+    python benchmarks/accuracy/compare.py --cells accuracy_qwen_dense.json accuracy_qwen_default.json
+
+Per cell: accuracies, the difference in points, samples better / worse than the reference, a
+95% interval of the mean paired difference (normal approximation) and the exact two-sided sign
+test on better against worse. A run (or the reference) given as ``a.json+b.json`` joins the
+samples of several files (e.g. two calls that ran different tasks).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,6 +51,89 @@ def load(path) -> dict:
     if "samples" not in doc or "summary" not in doc:
         raise SystemExit(f"{path}: not an accuracy result (no 'samples'/'summary')")
     return doc
+
+
+def load_joined(spec: str) -> dict:
+    """A run from one file, or from several joined with ``+`` (their samples concatenated;
+    name and method from the first). Two files may not hold the same sample."""
+    docs = [load(p) for p in str(spec).split("+")]
+    if len(docs) == 1:
+        return docs[0]
+    doc = dict(docs[0])
+    doc["samples"] = [s for d in docs for s in d["samples"]]
+    keys = [_key(s) for s in doc["samples"]]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"{spec}: the joined files hold the same sample more than once")
+    return doc
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """Exact two-sided sign test (binomial, p = 1/2) of ``better`` against ``worse``."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    k = min(better, worse)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def cell_differences(ref: dict, run: dict) -> dict:
+    """Paired score differences ``run - ref`` per (task, length) cell, in points (x 100).
+
+    Samples pair by (task, length, depth, index). Per cell: n, both accuracies, the mean
+    difference, samples better / worse, a 95% normal interval of the mean difference and the
+    sign test p. Also the mean over cells (each cell weighs the same, as the README's
+    averages) and the worst cell."""
+    ref_by = {_key(s): s for s in ref["samples"]}
+    cells = defaultdict(list)
+    unpaired = 0
+    for s in run["samples"]:
+        r = ref_by.get(_key(s))
+        if r is None:
+            unpaired += 1
+            continue
+        cells[(s["task"], int(s["length"]))].append((float(r["score"]), float(s["score"])))
+    rows = []
+    for (task, length), pairs in sorted(cells.items()):
+        n = len(pairs)
+        d = [b - a for a, b in pairs]
+        mean = sum(d) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+        half = 1.96 * sd / math.sqrt(n)
+        better, worse = sum(x > 0 for x in d), sum(x < 0 for x in d)
+        rows.append({
+            "task": task, "length": length, "n": n,
+            "accuracy_ref": round(sum(a for a, _ in pairs) / n, 6),
+            "accuracy": round(sum(b for _, b in pairs) / n, 6),
+            "diff_points": round(100 * mean, 3), "better": better, "worse": worse,
+            "ci95_points": [round(100 * (mean - half), 3), round(100 * (mean + half), 3)],
+            "sign_test_p": round(sign_test_p(better, worse), 6),
+        })
+    worst = min(rows, key=lambda c: c["diff_points"]) if rows else None
+    return {
+        "reference": ref.get("name"), "run": run.get("name"), "run_method": run.get("method"),
+        "cells": rows,
+        "mean_diff_points": round(sum(c["diff_points"] for c in rows) / len(rows), 3) if rows else None,
+        "worst": worst, "unpaired": unpaired,
+    }
+
+
+def cell_lines(c: dict) -> list[str]:
+    lines = [f"paired differences per cell: {c['run_method'] or c['run']}  -  {c['reference']}",
+             f"  {'task':16s} {'length':>6s} {'n':>4s} {'ref':>6s} {'run':>6s} {'diff':>6s}"
+             f" {'better':>6s} {'worse':>5s}  {'95% interval':>15s} {'sign p':>7s}"]
+    for e in c["cells"]:
+        lo, hi = e["ci95_points"]
+        lines.append(f"  {e['task']:16s} {e['length']:6d} {e['n']:4d} {e['accuracy_ref']:6.3f}"
+                     f" {e['accuracy']:6.3f} {e['diff_points']:+6.1f} {e['better']:6d}"
+                     f" {e['worse']:5d}  [{lo:+6.1f}, {hi:+6.1f}] {e['sign_test_p']:7.3f}")
+    if c["cells"]:
+        w = c["worst"]
+        lines.append(f"  mean over cells {c['mean_diff_points']:+.1f} points; worst cell "
+                     f"{w['task']} {w['length']}: {w['diff_points']:+.1f}")
+    if c["unpaired"]:
+        lines.append(f"  ({c['unpaired']} samples of the run have no partner in the reference)")
+    return lines
 
 
 def _key(s: dict) -> tuple:
@@ -169,13 +263,27 @@ def main(argv=None) -> dict | list:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="REFERENCE RUN (token match), or runs with --summary")
     ap.add_argument("--summary", action="store_true", help="print each run's per-length summary")
-    ap.add_argument("--json", type=Path, default=None, help="write the token match here")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the token match (or --cells' differences) here")
     ap.add_argument("--by-depth", action="store_true",
                     help="correct samples per task, length and depth, one column per run")
+    ap.add_argument("--cells", action="store_true",
+                    help="paired differences per (task, length) cell: REFERENCE RUN [RUN ...]")
     ap.add_argument("--task", nargs="+", default=None, help="--by-depth: only these tasks")
     ap.add_argument("--length", nargs="+", type=int, default=None,
                     help="--by-depth: only these lengths")
     args = ap.parse_args(argv)
+    if args.cells:
+        if len(args.files) < 2:
+            ap.error("--cells takes REFERENCE RUN [RUN ...]")
+        ref = load_joined(args.files[0])
+        out = [cell_differences(ref, load_joined(f)) for f in args.files[1:]]
+        for c in out:
+            print("\n".join(cell_lines(c)))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=1) + "\n")
+        return out
     if args.by_depth:
         docs = [load(f) for f in args.files]
         table = by_depth(docs, args.task, args.length)

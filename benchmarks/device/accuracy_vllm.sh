@@ -23,10 +23,12 @@
 #                   defaults, 1024 / 4096, fall back to dense on nearly every chunk up to 32K)
 #   xattention_last1        CUSTOM, default XAttention with the last query block of every chunk
 #                   dense (SPARSE_PREFILL_DENSE_LAST_BLOCKS=1)
-#   sink128         CUSTOM defaults with a 128-token sink (decode pages and prefill blocks; the
-#                   default since session 4, so now the same as default)
-#   sink64          CUSTOM defaults with the 64-token sink of sessions 1-3
+#   sink128         CUSTOM defaults with a 128-token sink (decode pages and prefill blocks)
+#   sink64          CUSTOM defaults with a 64-token sink (the default; for when it changes)
 #   budget4096_sink128      CUSTOM defaults, 4096-token budget, 128-token sink
+#   dense_above05   CUSTOM defaults, but prefill chunks whose estimated density is above 0.5
+#                   (not 0.6) run dense FA3 (near the speed break-even of the sparse kernel)
+#   xattention_s16  CUSTOM defaults with XAttention's stride 16 (half the estimator's work)
 # Every SPARSE_* variable of the calling environment (but SPARSE_SERVE_*) is unset first.
 #
 # Outputs in $OUT (at most 8 files): accuracy_qwen_<config>.json per config (rewritten after
@@ -93,8 +95,8 @@ say() { echo "$@" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - ACC_T0 )); }
 
 for c in "${CONFIGS[@]}"; do
-  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small|xattention_last1|sink128|sink64|budget4096_sink128) ;;
-    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small xattention_last1 sink128 sink64 budget4096_sink128)"; exit 2;; esac
+  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small|xattention_last1|sink128|sink64|budget4096_sink128|dense_above05|xattention_s16) ;;
+    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small xattention_last1 sink128 sink64 budget4096_sink128 dense_above05 xattention_s16)"; exit 2;; esac
 done
 
 if [ "$DRY" = 1 ]; then
@@ -168,6 +170,10 @@ config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
     # A wider sink: the 32K multi-key losses sit where the needle lies just past 64 tokens.
     sink128) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $dec, sink 128"; ENVS=(SPARSE_SINK_TOKENS=128);;
     sink64) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $dec, sink 64"; ENVS=(SPARSE_SINK_TOKENS=64);;
+    dense_above05) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $dec, dense above 0.5"
+                   ENVS=(SPARSE_PREFILL_DENSE_ABOVE=0.5);;
+    xattention_s16) BACKEND=CUSTOM; LABEL="xattention stride 16 + $dec"
+                    ENVS=(SPARSE_PREFILL_METHOD=xattention SPARSE_XATTN_STRIDE=16);;
     budget4096_sink128) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $DEF_DECODE 4096, sink 128"
                         ENVS=(SPARSE_TOKEN_BUDGET=4096 SPARSE_SINK_TOKENS=128);;
     *) BACKEND=CUSTOM; LABEL="$1 + $dec"; ENVS=("SPARSE_PREFILL_METHOD=$1");;

@@ -387,3 +387,52 @@ def test_by_depth_table(tmp_path, capsys):
                   "--task", "qa"])
     assert set(out) == {("qa", 2048, 0.0), ("qa", 2048, 1.0)}
     assert "qa" in capsys.readouterr().out
+
+
+def test_sign_test_p():
+    """Exact two-sided sign test: 0 of 5 -> 2 / 32; a tie -> 1; symmetric; 8 vs 17 by hand."""
+    assert C.sign_test_p(0, 5) == pytest.approx(2 / 32)
+    assert C.sign_test_p(5, 0) == C.sign_test_p(0, 5)
+    assert C.sign_test_p(3, 3) == 1.0 and C.sign_test_p(0, 0) == 1.0
+    tail = sum(__import__("math").comb(25, i) for i in range(9)) / 2 ** 25
+    assert C.sign_test_p(8, 17) == pytest.approx(2 * tail)
+
+
+def _doc(name, scores):
+    """A minimal accuracy doc: {(task, length): [score per index]}."""
+    samples = [{"task": t, "length": L, "depth": None, "index": i, "score": x}
+               for (t, L), xs in scores.items() for i, x in enumerate(xs)]
+    return {"name": name, "method": name, "samples": samples, "summary": {}}
+
+
+def test_cell_differences(tmp_path, capsys):
+    """compare.py --cells: paired differences per cell, their 95% interval and sign test; runs
+    joined from two files with '+'; the same sample twice in a join is refused."""
+    ref = _doc("ref", {("niah", 8192): [1, 1, 1, 1], ("cwe", 8192): [0.5, 0.5, 1.0, 0.0]})
+    run = _doc("run", {("niah", 8192): [1, 0, 1, 0], ("cwe", 8192): [0.5, 1.0, 1.0, 0.0]})
+    c = C.cell_differences(ref, run)
+    cells = {(e["task"], e["length"]): e for e in c["cells"]}
+    niah = cells[("niah", 8192)]
+    assert niah["n"] == 4 and niah["accuracy_ref"] == 1.0 and niah["accuracy"] == 0.5
+    assert niah["diff_points"] == -50.0 and (niah["better"], niah["worse"]) == (0, 2)
+    # d = [0, -1, 0, -1]: mean -0.5, sd sqrt(1/3); 1.96 * sd / 2 = 0.5658
+    lo, hi = niah["ci95_points"]
+    assert lo == pytest.approx(-50 - 56.58, abs=0.01) and hi == pytest.approx(-50 + 56.58, abs=0.01)
+    assert niah["sign_test_p"] == pytest.approx(0.5)
+    cwe = cells[("cwe", 8192)]
+    assert cwe["diff_points"] == 12.5 and (cwe["better"], cwe["worse"]) == (1, 0)
+    assert c["mean_diff_points"] == pytest.approx((-50 + 12.5) / 2)
+    assert c["worst"]["task"] == "niah"
+    # joined files, through the CLI
+    for name, doc in (("ref", ref), ("run", run)):
+        for task in ("niah", "cwe"):
+            part = dict(doc, samples=[s for s in doc["samples"] if s["task"] == task])
+            (tmp_path / f"{name}_{task}.json").write_text(json.dumps(part))
+    j = lambda n: f"{tmp_path / (n + '_niah.json')}+{tmp_path / (n + '_cwe.json')}"  # noqa: E731
+    out = C.main(["--cells", j("ref"), j("run"), "--json", str(tmp_path / "cells.json")])
+    assert out[0]["cells"] == c["cells"]
+    assert json.loads((tmp_path / "cells.json").read_text())[0]["worst"]["task"] == "niah"
+    text = capsys.readouterr().out
+    assert "mean over cells -18.8 points; worst cell niah 8192: -50.0" in text
+    with pytest.raises(SystemExit, match="same sample"):
+        C.load_joined(f"{tmp_path / 'ref_niah.json'}+{tmp_path / 'ref_niah.json'}")
