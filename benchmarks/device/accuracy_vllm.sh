@@ -29,6 +29,12 @@
 #   dense_above05   CUSTOM defaults, but prefill chunks whose estimated density is above 0.5
 #                   (not 0.6) run dense FA3 (near the speed break-even of the sparse kernel)
 #   xattention_s16  CUSTOM defaults with XAttention's stride 16 (half the estimator's work)
+#   env:K=V[,K=V...]   CUSTOM with these SPARSE_* variables over the defaults, e.g.
+#                   env:SPARSE_XATTN_THRESHOLD=0.97 or
+#                   env:SPARSE_PREFILL_METHOD=vertical_slash,SPARSE_VS_VERTICAL=256 (a sweep
+#                   without a named config; checked by SparseConfig before any engine starts;
+#                   files are named after the config with every other character than letters,
+#                   digits and _ replaced by _)
 # Every SPARSE_* variable of the calling environment (but SPARSE_SERVE_*) is unset first.
 #
 # Outputs in $OUT (at most 8 files): accuracy_qwen_<config>.json per config (rewritten after
@@ -86,7 +92,8 @@ SAMPLE_CACHE=${SAMPLE_CACHE:-/tmp/acc_sample_cache}
 WORK=${WORK:-/tmp/acc_work}
 DRY=${ACC_DRY:-0}
 PY=${PY:-python3}
-TAG=${TAG:-$(IFS=-; echo "${CONFIGS[*]}")}
+fname() { echo "$1" | tr -c 'A-Za-z0-9_\n' '_'; }  # a config's name in file names
+TAG=${TAG:-$(fname "$(IFS=-; echo "${CONFIGS[*]}")")}
 SUMMARY="$OUT/accuracy_summary_$TAG.txt"
 FULL_BUDGET=$(( (MAX_MODEL_LEN + 255) / 256 * 256 ))
 rm -rf "$WORK"; mkdir -p "$WORK/logs"; : > "$SUMMARY"
@@ -95,6 +102,10 @@ say() { echo "$@" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - ACC_T0 )); }
 
 for c in "${CONFIGS[@]}"; do
+  if [[ $c == env:* ]]; then
+    [[ ${c#env:} =~ ^SPARSE_[A-Z_]+=[^,=]+(,SPARSE_[A-Z_]+=[^,=]+)*$ ]] && continue
+    echo "config '$c': expected env:SPARSE_NAME=VALUE[,SPARSE_NAME=VALUE...]"; exit 2
+  fi
   case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small|xattention_last1|sink128|sink64|budget4096_sink128|dense_above05|xattention_s16) ;;
     *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small xattention_last1 sink128 sink64 budget4096_sink128 dense_above05 xattention_s16)"; exit 2;; esac
 done
@@ -116,7 +127,15 @@ for v in $(compgen -e); do
   case $v in SPARSE_SERVE_*) ;; SPARSE_*) say "unsetting $v=${!v}"; unset "$v";; esac
 done
 
-# Preconditions, before any engine: model folder, essays, the sparse config's defaults.
+# Preconditions, before any engine: env: configs parse (SparseConfig), model folder, essays,
+# the sparse config's defaults.
+for c in "${CONFIGS[@]}"; do
+  [[ $c == env:* ]] || continue
+  IFS=, read -ra kv <<< "${c#env:}"
+  env "${kv[@]}" $PY -c "from sparse_kernels.config import get_config; get_config()" \
+    > "$WORK/logs/config_check.log" 2>&1 \
+    || { say "config '$c' is invalid: $(tail -1 "$WORK/logs/config_check.log")"; exit 2; }
+done
 [ -f "$MODEL/config.json" ] || { say "no model at MODEL=$MODEL"; exit 1; }
 $PY - "$MODEL" <<'PY' 2>&1 | tee -a "$SUMMARY" || { say "precondition check failed"; exit 1; }
 import sys
@@ -176,6 +195,7 @@ config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
                     ENVS=(SPARSE_PREFILL_METHOD=xattention SPARSE_XATTN_STRIDE=16);;
     budget4096_sink128) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $DEF_DECODE 4096, sink 128"
                         ENVS=(SPARSE_TOKEN_BUDGET=4096 SPARSE_SINK_TOKENS=128);;
+    env:*) BACKEND=CUSTOM; LABEL="CUSTOM defaults, ${1#env:}"; IFS=, read -ra ENVS <<< "${1#env:}";;
     *) BACKEND=CUSTOM; LABEL="$1 + $dec"; ENVS=("SPARSE_PREFILL_METHOD=$1");;
   esac
 }
@@ -199,7 +219,8 @@ for c in "${CONFIGS[@]}"; do
     continue
   fi
   config_args "$c"
-  rm -f "$OUT/accuracy_qwen_$c.json" "$OUT/match_${c}_vs_dense.json"
+  n=$(fname "$c")
+  rm -f "$OUT/accuracy_qwen_$n.json" "$OUT/match_${n}_vs_dense.json"
   say "== $c: $BACKEND ${ENVS[*]:-(no SPARSE_* env)}; start +$(elapsed)s, timeout ${left}s"
   t0=$(date +%s)
   timeout --kill-after=10 "$left" $PY benchmarks/accuracy/run_accuracy.py "${ENGINE[@]}" \
@@ -207,20 +228,20 @@ for c in "${CONFIGS[@]}"; do
     --lengths $LENGTHS --samples "$SAMPLES" --tasks $TASKS --max-model-len "$MAX_MODEL_LEN" \
     --engine-arg "gpu_memory_utilization=$GPU_UTIL" "max_num_seqs=$MAX_NUM_SEQS" \
     "$STATS_FLAG" --workers "$WORKERS" --sample-cache "$SAMPLE_CACHE" --no-progress \
-    --name "qwen_$c" --method "$LABEL" --out "$OUT/accuracy_qwen_$c.json" \
-    ${EXTRA[@]+"${EXTRA[@]}"} > "$WORK/logs/$c.log" 2>&1
+    --name "qwen_$n" --method "$LABEL" --out "$OUT/accuracy_qwen_$n.json" \
+    ${EXTRA[@]+"${EXTRA[@]}"} > "$WORK/logs/$n.log" 2>&1
   rc=$?
   say "== $c: rc=$rc$([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo ' (TIMED OUT)') in $(( $(date +%s) - t0 ))s"
-  grep -E "^samples:" "$WORK/logs/$c.log" | sed 's/^/   /' | tee -a "$SUMMARY"
+  grep -E "^samples:" "$WORK/logs/$n.log" | sed 's/^/   /' | tee -a "$SUMMARY"
   if [ $rc -ne 0 ]; then
-    grep -E "^length [0-9]+ done" "$WORK/logs/$c.log" | sed 's/^/   /' | tee -a "$SUMMARY"
-    grep -E "Error|Traceback|error:|CUDA|out of memory" "$WORK/logs/$c.log" | grep -v "^W" | tail -12 | sed 's/^/   ! /' | tee -a "$SUMMARY"
-    tail -5 "$WORK/logs/$c.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
+    grep -E "^length [0-9]+ done" "$WORK/logs/$n.log" | sed 's/^/   /' | tee -a "$SUMMARY"
+    grep -E "Error|Traceback|error:|CUDA|out of memory" "$WORK/logs/$n.log" | grep -v "^W" | tail -12 | sed 's/^/   ! /' | tee -a "$SUMMARY"
+    tail -5 "$WORK/logs/$n.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
   fi
-  if [ -f "$OUT/accuracy_qwen_$c.json" ]; then
-    $PY benchmarks/accuracy/compare.py --summary "$OUT/accuracy_qwen_$c.json" 2>&1 | tee -a "$SUMMARY"
+  if [ -f "$OUT/accuracy_qwen_$n.json" ]; then
+    $PY benchmarks/accuracy/compare.py --summary "$OUT/accuracy_qwen_$n.json" 2>&1 | tee -a "$SUMMARY"
   fi
-  compare_with_dense "$c"
+  compare_with_dense "$n"
   tar_logs
 done
 say "== done at +$(elapsed)s; files in \$OUT:"

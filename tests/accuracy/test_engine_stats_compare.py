@@ -436,3 +436,22 @@ def test_cell_differences(tmp_path, capsys):
     assert "mean over cells -18.8 points; worst cell niah 8192: -50.0" in text
     with pytest.raises(SystemExit, match="same sample"):
         C.load_joined(f"{tmp_path / 'ref_niah.json'}+{tmp_path / 'ref_niah.json'}")
+
+
+def test_device_script_env_configs(tmp_path):
+    """accuracy_vllm.sh env:K=V[,K=V] configs: malformed ones and values SparseConfig refuses
+    stop the script (exit 2) before any engine; a valid one passes on to the model check."""
+    script = REPO / "benchmarks" / "device" / "accuracy_vllm.sh"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), ACC_DRY="1",
+               PY=sys.executable, MODEL=str(tmp_path / "no-model"))
+
+    def run(config):
+        return subprocess.run(["bash", str(script), config], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    r = run("env:FOO=1")
+    assert r.returncode == 2 and "expected env:SPARSE_NAME=VALUE" in r.stdout
+    r = run("env:SPARSE_XATTN_THRESHOLD=2")
+    assert r.returncode == 2 and "xattn_threshold must be in (0, 1]" in r.stdout
+    r = run("env:SPARSE_XATTN_THRESHOLD=0.97,SPARSE_PREFILL_DENSE_ABOVE=0.5")
+    assert r.returncode == 1 and "no model at MODEL=" in r.stdout
