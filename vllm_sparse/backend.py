@@ -231,10 +231,13 @@ def reset_counts_after_warm_up() -> bool:
 
     @functools.wraps(fn)
     def compile_or_warm_up_model(self, *args, **kwargs):
+        result = fn(self, *args, **kwargs)
         try:
-            return fn(self, *args, **kwargs)
-        finally:
             PATH_COUNTERS.reset()
+        except Exception as e:  # noqa: BLE001 - the counts are best effort; serving goes on
+            logger.warning("sparse-serve: could not reset the path counts after vLLM's warm-up "
+                           "(%s: %s); the start-up batches stay counted", type(e).__name__, e)
+        return result
 
     compile_or_warm_up_model._sparse_serve_resets_counts = True
     cls.compile_or_warm_up_model = compile_or_warm_up_model

@@ -336,5 +336,14 @@ def test_worker_warm_up_resets_the_counts(monkeypatch):
     assert snap["decode_steps"] == 0 and snap["prefill_chunks_sparse"] == 0  # ... not after
     builder.build(0, m)
     assert backend.PATH_COUNTERS.snapshot()["decode_steps"] == 1
+    # A reset that fails (it must never stop vLLM's start-up) is a warning, not an error.
+    def broken_reset():
+        raise RuntimeError("no reset today")
+
+    monkeypatch.setattr(backend.PATH_COUNTERS, "reset", broken_reset)
+    warnings = []
+    monkeypatch.setattr(backend.logger, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+    assert Worker().compile_or_warm_up_model() == "compile times"
+    assert len(warnings) == 1 and "no reset today" in warnings[0]
     monkeypatch.delitem(sys.modules, "vllm.v1.worker.gpu_worker")
     assert not backend.reset_counts_after_warm_up()  # no worker class: nothing to wrap
