@@ -219,9 +219,10 @@ def reset_counts_after_warm_up() -> bool:
     resets the counts itself) and, after them, a sampler warm-up of ``max_num_seqs`` one-token
     requests (vLLM 0.26: 1,024 "dense prefill chunks" in the first stats line of a server).
     This wraps the method of the worker class already imported in this process, once, so
-    that logs and ``/metrics`` count served requests only. Returns whether the wrapper is in
-    place; without that worker class (another vLLM layout, unit tests) the per-capture reset
-    is all there is."""
+    that logs and ``/metrics`` count served requests only (``Worker.compile_or_warm_up_model``
+    in ``vllm/v1/worker/gpu_worker.py`` exists in vLLM 0.26 and 0.33). Returns whether the
+    wrapper is in place; without that worker class (another vLLM layout, unit tests) the
+    per-capture reset is all there is."""
     cls = getattr(sys.modules.get("vllm.v1.worker.gpu_worker"), "Worker", None)
     fn = getattr(cls, "compile_or_warm_up_model", None)
     if fn is None:
