@@ -229,8 +229,10 @@ def register_attention() -> None:
 
 
 def needle_positions(tok, sample) -> list[int]:
-    """Token positions of the first answer's value in the prompt (empty when it is not found
-    as a token run: multi-token answers may tokenize differently inside the text)."""
+    """Token positions of the first answer's first occurrence in the prompt (empty when it is
+    not found as a token run: an answer may tokenize differently inside the text). Meaningful
+    where that answer is planted once (the niah tasks, qa); common-word and variable-tracking
+    answers recur, so their "needle" is just the first occurrence."""
     ids = list(sample.prompt_token_ids)
     if not sample.answers:
         return []
