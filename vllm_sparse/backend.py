@@ -74,6 +74,9 @@ def vllm_sparse_config(vllm_config: VllmConfig | None = None) -> SparseConfig:
                 "--additional-config key 'sparse' must be an object, e.g. "
                 "'{\"sparse\": {\"token_budget\": 4096}}'")
     cfg = get_config(overrides)
+    from vllm_sparse import check_supported
+
+    check_supported(cfg)  # --additional-config values too
     global _logged_config
     if not _logged_config:
         _logged_config = True
