@@ -296,7 +296,7 @@ def main(argv=None) -> dict | list:
         return docs
     if len(args.files) != 2:
         ap.error("token match takes two files: REFERENCE RUN")
-    m = token_match(load(args.files[0]), load(args.files[1]))
+    m = token_match(load_joined(args.files[0]), load_joined(args.files[1]))
     print("\n".join(match_lines(m)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

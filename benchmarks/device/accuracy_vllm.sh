@@ -40,7 +40,8 @@
 # Outputs in $OUT (at most 8 files): accuracy_qwen_<config>.json per config (rewritten after
 # every length, so a config cut short keeps its finished lengths: "partial": true),
 # match_<config>_vs_dense.json (token-id match with dense, when dense ran in the same call or
-# DENSE_JSON names its file), accuracy_logs_<tag>.tar.gz (every log) and
+# DENSE_JSON names its file, or files joined with '+', e.g. the dense runs of two task sets;
+# the summary also gets compare.py --cells), accuracy_logs_<tag>.tar.gz (every log) and
 # accuracy_summary_<tag>.txt (what this script prints).
 #
 # Time. Limit: DEADLINE_S (540) seconds from ACC_T0 (epoch seconds; default: this script's
@@ -204,11 +205,14 @@ tar_logs() {
   (cd "$WORK" && tar -czf "$OUT/accuracy_logs_$TAG.tar.gz" logs) 2>/dev/null
 }
 
-compare_with_dense() {  # $1: config name
-  local dense=${DENSE_JSON:-$OUT/accuracy_qwen_dense.json} run="$OUT/accuracy_qwen_$1.json"
-  [ "$1" != dense ] && [ -f "$dense" ] && [ -f "$run" ] || return 0
+compare_with_dense() {  # $1: config name. DENSE_JSON may join files with '+' (compare.py)
+  local dense=${DENSE_JSON:-$OUT/accuracy_qwen_dense.json} run="$OUT/accuracy_qwen_$1.json" f
+  [ "$1" != dense ] && [ -f "$run" ] || return 0
+  for f in ${dense//+/ }; do [ -f "$f" ] || return 0; done
   $PY benchmarks/accuracy/compare.py "$dense" "$run" --json "$OUT/match_$1_vs_dense.json" \
     2>&1 | tee -a "$SUMMARY"
+  # per (task, length) cell: the paired difference with its 95% interval, and the worst cell
+  $PY benchmarks/accuracy/compare.py --cells "$dense" "$run" 2>&1 | tee -a "$SUMMARY"
 }
 
 STATS_FLAG=--engine-stats; [ "$ENGINE_STATS" = 1 ] || STATS_FLAG=--no-engine-stats
