@@ -11,7 +11,7 @@
 # Dummy weights of Llama-3.1-8B's shape. The random dataset needs a tokenizer: TOKENIZER names a
 # folder with one whose vocabulary fits the model's 128256 ids (SmolLM2's 49152-token tokenizer,
 # carried as .tok/smollm2). Writes vLLM's result JSON, the server log and a /metrics scrape per
-# backend under $OUT.
+# backend under $OUT, and meta_<tag>.json (command, GPUs, vLLM version, date, git commit).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/device/setup_env.sh vllm || exit 1
@@ -84,6 +84,30 @@ report() {
 }
 
 nvidia-smi --query-gpu=index,name --format=csv,noheader
+# What vLLM's result JSONs leave out: the command, the devices, versions, date and commit.
+SERVE_CMD="$(env | grep -E '^(SPARSE_[A-Z_]*|GPUS|SERVE_ARGS|BACKENDS|IN|RANGE|N|C|OUTLEN|PARALLEL|TAG)=' \
+  | sort | tr '\n' ' ')bash benchmarks/device/serve_bench.sh" OUT="$OUT" TAG="$TAG" python3 - <<'PY'
+import datetime, json, os, subprocess
+def run(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:  # noqa: BLE001 - best effort
+        return f"unavailable ({e})"
+try:
+    import vllm
+    vllm_version = vllm.__version__
+except Exception as e:  # noqa: BLE001
+    vllm_version = f"unavailable ({e})"
+meta = {"command": os.environ["SERVE_CMD"], "date": datetime.datetime.now().isoformat(),
+        "devices": run("nvidia-smi", "--query-gpu=index,name,driver_version",
+                       "--format=csv,noheader").splitlines(),
+        "vllm": vllm_version, "commit": run("git", "rev-parse", "HEAD") or None,
+        "tag": os.environ["TAG"]}
+path = os.path.join(os.environ["OUT"], f"meta_{os.environ['TAG']}.json")
+with open(path, "w") as f:
+    json.dump(meta, f, indent=1)
+print(f"wrote {path}")
+PY
 if [ "${PARALLEL:-0}" = 1 ]; then
   # One GPU per backend, at the same time (GPUs of one kind): backend k on GPU k, port PORT+k.
   k=0
