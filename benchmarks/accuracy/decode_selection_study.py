@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_schemes as S  # noqa: E402
-import tasks as T  # noqa: E402
+import study_common as C  # noqa: E402
 
 ATTN_NAME = "sparse_serve_study"
 
@@ -231,36 +230,17 @@ def summarize(per_variant: dict, variants, num_layers: int) -> dict:
 
 
 def run(args) -> dict:
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from run_accuracy import prepare_groups
-
     variants = [parse_variant(s, args.page) for s in args.variants]
     if not variants or variants[0].name != "dense":
         variants.insert(0, Variant("dense", None))  # the reference row for token matches
     register_attention()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tok = (T.CharTokenizer() if args.tokenizer == "char"
-           else AutoTokenizer.from_pretrained(args.tokenizer or args.model))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
-                                                 attn_implementation=ATTN_NAME).to(device).eval()
+    tok, model, device, groups = C.load_model_and_samples(args, ATTN_NAME)
     num_layers = model.config.num_hidden_layers
     eos = eos_ids(tok, model)
-    groups = prepare_groups(tok, args.tasks, args.lengths, args.samples, seed=args.seed,
-                            opts=T.TaskOptions(haystack=args.haystack), workers=args.workers,
-                            cache_dir=Path(args.sample_cache) if args.sample_cache else None)
     t_start = time.monotonic()
-    result = {
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "transformers": transformers.__version__, "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "page_size": args.page, "sink_tokens": args.sink_tokens,
-        "local_tokens": args.local_tokens, "dense_factor": args.dense_factor,
-        "variants": [v.name for v in variants], "cells": {}, "partial": False,
-    }
+    result = C.result_header(args, device, page_size=args.page, sink_tokens=args.sink_tokens,
+                             local_tokens=args.local_tokens, dense_factor=args.dense_factor,
+                             variants=[v.name for v in variants])
     for (task, length), samples in groups.items():
         per = {v.name: {"n": 0, "score": 0.0, "exact": 0, "first8": 0,
                         "sums": [[0.0, 0.0, 0.0] for _ in range(num_layers)],
@@ -313,13 +293,7 @@ def print_cell(task, length, cell) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokenizer", help="a tokenizer path; 'char': tasks.CharTokenizer (tests)")
-    p.add_argument("--haystack", default="essays", choices=("essays", "builtin"))
-    p.add_argument("--tasks", nargs="+", default=["niah_multikey", "qa"])
-    p.add_argument("--lengths", nargs="+", type=int, default=[32768])
-    p.add_argument("--samples", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    C.add_common_args(p, samples=50)
     p.add_argument("--variants", nargs="+",
                    default=["dense", "sum:4096", "max:4096", "norm_max:4096", "softmax_sum:4096",
                             "mean_q:4096", "oracle:4096", "sum:4096@dl2", "sum:8192"])
@@ -327,10 +301,6 @@ def main(argv=None) -> int:
     p.add_argument("--sink-tokens", type=int, default=64)
     p.add_argument("--local-tokens", type=int, default=512)
     p.add_argument("--dense-factor", type=int, default=2)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--sample-cache")
-    p.add_argument("--deadline-s", type=float, default=0.0)
-    p.add_argument("--out")
     args = p.parse_args(argv)
     run(args)
     return 0

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import study_common as C  # noqa: E402
 import tasks as T  # noqa: E402
 
 from sparse_kernels.config import SparseConfig, SparseConfigError  # noqa: E402
@@ -167,7 +167,7 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
         c1 = min(n, c0 + st.chunk)
         block = st.variants[0].cfg.block_size
         mass = block_mass(q[:, c0:c1], k, scale, block, c0)  # [Hq, nqb, nkb]
-        nqb, nkb = mass.shape[1], mass.shape[2]
+        nkb = mass.shape[2]
         qsl = torch.tensor([0, c1 - c0], dtype=torch.int32, device=dev)
         sl = torch.tensor([c1], dtype=torch.int32, device=dev)
         meta = prefill_block_metadata(qsl, sl, block, num_tokens=c1 - c0, max_seq_len=c1)
@@ -297,11 +297,6 @@ def print_cell(task, length, cell) -> None:
 
 
 def run(args) -> dict:
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from run_accuracy import prepare_groups
-
     variants = [parse_variant(s) for s in args.variants]
     blocks = {v.cfg.block_size for v in variants}
     if len(blocks) != 1:
@@ -310,24 +305,11 @@ def run(args) -> dict:
     if args.chunk % block:
         raise SystemExit(f"--chunk must be a multiple of the block size {block}")
     register_attention()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tok = (T.CharTokenizer() if args.tokenizer == "char"
-           else AutoTokenizer.from_pretrained(args.tokenizer or args.model))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
-                                                 attn_implementation=ATTN_NAME).to(device).eval()
+    tok, model, device, groups = C.load_model_and_samples(args, ATTN_NAME)
     num_layers = model.config.num_hidden_layers
-    groups = prepare_groups(tok, args.tasks, args.lengths, args.samples, seed=args.seed,
-                            opts=T.TaskOptions(haystack=args.haystack), workers=args.workers,
-                            cache_dir=Path(args.sample_cache) if args.sample_cache else None)
     t_start = time.monotonic()
-    result = {
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "transformers": transformers.__version__, "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "chunk": args.chunk, "page_size": args.page,
-        "variants": [v.name for v in variants], "cells": {}, "partial": False,
-    }
+    result = C.result_header(args, device, chunk=args.chunk, page_size=args.page,
+                             variants=[v.name for v in variants])
     for (task, length), samples in groups.items():
         sums = torch.zeros(len(variants), num_layers, _NSUM, dtype=torch.float64)
         n = 0
@@ -362,23 +344,13 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokenizer", help="a tokenizer path; 'char': tasks.CharTokenizer (tests)")
-    p.add_argument("--haystack", default="essays", choices=("essays", "builtin"))
-    p.add_argument("--tasks", nargs="+", default=["niah_multikey", "qa"])
-    p.add_argument("--lengths", nargs="+", type=int, default=[32768])
-    p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    C.add_common_args(p, samples=20)
     p.add_argument("--variants", nargs="+",
                    default=["xattention", "xattention:xattn_threshold=0.95",
                             "vertical_slash:vs_vertical=512,vs_slash=1024", "flexprefill"])
     p.add_argument("--chunk", type=int, default=16384,
                    help="prefill chunk (vLLM's max_num_batched_tokens of the accuracy runs)")
     p.add_argument("--page", type=int, default=16)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--sample-cache")
-    p.add_argument("--deadline-s", type=float, default=0.0)
-    p.add_argument("--out")
     args = p.parse_args(argv)
     run(args)
     return 0
