@@ -84,14 +84,9 @@ def cell_differences(ref: dict, run: dict) -> dict:
     difference, samples better / worse, a 95% normal interval of the mean difference and the
     sign test p. Also the mean over cells (each cell weighs the same, as the README's
     averages) and the worst cell."""
-    ref_by = {_key(s): s for s in ref["samples"]}
+    pairs_all, unpaired = _paired(ref, run)
     cells = defaultdict(list)
-    unpaired = 0
-    for s in run["samples"]:
-        r = ref_by.get(_key(s))
-        if r is None:
-            unpaired += 1
-            continue
+    for r, s in pairs_all:
         cells[(s["task"], int(s["length"]))].append((float(r["score"]), float(s["score"])))
     rows = []
     for (task, length), pairs in sorted(cells.items()):
@@ -136,6 +131,15 @@ def cell_lines(c: dict) -> list[str]:
     return lines
 
 
+def _paired(ref: dict, run: dict) -> tuple[list[tuple[dict, dict]], int]:
+    """``(reference sample, run sample)`` pairs in the run's order, matched by (task, length,
+    depth, index), and how many of the run's samples have no partner."""
+    ref_by = {_key(s): s for s in ref["samples"]}
+    pairs = [(ref_by.get(_key(s)), s) for s in run["samples"]]
+    found = [(r, s) for r, s in pairs if r is not None]
+    return found, len(pairs) - len(found)
+
+
 def _key(s: dict) -> tuple:
     d = s.get("depth")
     return (s["task"], int(s["length"]), None if d is None else round(float(d), 4), int(s["index"]))
@@ -152,14 +156,10 @@ def _prefix(a: list, b: list) -> int:
 
 def token_match(ref: dict, run: dict) -> dict:
     """Per-length and overall token-id agreement of ``run`` with ``ref`` (docs, as loaded)."""
-    ref_by = {_key(s): s for s in ref["samples"]}
+    pairs_all, unpaired = _paired(ref, run)
     groups = defaultdict(list)
-    missing_ids = unpaired = 0
-    for s in run["samples"]:
-        r = ref_by.get(_key(s))
-        if r is None:
-            unpaired += 1
-            continue
+    missing_ids = 0
+    for r, s in pairs_all:
         if s.get("token_ids") is None or r.get("token_ids") is None:
             missing_ids += 1
             continue

@@ -160,12 +160,16 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
     k_cache, table = paged_keys(k, st.page)
     qt = q.transpose(0, 1).contiguous()  # [n, Hq, D]
     dev = q.device
-    acc = torch.zeros(len(st.variants), 6, dtype=torch.float64)
-    head_sums = torch.zeros(len(st.variants), hq, dtype=torch.float64)  # recall summed over rows
+    block = st.variants[0].cfg.block_size  # run() checks the variants share it
+    needle_blocks = sorted({p // block for p in st.needle_pos})
+    nv = len(st.variants)
+    recall_sum = torch.zeros(nv, dtype=torch.float64)  # over rows, mean over heads
+    head_sums = torch.zeros(nv, hq, dtype=torch.float64)  # over rows, per head
+    kept = torch.zeros(nv, dtype=torch.float64)  # kept causal blocks, mean over KV heads
+    causal_total = 0
     rows = 0
     for c0 in range(0, n, st.chunk):
         c1 = min(n, c0 + st.chunk)
-        block = st.variants[0].cfg.block_size
         mass = block_mass(q[:, c0:c1], k, scale, block, c0)  # [Hq, nqb, nkb]
         nkb = mass.shape[2]
         qsl = torch.tensor([0, c1 - c0], dtype=torch.int32, device=dev)
@@ -176,7 +180,9 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
         causal = (torch.arange(nkb, device=dev)[None, :]
                   <= (meta.q_block_idx.long()[:, None]))  # [rows, nkb]
         last_row = int(torch.nonzero(valid).max()) if c1 == n else None
-        rows_c = int(valid.sum())
+        rows += int(valid.sum())
+        causal_total += int((causal & valid[:, None]).sum())
+        m_rows = mass[:, qb_abs].permute(1, 0, 2)  # [rows, Hq, nkb]
         for vi, v in enumerate(st.variants):
             lists = estimate_prefill_blocks(v.cfg.prefill_method, v.cfg, qt[c0:c1], k_cache,
                                             table, meta, scale)
@@ -187,25 +193,20 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
                 keep = causal[:, None, :].expand(-1, hkv, -1) & valid[:, None, None]
             else:
                 keep = kept_blocks(lists, meta, hkv, nkb)
-            keep_q = keep.repeat_interleave(g, 1)  # [rows, Hq, nkb]
-            m_rows = mass[:, qb_abs].permute(1, 0, 2)  # [rows, Hq, nkb]
-            recall = (m_rows * keep_q).sum(-1)  # [rows, Hq]
+            recall = (m_rows * keep.repeat_interleave(g, 1)).sum(-1)  # [rows, Hq]
             recall = torch.where(valid[:, None], recall, 0.0)
-            acc[vi, 0] += float(recall.sum()) / hq
+            recall_sum[vi] += float(recall.sum()) / hq
             head_sums[vi] += recall.sum(0).double().cpu()
-            acc[vi, 3] += float((keep & causal[:, None, :]).sum()) / hkv
-            acc[vi, 5] += float((causal & valid[:, None]).sum())
+            kept[vi] += float((keep & causal[:, None, :]).sum()) / hkv
             if last_row is not None:
                 st.sums[vi, layer, 2] += float(recall[last_row].mean())
-                if st.needle_pos:
-                    blocks = sorted({p // block for p in st.needle_pos})
-                    hit = keep[last_row][:, blocks].any(-1).float().mean()
+                if needle_blocks:
+                    hit = keep[last_row][:, needle_blocks].any(-1).float().mean()
                     st.sums[vi, layer, 4] += float(hit)
                     st.sums[vi, layer, 5] += 1.0
-        rows += rows_c
-    st.sums[:, layer, 0] += acc[:, 0] / rows
+    st.sums[:, layer, 0] += recall_sum / rows
     st.sums[:, layer, 1] += head_sums.min(1).values / rows  # the worst head's mean recall
-    st.sums[:, layer, 3] += acc[:, 3] / acc[:, 5]
+    st.sums[:, layer, 3] += kept / causal_total
 
 
 def study_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
