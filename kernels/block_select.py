@@ -38,7 +38,17 @@ def _row_probs(score_ptr, srow_off, kb, ok2, row_max, row_sum, LOGITS: tl.conste
     return tl.where(ok2, x, 0.0)
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "stride_si", "stride_sh", "stride_eb", "stride_eh", "stride_vb", "stride_vh",
+        "stride_db", "stride_dh", "stride_fb", "stride_fh", "stride_oi", "stride_oh",
+        "stride_ci", "stride_ch", "sink_blocks", "local_blocks",
+    ],
+    do_not_specialize_on_alignment=[
+        "qb_seq_ptr", "qb_idx_ptr",
+    ],
+)
 def _build_block_lists_kernel(
     qb_seq_ptr, qb_idx_ptr,
     score_ptr, stride_si, stride_sh, stride_sk,

@@ -227,7 +227,15 @@ def chunk_of_sequence(b, seq_lens_ptr, qsl_ptr):
     return seq_len, q_begin, seq_len - (q_end - q_begin)
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "num_q_blocks", "stride_bt", "stride_li", "stride_lh", "stride_ci", "stride_ch",
+    ],
+    do_not_specialize_on_alignment=[
+        "block_table_ptr", "seq_lens_ptr", "qsl_ptr", "qb_seq_ptr", "qb_idx_ptr",
+    ],
+)
 def _block_sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     block_table_ptr, seq_lens_ptr, qsl_ptr,

@@ -34,7 +34,15 @@ from sparse_kernels.last_q_scores import last_q_scores
 __all__ = ["block_mean_keys", "pooled_block_logits", "flexprefill_parts", "estimate_flexprefill"]
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "stride_bt", "stride_ob", "stride_oh",
+    ],
+    do_not_specialize_on_alignment=[
+        "block_table_ptr", "seq_lens_ptr",
+    ],
+)
 def _block_mean_k_kernel(
     k_ptr, block_table_ptr, seq_lens_ptr, out_ptr,
     stride_kp, stride_ks, stride_kh, stride_kd,
@@ -61,7 +69,15 @@ def _block_mean_k_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + kvh * stride_oh + j * stride_oj + offs_d, mean)
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "stride_kb", "stride_kh", "stride_oi", "stride_oh",
+    ],
+    do_not_specialize_on_alignment=[
+        "qb_seq_ptr", "qb_idx_ptr", "qb_tok_start_ptr", "qb_tok_len_ptr",
+    ],
+)
 def _pooled_logits_kernel(
     q_ptr, kbar_ptr, out_ptr,
     qb_seq_ptr, qb_idx_ptr, qb_tok_start_ptr, qb_tok_len_ptr,
@@ -200,7 +216,10 @@ def flexprefill_parts(
     q_end = qsl[1:]
     n_last = torch.clamp(q_end - qsl[:-1], max=bs)  # [B]
     r = torch.arange(bs, device=dev)
-    tok = (q_end[:, None] - n_last[:, None] + r[None, :]).clamp(min=0)
+    # rows past a chunk shorter than a block are masked by r_ok; clamped into that chunk so
+    # the gather stays in bounds (the batch's last chunk ends at the end of q)
+    tok = torch.minimum(q_end[:, None] - n_last[:, None] + r[None, :], q_end[:, None] - 1)
+    tok = tok.clamp(min=0)
     r_ok = (r[None, :] < n_last[:, None]).float()  # [B, bs]
     qlast = q[tok.view(-1)].view(batch, bs, hq, d).float() * r_ok[:, :, None, None]
     qbar = qlast.sum(1) / n_last.clamp(min=1)[:, None, None].float()  # [B, Hq, D]

@@ -44,7 +44,15 @@ __all__ = ["xattention_block_scores", "estimate_xattention"]
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "num_tiles", "stride_bt", "stride_lh", "stride_lr", "num_kv_blocks",
+    ],
+    do_not_specialize_on_alignment=[
+        "block_table_ptr", "seq_lens_ptr", "qsl_ptr", "tile_seq_ptr", "tile_idx_ptr",
+    ],
+)
 def _xattn_strided_lse_kernel(
     q_ptr, k_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     tile_seq_ptr, tile_idx_ptr,
@@ -123,7 +131,16 @@ def _xattn_strided_lse_kernel(
                  mask=(r_head < G)[:, None] & (kb < num_kv_blocks)[None, :])
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "stride_lh", "stride_lr", "stride_si", "stride_sh", "num_kv_blocks",
+    ],
+    do_not_specialize_on_alignment=[
+        "seq_lens_ptr", "qsl_ptr", "qb_seq_ptr", "qb_idx_ptr", "seq_first_ptr",
+        "seq_slot0_ptr",
+    ],
+)
 def _xattn_block_scores_kernel(
     lse_ptr, score_ptr,
     qb_seq_ptr, qb_idx_ptr, seq_lens_ptr, qsl_ptr,

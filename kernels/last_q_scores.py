@@ -33,7 +33,16 @@ __all__ = ["last_q_scores"]
 _LN2 = 0.6931471805599453
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "stride_bt", "stride_pb", "stride_ph", "stride_pr", "stride_lb", "stride_lh",
+        "stride_vb", "stride_vh", "stride_sb", "stride_sh",
+    ],
+    do_not_specialize_on_alignment=[
+        "block_table_ptr", "seq_lens_ptr", "qsl_ptr",
+    ],
+)
 def _last_q_kernel(
     q_ptr, k_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_ptr,  # fp32 [B, Hq, N_PAD, NKT]: per-tile row lse (base 2)       (pass 1 output)

@@ -79,7 +79,15 @@ def _summarize_page(
     tl.store(s_ptrs + stride_s_kind, k_max.to(summ_ptr.dtype.element_ty), mask=mask_d)
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "num_seqs", "stride_bt",
+    ],
+    do_not_specialize_on_alignment=[
+        "block_table_ptr", "query_start_loc_ptr", "seq_lens_ptr",
+    ],
+)
 def _update_summaries_kernel(
     k_cache_ptr,
     summ_ptr,
@@ -128,7 +136,15 @@ def _update_summaries_kernel(
     )
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "stride_bt",
+    ],
+    do_not_specialize_on_alignment=[
+        "block_table_ptr", "seq_lens_ptr",
+    ],
+)
 def _build_summaries_kernel(
     k_cache_ptr,
     summ_ptr,

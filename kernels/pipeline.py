@@ -311,3 +311,40 @@ def warm_up_summary_update(k_cache: torch.Tensor, summaries: torch.Tensor) -> No
                                                             device=dev),
                               qsl, torch.ones(batch, dtype=torch.int32, device=dev),
                               num_tokens=batch)
+
+
+def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> list[int]:
+    """Compile :func:`sparse_decode` (and its split merge) for every split-count bucket.
+
+    The split count follows the batch size (:func:`~sparse_kernels.sparse_decode.default_num_splits`)
+    and sets a compile-time constant (its next power of two), so a decode batch of a size no
+    CUDA graph was captured for (a mixed batch runs eagerly) could otherwise compile while
+    serving. One sequence of one page (page 0 of the cache, read only) per split count
+    ``1, 2, 4, ..., MAX_SPLITS``, as a dense decode (``method`` "dense") or as a top-k
+    selection row that reads every page (a selection buffer of the engine's width, whose
+    size is an argument the kernel is specialized on); the output goes to scratch. Returns the
+    split counts.
+    """
+    from sparse_kernels.page_select import DENSE_ROW
+    from sparse_kernels.sparse_decode import MAX_SPLITS
+
+    dev = k_cache.device
+    hq, d = q_like.shape[1:]
+    q = torch.zeros((1, hq, d), dtype=q_like.dtype, device=dev)
+    out = torch.empty_like(q)
+    block_table = torch.zeros((1, 1), dtype=torch.int32, device=dev)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=dev)
+    selected = None
+    if method == "topk":
+        k, _, _ = decode_budget_pages(cfg, k_cache.shape[1])
+        selected = torch.full((1, k_cache.shape[2], k), -1, dtype=torch.int32, device=dev)
+        selected[:, :, 0] = DENSE_ROW
+    workspace = DecodeWorkspace(1, hq, d, MAX_SPLITS, device=dev)
+    splits, n = [], 1
+    while n <= MAX_SPLITS:
+        sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=selected, out=out,
+                      scale=scale, num_splits=n, workspace=workspace)
+        splits.append(n)
+        n *= 2
+    return splits

@@ -48,7 +48,15 @@ LARGE_GRID_WAVES = 32
 MERGE_IN_KERNEL_DEFAULT = False
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "num_splits", "stride_bt",
+    ],
+    do_not_specialize_on_alignment=[
+        "block_table_ptr", "seq_lens_ptr", "selected_ptr",
+    ],
+)
 def _sparse_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -266,7 +274,12 @@ def _merge_head(
     )
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=[
+        "num_splits",
+    ],
+)
 def _merge_splits_kernel(
     out_ptr,
     part_out_ptr,
@@ -423,14 +436,16 @@ def sparse_decode(
 
     dense = selected is None
     if dense:
-        num_select = block_table.shape[1]
-        sel, sel_strides = block_table, (0, 0, 0)  # unused
+        # unused in dense mode; constant, so that the kernel is not specialized on the block
+        # table's width
+        num_select, max_slots = 0, block_table.shape[1]
+        sel, sel_strides = block_table, (0, 0, 0)
     else:
         assert selected.shape[:2] == (batch, num_kv_heads), (selected.shape, batch, num_kv_heads)
-        num_select = selected.shape[2]
+        num_select = max_slots = selected.shape[2]
         sel, sel_strides = selected, selected.stride()
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, num_select * page_size,
+        num_splits = default_num_splits(batch, num_kv_heads, max_slots * page_size,
                                         q.device, block_n)
         if workspace is not None:
             num_splits = min(num_splits, workspace.max_splits)

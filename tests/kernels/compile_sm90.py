@@ -50,9 +50,17 @@ driver.set_active(_H100())
 _run = jit.JITFunction.run
 
 
+_seen: set = set()  # the compiled kernels so far (a cache hit returns the same object)
+_serving = False
+
+
 def _compile_only(self, *args, grid, warmup, **kwargs):
     k = _run(self, *args, grid=grid, warmup=True, **kwargs)
-    print(self.fn.__name__, "cubin" if "cubin" in k.asm else "no-cubin", flush=True)
+    if id(k) not in _seen:
+        _seen.add(id(k))
+        print(self.fn.__name__, "cubin" if "cubin" in k.asm else "no-cubin", flush=True)
+        if _serving:
+            print("compiled-while-serving", self.fn.__name__, flush=True)
     return k
 
 
@@ -62,7 +70,7 @@ jit.JITFunction.run = _compile_only
 def main() -> None:
     from sparse_kernels import page_select as ps
     from sparse_kernels.config import PREFILL_METHODS, SparseConfig
-    from sparse_kernels.pipeline import warm_up_prefill, warm_up_summary_update
+    from sparse_kernels.pipeline import warm_up_decode, warm_up_prefill, warm_up_summary_update
     from sparse_kernels.sparse_decode import sparse_decode
 
     cpu = torch.device("cpu")
@@ -86,6 +94,54 @@ def main() -> None:
         for method in PREFILL_METHODS:
             if method != "dense":
                 warm_up_prefill(method, SparseConfig(), q[:1], kc, kc, 600, d ** -0.5)
+        for method in ("topk", "dense"):
+            warm_up_decode(method, SparseConfig(), q, kc, kc, d ** -0.5)
+        serve(q, kc, summ, max_pages)
+
+
+def serve(q, kc, summ, max_pages) -> None:
+    """After the engine's warm-ups, shapes a server meets and the warm-ups did not run: other
+    lengths (key-block counts of every divisibility), chunks, batch sizes and split counts,
+    and metadata views that start at any request of a batch (the engine's per-run slices).
+    Each kernel compiled here prints ``compiled-while-serving NAME``."""
+    global _serving
+    from sparse_kernels.block_sparse_prefill import prefill_block_metadata
+    from sparse_kernels.config import PREFILL_METHODS, SparseConfig
+    from sparse_kernels.page_summary import update_page_summaries
+    from sparse_kernels.pipeline import decode_budget_pages, sparse_prefill_attention
+    from sparse_kernels.sparse_decode import DecodeWorkspace, MAX_SPLITS, sparse_decode
+
+    _serving = True
+    cfg = SparseConfig()
+    hq, d = q.shape[1:]
+    hkv = kc.shape[2]
+    i32 = torch.int32
+    lens = torch.tensor([577, 130, 250, 333, 520, 600, 64, 449], dtype=i32)
+    qlens = [64, 100, 130, 37, 300, 1, 64, 17]
+    table = torch.zeros(len(lens), max_pages, dtype=i32)
+    for start, n in ((0, 1), (1, 1), (3, 2), (2, 3), (5, 3), (1, 7)):
+        sl, bt = lens[start:start + n], table[start:start + n]
+        ql = torch.tensor([0] + [min(a, int(b)) for a, b in zip(qlens[start:start + n], sl)])
+        qsl = ql.cumsum(0).to(i32)
+        tokens = int(qsl[-1])
+        qq = torch.zeros(tokens, hq, d, dtype=q.dtype)
+        meta = prefill_block_metadata(qsl, sl, cfg.block_size, num_tokens=tokens,
+                                      max_seq_len=int(sl.max()))
+        for method in PREFILL_METHODS:
+            if method != "dense":
+                sparse_prefill_attention(method, cfg, qq, kc, kc, bt, meta, torch.empty_like(qq),
+                                         d ** -0.5)
+        update_page_summaries(kc, summ, bt, qsl, sl, num_tokens=tokens)
+    k, _, _ = decode_budget_pages(cfg, kc.shape[1])
+    ws = DecodeWorkspace(8, hq, d, MAX_SPLITS, device=torch.device("cpu"))
+    for n in (1, 3, 8):
+        sel = torch.full((n, hkv, k), -1, dtype=i32)
+        for splits in range(1, MAX_SPLITS + 1):
+            for selected in (sel, None):
+                sparse_decode(q.new_zeros(n, hq, d), kc, kc, table[1:1 + n], lens[1:1 + n],
+                              selected=selected, out=torch.empty(n, hq, d, dtype=q.dtype),
+                              num_splits=splits, workspace=ws)
+    _serving = False
 
 
 if __name__ == "__main__":
