@@ -142,9 +142,12 @@ class _PathCounters:
         self.prefill_dense_fallbacks = 0
         self.device_sums: torch.Tensor | None = None
         self._last = time.monotonic()
-        self._last_write = 0.0
+        self._last_write = float("-inf")  # the first report writes, whatever the uptime
         # Only one process per engine writes the metrics file (tensor-parallel rank 0).
         self.write_metrics = True
+        # True from the moment the warm-up hook is in place until vLLM's warm-up returns:
+        # start-up batches are neither logged nor written as metrics.
+        self.starting_up = False
 
     def reset(self) -> None:
         """Forget what was counted so far: vLLM's start-up batches (warm-up and CUDA-graph
@@ -180,6 +183,8 @@ class _PathCounters:
     def maybe_report(self, cfg: SparseConfig) -> None:
         """Write the metrics file every ``metrics.WRITE_EVERY_S`` and log every
         ``LOG_EVERY_S`` seconds (each reads the device sums: one small host sync)."""
+        if self.starting_up:
+            return
         now = time.monotonic()
         write = self.write_metrics and now - self._last_write >= metrics.WRITE_EVERY_S
         log = now - self._last >= LOG_EVERY_S
@@ -223,7 +228,9 @@ def reset_counts_after_warm_up() -> bool:
     requests (vLLM 0.26: 1,024 "dense prefill chunks" in the first stats line of a server).
     This wraps the method of the worker class already imported in this process, once, so
     that logs and ``/metrics`` count served requests only (``Worker.compile_or_warm_up_model``
-    in ``vllm/v1/worker/gpu_worker.py`` exists in vLLM 0.26 and 0.33). Returns whether the
+    in ``vllm/v1/worker/gpu_worker.py`` exists in vLLM 0.26 and 0.33); until it returns,
+    nothing is logged or written as metrics (a stats line during start-up showed the warm-up
+    batch: "dense=1024" on the GPU, 2026-11-23). Returns whether the
     wrapper is in place; without that worker class (another vLLM layout, unit tests) the
     per-capture reset is all there is."""
     cls = getattr(sys.modules.get("vllm.v1.worker.gpu_worker"), "Worker", None)
@@ -236,6 +243,7 @@ def reset_counts_after_warm_up() -> bool:
     @functools.wraps(fn)
     def compile_or_warm_up_model(self, *args, **kwargs):
         result = fn(self, *args, **kwargs)
+        PATH_COUNTERS.starting_up = False
         try:
             PATH_COUNTERS.reset()
         except Exception as e:  # noqa: BLE001 - the counts are best effort; serving goes on
@@ -245,6 +253,7 @@ def reset_counts_after_warm_up() -> bool:
 
     compile_or_warm_up_model._sparse_serve_resets_counts = True
     cls.compile_or_warm_up_model = compile_or_warm_up_model
+    PATH_COUNTERS.starting_up = True
     return True
 
 
@@ -625,19 +634,23 @@ _WARMED: set = set()
 
 def _warm_up_once(prefill_method, decode_method, cfg, q, key_cache, value_cache, summaries,
                   max_model_len, scale) -> None:
-    """JIT-compile the prefill kernels for every length bucket (and the summary update of
-    top-k decode layers) once per process and shape, on the first forward that is not being
-    captured into a CUDA graph, so that no request pays a compilation."""
+    """JIT-compile the prefill kernels for every length bucket, the decode kernel for every
+    split-count bucket (eager mixed batches of sizes no CUDA graph was captured for) and the
+    summary update of top-k decode layers, once per process and shape, on the first forward
+    that is not being captured into a CUDA graph, so that no request pays a compilation.
+    (Arguments that vary with batch and lengths are not specialized on by the kernels; what
+    is left are compile-time constants of these buckets.)"""
     key = (repr(prefill_method), decode_method, q.shape[1:], q.dtype, key_cache.shape[1:],
            key_cache.dtype)
     if key in _WARMED or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
     _WARMED.add(key)
-    from sparse_kernels.pipeline import warm_up_prefill, warm_up_summary_update
+    from sparse_kernels.pipeline import warm_up_decode, warm_up_prefill, warm_up_summary_update
 
     t0 = time.monotonic()
     if decode_method == "topk":
         warm_up_summary_update(key_cache, summaries)
+    warm_up_decode(decode_method, cfg, q, key_cache, value_cache, scale)
     if prefill_method == "dense":
         return
     lengths = warm_up_prefill(prefill_method, cfg, q, key_cache, value_cache, max_model_len,

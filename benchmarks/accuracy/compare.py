@@ -67,6 +67,17 @@ def load_joined(spec: str) -> dict:
     return doc
 
 
+def only(doc: dict, tasks=None, lengths=None) -> dict:
+    """The run restricted to the samples of these tasks and lengths (``None``: all)."""
+    if tasks is None and lengths is None:
+        return doc
+    out = dict(doc)
+    out["samples"] = [s for s in doc["samples"]
+                      if (tasks is None or s["task"] in tasks)
+                      and (lengths is None or s["length"] in lengths)]
+    return out
+
+
 def sign_test_p(better: int, worse: int) -> float:
     """Exact two-sided sign test (binomial, p = 1/2) of ``better`` against ``worse``."""
     n = better + worse
@@ -269,15 +280,17 @@ def main(argv=None) -> dict | list:
                     help="correct samples per task, length and depth, one column per run")
     ap.add_argument("--cells", action="store_true",
                     help="paired differences per (task, length) cell: REFERENCE RUN [RUN ...]")
-    ap.add_argument("--task", nargs="+", default=None, help="--by-depth: only these tasks")
+    ap.add_argument("--task", nargs="+", default=None,
+                    help="--by-depth, --cells: only these tasks")
     ap.add_argument("--length", nargs="+", type=int, default=None,
-                    help="--by-depth: only these lengths")
+                    help="--by-depth, --cells: only these lengths")
     args = ap.parse_args(argv)
     if args.cells:
         if len(args.files) < 2:
             ap.error("--cells takes REFERENCE RUN [RUN ...]")
-        ref = load_joined(args.files[0])
-        out = [cell_differences(ref, load_joined(f)) for f in args.files[1:]]
+        ref = only(load_joined(args.files[0]), args.task, args.length)
+        out = [cell_differences(ref, only(load_joined(f), args.task, args.length))
+               for f in args.files[1:]]
         for c in out:
             print("\n".join(cell_lines(c)))
         if args.json:
@@ -285,7 +298,7 @@ def main(argv=None) -> dict | list:
             args.json.write_text(json.dumps(out, indent=1) + "\n")
         return out
     if args.by_depth:
-        docs = [load(f) for f in args.files]
+        docs = [load_joined(f) for f in args.files]
         table = by_depth(docs, args.task, args.length)
         print("\n".join(by_depth_lines(docs, table)))
         return table

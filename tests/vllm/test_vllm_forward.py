@@ -308,11 +308,18 @@ def test_worker_warm_up_resets_the_counts(monkeypatch):
                        local_tokens=16, min_seq_len=100, block_size=16)
     _, _, _, _, m = _batch([300, 200], [1, 64], seed=2)
     calls = []
+    # Every build() may log the stats line; none may while vLLM is still starting up.
+    monkeypatch.setattr(backend, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(backend.metrics, "WRITE_EVERY_S", 1e9)
+    stats_lines = []
+    monkeypatch.setattr(backend.logger, "info",
+                        lambda msg, *a: stats_lines.append(a) if "stats" in msg else None)
 
     class Worker:
         def compile_or_warm_up_model(self):
             builder.build(0, m)  # the post-capture warm-up batch
             calls.append(backend.PATH_COUNTERS.snapshot()["decode_steps"])
+            calls.append(len(stats_lines))
             return "compile times"
 
     fake = types.ModuleType("vllm.v1.worker.gpu_worker")
@@ -330,12 +337,14 @@ def test_worker_warm_up_resets_the_counts(monkeypatch):
         sums += 1.0
     assert sums.is_inference()
     assert Worker().compile_or_warm_up_model() == "compile times"
-    assert calls == [1]  # counted while warming up ...
+    assert calls == [1, 0]  # counted while warming up, not logged ...
     assert sums.tolist() == [0.0] * 4 and backend.PATH_COUNTERS.device_sums is sums
     snap = backend.PATH_COUNTERS.snapshot()
     assert snap["decode_steps"] == 0 and snap["prefill_chunks_sparse"] == 0  # ... not after
+    assert not backend.PATH_COUNTERS.starting_up
     builder.build(0, m)
     assert backend.PATH_COUNTERS.snapshot()["decode_steps"] == 1
+    assert len(stats_lines) == 1 and stats_lines[0][5] == 1  # served steps are logged
     # A reset that fails (it must never stop vLLM's start-up) is a warning, not an error.
     def broken_reset():
         raise RuntimeError("no reset today")

@@ -63,7 +63,7 @@ def test_no_file_no_metrics_and_rate_limit(tmp_path, monkeypatch):
     assert json.loads(path.read_text())["decode_steps"] == 0  # rate-limited
     c.write_metrics = False  # non-zero tensor-parallel ranks never write
     path.unlink()
-    c._last_write = 0.0
+    c._last_write = float("-inf")
     c.maybe_report(SparseConfig())
     assert not path.exists()
 
