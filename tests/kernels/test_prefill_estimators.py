@@ -59,6 +59,8 @@ BATCHES = {
     "ragged3": ([100, 37, 64], [45, 37, 20]),
     "prefix_long": ([150, 21], [33, 18]),
     "long1": ([200], [70]),
+    # chunks shorter than a block, one of a single token, the last one at the end of q
+    "short_tail": ([200, 70, 150], [1, 70, 17]),
 }
 
 
@@ -299,3 +301,28 @@ def test_flexprefill_gamma_one_is_dense():
         lists = estimate_flexprefill(q, k, bt, meta, gamma=1.0, tau=tau)
         check_lists(lists, meta, 2)
         check_dense_equivalent(lists, meta, q, k, v, bt, qsl, sl, 2)
+
+
+# ----------------------------------------------------------------------------- short chunks
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("method", ["streaming", "xattention", "vertical_slash", "flexprefill"])
+def test_every_estimator_at_full_density_with_chunks_shorter_than_a_block(method, bs):
+    """Chunked prefill ends prompts with chunks of any length: a 1-token chunk and a 17-token
+    chunk that ends the batch (FlexPrefill's query gather once ran past the end of q there).
+    At settings that keep every block, each estimator's lists give dense attention."""
+    hkv, group = 2, 4
+    q, k, v, bt, qsl, sl = make_batch("short_tail", hkv, group, 64, 16, "NHD", structured=True)
+    meta = prefill_block_metadata(qsl, sl, bs)
+    if method == "streaming":
+        lists = estimate_streaming(meta, hkv, sink_tokens=bs, local_tokens=10**6)
+    elif method == "xattention":
+        lists = estimate_xattention(q, k, bt, meta, threshold=1.0, stride=8)
+    elif method == "vertical_slash":
+        lists = estimate_vertical_slash(q, k, bt, meta, last_q=bs, n_vertical=10**6,
+                                        n_slash=10**6)
+    else:
+        lists = estimate_flexprefill(q, k, bt, meta, gamma=1.0, tau=0.0)
+    check_lists(lists, meta, hkv)
+    check_dense_equivalent(lists, meta, q, k, v, bt, qsl, sl, hkv)
