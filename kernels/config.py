@@ -24,6 +24,12 @@ ENV_PREFIX = "SPARSE_"
 
 PREFILL_METHODS = ("dense", "streaming", "xattention", "vertical_slash", "flexprefill")
 DECODE_METHODS = ("dense", "topk")
+# How top-k decode runs its selection (launches per layer and step, besides the attention):
+# "auto": a scoring launch, then the single-stage top-k, or the two-stage top-k (two launches)
+# for small grids on long block tables (the measured default); "single": always the
+# single-stage top-k (two launches); "fused": scoring and top-k in one launch (the last
+# program of a row selects). Every choice selects the same pages.
+DECODE_SELECTS = ("auto", "single", "fused")
 
 # Env vars with the prefix that are not config fields but are ours on purpose:
 # SPARSE_ATTN switches the plugins' env-only mode (see vllm_sparse.env_switch), and
@@ -59,6 +65,7 @@ class SparseConfig:
     sink_tokens: int = 64
     local_tokens: int = 512  # last tokens always kept (decode and streaming prefill)
     selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
+    decode_select: str = "auto"  # selection launches: see DECODE_SELECTS
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # decode reads every page (no scoring, no top-k) of sequences of at most this many
@@ -127,6 +134,7 @@ class SparseConfig:
         """Checks that need nothing but the config itself."""
         _check_choice("prefill_method", self.prefill_method, PREFILL_METHODS)
         _check_choice("decode_method", self.decode_method, DECODE_METHODS)
+        _check_choice("decode_select", self.decode_select, DECODE_SELECTS)
         for name in ("token_budget", "block_size", "xattn_stride", "vs_last_q",
                      "selection_reuse"):
             if getattr(self, name) < 1:

@@ -1065,6 +1065,9 @@ def select_pages(
         workspace = SelectWorkspace(batch, num_kv_heads, max_pages, q.device,
                                     counters=method == "fused")
     scores, counters = workspace.views(batch, num_kv_heads, max_pages)
+    if method == "fused" and counters.numel() < batch * num_kv_heads:
+        raise ValueError("method='fused' needs a SelectWorkspace with arrival counters "
+                         "(SelectWorkspace(..., counters=True))")
     dense_pages = max(0, dense_pages)
     # Rows whose top-k reads no score (at most num_select pages, or dense) load no summaries,
     # unless raw scores are stored for selection reuse (the row may outgrow both later).

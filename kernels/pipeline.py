@@ -66,6 +66,9 @@ def decode_attention(
     selection row is ``[DENSE_ROW, -1, ...]``). "dense": all pages. ``selected`` is an optional
     preallocated int32 ``[>=B, Hkv, k]`` buffer.
 
+    ``cfg.decode_select`` picks the selection's launches (``"fused"``: one; a
+    ``select_workspace`` for it needs its arrival counters, ``SelectWorkspace(counters=True)``).
+
     ``fuse_summary`` (topk): the summary of each sequence's last page, the page this step's
     token was written to, is recomputed inside the scoring launch from ``k_cache`` (instead of
     a separate ``update_page_summaries`` launch); every row, dense ones included. Needs one new
@@ -75,8 +78,11 @@ def decode_attention(
     sel = None
     if method == "topk":
         k, sink, local = decode_budget_pages(cfg, page_size)
+        fused = cfg.decode_select == "fused"
         sel = select_pages(q, summaries, block_table, seq_lens, page_size, k, sink, local,
                            out=None if selected is None else selected[: q.shape[0]],
+                           method="fused" if fused else "triton",
+                           topk_method="auto" if fused else cfg.decode_select,
                            workspace=select_workspace,
                            k_cache=k_cache if fuse_summary else None,
                            dense_pages=decode_dense_pages(cfg, page_size))

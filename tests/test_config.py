@@ -48,6 +48,7 @@ def test_overrides_beat_env():
     ({}, {"token_bugdet": 10}, "unknown sparse-serve config key 'token_bugdet'"),
     ({"SPARSE_PREFILL_METHOD": "magic"}, None, "unknown prefill_method 'magic'"),
     ({"SPARSE_DECODE_METHOD": "quest2"}, None, "unknown decode_method"),
+    ({"SPARSE_DECODE_SELECT": "two_stage"}, None, "unknown decode_select"),
     ({"SPARSE_TOKEN_BUDGET": "lots"}, None, "SPARSE_TOKEN_BUDGET: cannot read 'lots' as int"),
     ({"SPARSE_TOKEN_BUDGET": "0"}, None, "token_budget must be >= 1"),
     ({"SPARSE_SINK_TOKENS": "-1"}, None, "sink_tokens must be >= 0"),

@@ -303,7 +303,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         # vLLM pads its block table's width; keep headroom and re-check in build().
         max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
         self.select_workspace = SelectWorkspace(max_seqs, self.num_heads_kv, max_pages,
-                                                device=device, counters=False)
+                                                device=device,
+                                                counters=self.cfg.decode_select == "fused")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
@@ -314,7 +315,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
 
             self.select_workspace = SelectWorkspace(
                 self.selected.shape[0], self.num_heads_kv, width, device=self.selected.device,
-                counters=False)
+                counters=self.cfg.decode_select == "fused")
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             m, decode_threshold=1)
         runs: list[PrefillRun] = []

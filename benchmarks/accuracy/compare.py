@@ -249,13 +249,15 @@ def summary_lines(doc: dict) -> list[str]:
 
 def by_depth(docs: list[dict], tasks=None, lengths=None) -> dict:
     """{(task, length, depth): [score sum of each run]} over the samples each run has (depth
-    None: tasks that place their items at random)."""
-    table: dict = defaultdict(lambda: [0.0] * len(docs))
+    None: tasks that place their items at random; None in a run's slot: that run has no sample
+    of the cell, as opposed to a sum of 0)."""
+    table: dict = defaultdict(lambda: [None] * len(docs))
     for i, d in enumerate(docs):
         for s in d["samples"]:
             if (tasks and s["task"] not in tasks) or (lengths and s["length"] not in lengths):
                 continue
-            table[(s["task"], s["length"], s["depth"])][i] += float(s["score"])
+            row = table[(s["task"], s["length"], s["depth"])]
+            row[i] = (row[i] or 0.0) + float(s["score"])
     return dict(table)
 
 
@@ -266,7 +268,8 @@ def by_depth_lines(docs: list[dict], table: dict) -> list[str]:
     for (task, length, depth) in sorted(table, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2])):
         row = table[(task, length, depth)]
         d = "  any" if depth is None else f"{depth:5.2f}"
-        lines.append(f"{task:16s} {length:6d} {d}  " + " ".join(f"{v:>{width}.0f}" for v in row))
+        lines.append(f"{task:16s} {length:6d} {d}  " + " ".join(
+            f"{'-':>{width}s}" if v is None else f"{v:>{width}.0f}" for v in row))
     return lines
 
 

@@ -387,6 +387,12 @@ def test_by_depth_table(tmp_path, capsys):
                   "--task", "qa"])
     assert set(out) == {("qa", 2048, 0.0), ("qa", 2048, 1.0)}
     assert "qa" in capsys.readouterr().out
+    # A run without a task has no sum for its cells ("-"), not a sum of 0.
+    only_niah = dict(run, samples=[s for s in run["samples"] if s["task"] == "niah"])
+    table = C.by_depth([ref, only_niah])
+    assert table[("qa", 2048, 0.0)][1] is None and table[("niah", 2048, 1.0)][1] == 0.0
+    lines = C.by_depth_lines([ref, only_niah], table)
+    assert lines[-1].split()[-1] == "-" and lines[-1].split()[1] == "2048"
 
 
 def test_sign_test_p():

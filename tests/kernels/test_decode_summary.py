@@ -142,8 +142,11 @@ def test_padded_sequences_write_nothing():
     assert torch.isnan(summ).all()
 
 
-@pytest.mark.parametrize("page,dtype", [(4, torch.float32), (16, torch.bfloat16)])
-def test_decode_attention_fused_summary_steps(page, dtype):
+@pytest.mark.parametrize("page,dtype,select", [(4, torch.float32, "auto"),
+                                               (16, torch.bfloat16, "auto"),
+                                               (4, torch.float32, "single"),
+                                               (4, torch.float32, "fused")])
+def test_decode_attention_fused_summary_steps(page, dtype, select):
     """Decode steps through ``decode_attention(fuse_summary=True)`` with no
     ``update_page_summaries`` call: after each step the whole buffer equals a from-scratch
     build of the cache (a sparse row, a dense row, a short row and one that crosses from
@@ -152,13 +155,14 @@ def test_decode_attention_fused_summary_steps(page, dtype):
     import math
 
     from sparse_kernels.config import SparseConfig
-    from sparse_kernels.page_select import DENSE_ROW
+    from sparse_kernels.page_select import DENSE_ROW, SelectWorkspace
     from sparse_kernels.pipeline import decode_attention, decode_budget_pages
     from sparse_kernels.reference import dense_attention
     from sparse_kernels.reference_decode import ref_sparse_decode
 
     cfg = SparseConfig(token_budget=4 * page, sink_tokens=page, local_tokens=page,
-                       decode_min_seq_len=8 * page)  # 4 pages selected, dense up to 8 pages
+                       decode_min_seq_len=8 * page,  # 4 pages selected, dense up to 8 pages
+                       decode_select=select)
     steps = 5
     # sparse (crosses a page), dense (crosses a page), short, short -> dense, dense -> sparse
     start = [12 * page - 2, 6 * page - 1, 2 * page, 4 * page - 2, 8 * page - 1]
@@ -170,6 +174,7 @@ def test_decode_attention_fused_summary_steps(page, dtype):
     batch, group = len(start), 2
     g = torch.Generator().manual_seed(6)
     num_select = decode_budget_pages(cfg, page)[0]
+    ws = SelectWorkspace(batch, 2, bt.shape[1], device=DEVICE, counters=select == "fused")
     saw_dense = set()
     for step in range(1, steps + 1):
         lens = [s + step for s in start]
@@ -178,7 +183,7 @@ def test_decode_attention_fused_summary_steps(page, dtype):
         q = torch.randn(batch, 2 * group, 64, generator=g).to(dtype).to(DEVICE)
         out = torch.empty_like(q)
         sel = decode_attention("topk", cfg, q, k, v, summ, bt, _i32(lens), out,
-                               1 / math.sqrt(64), fuse_summary=True)
+                               1 / math.sqrt(64), fuse_summary=True, select_workspace=ws)
         _assert_summaries_equal(summ, ref_page_summaries(k.cpu(), bt.cpu(), torch.tensor(lens)))
         c = [x.cpu() for x in (q, k, v, bt)] + [torch.tensor(lens, dtype=torch.int32)]
         want = ref_sparse_decode(*c, sel.cpu())
@@ -194,3 +199,18 @@ def test_decode_attention_fused_summary_steps(page, dtype):
                 torch.testing.assert_close(out[b].float().cpu(), dense[b].float(), rtol=tol,
                                            atol=tol)
     assert saw_dense == {1, 3, 4}
+
+
+def test_fused_selection_needs_arrival_counters():
+    """method='fused' with a workspace that has no arrival counters is refused on the host
+    (the kernel would index past the one-element counter buffer)."""
+    from sparse_kernels.page_select import SelectWorkspace, select_pages
+
+    k, _, bt = random_paged_kv([40, 33], 2, 64, 4, generator=torch.Generator().manual_seed(8))
+    k, bt = k.to(DEVICE), bt.to(DEVICE)
+    summ = _nan_summaries(k)
+    build_page_summaries(k, summ, bt, _i32([40, 33]))
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    ws = SelectWorkspace(2, 2, bt.shape[1], device=DEVICE, counters=False)
+    with pytest.raises(ValueError, match="arrival counters"):
+        select_pages(q, summ, bt, _i32([40, 33]), 4, 4, 1, 1, method="fused", workspace=ws)
