@@ -165,6 +165,8 @@ def test_named_backend_on_vllm_versions_that_have_it(monkeypatch):
 
     monkeypatch.setattr(AttentionBackendEnum, "register", classmethod(fake_register),
                         raising=False)
+    # On vLLM >= 0.33 an earlier register() in this process added SPARSE for real.
+    earlier = AttentionBackendEnum._member_map_.pop(compat.NAMED_BACKEND, None)
     try:
         assert compat.supports_named_backends()
         vllm_sparse.register()
@@ -172,6 +174,8 @@ def test_named_backend_on_vllm_versions_that_have_it(monkeypatch):
         assert calls == [(compat.NAMED_BACKEND, vllm_sparse.BACKEND_CLASS_PATH)]
     finally:
         AttentionBackendEnum._member_map_.pop(compat.NAMED_BACKEND, None)
+        if earlier is not None:
+            AttentionBackendEnum._member_map_[compat.NAMED_BACKEND] = earlier
     assert AttentionBackendEnum.CUSTOM.get_class() is SparseAttentionBackend
 
 
