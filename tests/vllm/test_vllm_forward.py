@@ -31,7 +31,9 @@ def _builder(cfg: SparseConfig, max_seqs: int) -> backend.SparseAttentionMetadat
     k = cfg.token_budget // PAGE
     b.selected = torch.full((max_seqs, HKV, k), -1, dtype=torch.int32)
     b.workspace = DecodeWorkspace(max_seqs, HQ, D, device=torch.device("cpu"))
-    b.select_workspace = SelectWorkspace(max_seqs, HKV, 64, device="cpu", counters=False)
+    # as the backend sizes it: arrival counters only for the one-launch selection
+    b.select_workspace = SelectWorkspace(max_seqs, HKV, 64, device="cpu",
+                                         counters=cfg.decode_select == "fused")
     return b
 
 
@@ -181,7 +183,8 @@ def test_per_head_methods_follow_the_ranks_kv_heads(monkeypatch):
         assert impl._first_global_kv_head() == first
 
 
-def test_pure_decode_dense_row_and_fused_summary(monkeypatch):
+@pytest.mark.parametrize("select", ["auto", "fused"])
+def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select):
     """A pure-decode batch: a sequence of at most decode_min_seq_len tokens (above the budget)
     reads every page, unscored (sentinel row), beside a sparse one; no separate summary launch
     runs, the scoring launch re-summarizes both decode tokens' pages; layer 0's stats count
@@ -192,7 +195,8 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch):
 
     monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
     seq_lens = [100, 300]  # 7 pages (budget 4 < 7 <= 8: dense), 19 pages (sparse)
-    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0)
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
+                       decode_select=select)
     assert cfg.effective_decode_min_seq_len == 128
     k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=3)
     builder = _builder(cfg, 4)
