@@ -276,7 +276,6 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        from sparse_kernels.page_select import SelectWorkspace
         from sparse_kernels.pipeline import decode_budget_pages
         from sparse_kernels.sparse_decode import DecodeWorkspace
 
@@ -302,20 +301,23 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                                          device=device)
         # vLLM pads its block table's width; keep headroom and re-check in build().
         max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
-        self.select_workspace = SelectWorkspace(max_seqs, self.num_heads_kv, max_pages,
-                                                device=device,
-                                                counters=self.cfg.decode_select == "fused")
+        self.select_workspace = self._select_workspace(max_pages)
+
+    def _select_workspace(self, max_pages: int):
+        """Selection scratch for every batch of the decode buffers, rows ``max_pages`` wide;
+        arrival counters only for the one-launch (``decode_select="fused"``) selection."""
+        from sparse_kernels.page_select import SelectWorkspace
+
+        return SelectWorkspace(self.selected.shape[0], self.num_heads_kv, max_pages,
+                               device=self.selected.device,
+                               counters=self.cfg.decode_select == "fused")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
         m = common_attn_metadata
         width = m.block_table_tensor.shape[1]
         if width > self.select_workspace.max_pages:
-            from sparse_kernels.page_select import SelectWorkspace
-
-            self.select_workspace = SelectWorkspace(
-                self.selected.shape[0], self.num_heads_kv, width, device=self.selected.device,
-                counters=self.cfg.decode_select == "fused")
+            self.select_workspace = self._select_workspace(width)
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             m, decode_threshold=1)
         runs: list[PrefillRun] = []

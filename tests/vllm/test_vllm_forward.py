@@ -17,7 +17,6 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
 from sparse_kernels import reference  # noqa: E402
 from sparse_kernels.config import SparseConfig  # noqa: E402
-from sparse_kernels.page_select import SelectWorkspace  # noqa: E402
 from sparse_kernels.sparse_decode import DecodeWorkspace  # noqa: E402
 from vllm_sparse import backend  # noqa: E402
 
@@ -31,9 +30,7 @@ def _builder(cfg: SparseConfig, max_seqs: int) -> backend.SparseAttentionMetadat
     k = cfg.token_budget // PAGE
     b.selected = torch.full((max_seqs, HKV, k), -1, dtype=torch.int32)
     b.workspace = DecodeWorkspace(max_seqs, HQ, D, device=torch.device("cpu"))
-    # as the backend sizes it: arrival counters only for the one-launch selection
-    b.select_workspace = SelectWorkspace(max_seqs, HKV, 64, device="cpu",
-                                         counters=cfg.decode_select == "fused")
+    b.select_workspace = b._select_workspace(64)
     return b
 
 
