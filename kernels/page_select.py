@@ -375,6 +375,7 @@ def _topk_stage1_kernel(
     seq_lens_ptr,
     cand_key_ptr,
     cand_page_ptr,
+    sel_ptr,
     num_select,
     dense_pages,
     sink_pages,
@@ -386,6 +387,9 @@ def _topk_stage1_kernel(
     stride_c_b,
     stride_c_h,
     stride_c_k,
+    stride_sel_b,
+    stride_sel_h,
+    stride_sel_k,
     PAGE_SIZE: tl.constexpr,
     SEG_BLOCK: tl.constexpr,
     FORCE: tl.constexpr,
@@ -398,7 +402,11 @@ def _topk_stage1_kernel(
     pages), in ascending page order, to candidate slots ``[s * num_select, (s + 1) *
     num_select)``: the order keys (bit patterns, int32) and the pages. A segment of at most
     ``num_select`` pages passes all of them, then pages ``-1``. Segments past the row's pages,
-    short rows and dense rows write nothing (stage 2 reads no candidate of them)."""
+    short rows and dense rows write nothing (stage 2 reads no candidate of them). A row of
+    at most ``seg_pages`` pages is its segment 0: that program writes the row's selection
+    to ``sel`` itself and stage 2 skips the row (a 32K-token row in a 128K engine's table
+    pays one register top-k, not two in a row: 50.6 -> 41.0 us per decode layer on an H100,
+    ``benchmarks/results/decode_engine_2026-11-23_h100_session6/``)."""
     seg = tl.program_id(0)
     seq_idx = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -431,8 +439,12 @@ def _topk_stage1_kernel(
         m = m & (loc < seg_pages)
         prefix, remaining = _threshold_regs(key, m, num_select)
         take, pos = _take_regs(key, m, prefix, remaining)
-        tl.store(ck + pos * stride_c_k, key.to(tl.int32, bitcast=True), mask=take)
-        tl.store(cp + pos * stride_c_k, pages, mask=take)
+        if n_pages <= seg_pages:  # the whole row: its final selection
+            out = sel_ptr + seq_idx.to(tl.int64) * stride_sel_b + kv_head * stride_sel_h
+            tl.store(out + pos * stride_sel_k, pages, mask=take)
+        else:
+            tl.store(ck + pos * stride_c_k, key.to(tl.int32, bitcast=True), mask=take)
+            tl.store(cp + pos * stride_c_k, pages, mask=take)
 
 
 @triton.jit
@@ -456,7 +468,8 @@ def _topk_stage2_kernel(
 ):
     """Two-stage top-k, stage 2. Grid ``(batch, num_kv_heads)``.
 
-    Short and dense rows get their fixed output rows (as in :func:`_select_row`); any other
+    Short and dense rows get their fixed output rows (as in :func:`_select_row`); rows of at
+    most ``seg_pages`` pages were selected by stage 1; any other
     row selects the exact top-``num_select`` of its candidates (the first ``cdiv(n_pages,
     seg_pages) * num_select`` slots, pages ``-1`` excluded). Every page of the row's top-k is
     among its segment's top-k, so this is the row's top-k; the candidates lie in ascending
@@ -471,7 +484,7 @@ def _topk_stage2_kernel(
         _write_short_row(n_pages, num_select, out, stride_sel_k, CAND_BLOCK)
     elif n_pages <= dense_pages:
         _write_dense_row(num_select, out, stride_sel_k, CAND_BLOCK)
-    else:
+    elif n_pages > seg_pages:  # (a row within one segment was selected in stage 1)
         cbase = seq_idx.to(tl.int64) * stride_c_b + kv_head * stride_c_h
         n_cand = tl.minimum((n_pages + seg_pages - 1) // seg_pages, num_segments) * num_select
         idx = tl.arange(0, CAND_BLOCK)
@@ -931,8 +944,8 @@ def _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink
         ck, cp = workspace.candidate_views(batch, num_kv_heads, width)
     seg_block = triton.next_power_of_2(seg)
     _topk_stage1_kernel[(n_seg, batch, num_kv_heads)](
-        scores, seq_lens, ck, cp, num_select, dense_pages, sink, local, seg,
-        *scores.stride(), *ck.stride(),
+        scores, seq_lens, ck, cp, out, num_select, dense_pages, sink, local, seg,
+        *scores.stride(), *ck.stride(), *out.stride(),
         PAGE_SIZE=page_size,
         SEG_BLOCK=seg_block,
         FORCE=force,

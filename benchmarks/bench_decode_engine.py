@@ -1,0 +1,333 @@
+"""Decode step as the vLLM backend runs it, layer after layer in one CUDA graph, against FA3.
+
+``bench_decode.py`` times each piece of the sparse decode (summary, selection, attention) in a
+graph of its own, over block tables as wide as the context. An engine differs in two ways that
+matter for short contexts: its block table is as wide as ``max_model_len`` (8256 pages for a
+128K engine at page 16), whatever the request's length, and a decode step replays all layers'
+launches back to back in one graph, so per-launch costs (programs that only exit, the split
+merge) add up. This benchmark reproduces both: ``--layers`` decode calls, each over its own
+pages of one KV pool, captured in one graph, with block tables ``--table-pages`` wide; it
+reports microseconds per layer for
+
+  * ``fa3``         -- ``vllm.vllm_flash_attn.flash_attn_varlen_func`` (what FLASH_ATTN runs);
+  * ``dense``       -- :func:`sparse_kernels.pipeline.decode_attention` with method "dense";
+  * ``topk_<plan>`` -- the same with method "topk" and ``decode_select=<plan>``, the summary
+    fused into the scoring launch (``fuse_summary=True``), as the backend calls it;
+
+and, with ``--variants``, the same under a changed launch rule (split merge inside the decode
+kernel; a tile of 64 tokens), to find where the time goes. Sequences of at most
+``2 * budget`` tokens are dense rows of the top-k plans (``decode_min_seq_len`` default), so at
+4K this measures what a short request pays for the sparse backend.
+
+Usage (GPU, vLLM 0.26 installed)::
+
+    python benchmarks/bench_decode_engine.py --contexts 4096 131072 --batches 1 16 \
+        --out benchmarks/results/decode_engine_<date>.json
+
+Not a test: never collected by pytest, never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from sparse_kernels import page_select as ps
+from sparse_kernels import sparse_decode as sd
+from sparse_kernels.config import DECODE_SELECTS, SparseConfig
+from sparse_kernels.page_select import SelectWorkspace, select_pages
+from sparse_kernels.page_summary import build_page_summaries
+from sparse_kernels.pipeline import decode_attention, decode_budget_pages, decode_dense_pages
+from sparse_kernels.sparse_decode import DecodeWorkspace, _interpreting
+
+
+def _load_fa3():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception as e:  # noqa: BLE001 - report any import failure
+        return None, f"{type(e).__name__}: {e}"
+    return flash_attn_varlen_func, None
+
+
+def _graph_time_us(fn, iters: int, flush: torch.Tensor) -> float:
+    """Median microseconds of one replay of a graph of ``fn`` (L2 flushed before each); on a
+    CPU (``TRITON_INTERPRET=1`` smoke run) one eager call, timed on the host."""
+    if flush.device.type == "cpu":
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - t0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        flush.zero_()
+        starts[i].record()
+        g.replay()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
+    return 1000.0 * times[len(times) // 2]
+
+
+@dataclasses.dataclass
+class _Layer:
+    block_table: torch.Tensor
+    summaries: torch.Tensor
+
+
+class _Variant:
+    """A changed launch rule for the duration of a timing (module constants of the kernels)."""
+
+    def __init__(self, name: str, module, **consts):
+        self.name, self.module, self.consts, self.saved = name, module, consts, {}
+
+    def __enter__(self):
+        for k, v in self.consts.items():
+            self.saved[k] = getattr(self.module, k)
+            setattr(self.module, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(self.module, k, v)
+
+
+VARIANTS = {
+    "merge_in_kernel": (sd, dict(MERGE_IN_KERNEL_DEFAULT=True)),
+    "block_n64": (sd, dict(default_block_n=lambda *a, **k: 64)),
+    "max_splits16": (sd, dict(MAX_SPLITS=16)),
+    "chunk128": (ps, dict(SCORE_CHUNK_PAGES=128)),
+    "score_warps4": (ps, dict(SCORE_NUM_WARPS=4)),
+    "topk_warps8": (ps, dict(default_topk_warps=lambda *a, **k: 8)),
+    "topk_warps4": (ps, dict(default_topk_warps=lambda *a, **k: 4)),
+}
+
+
+def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
+    dev = flush.device
+    dtype = getattr(torch, args.dtype)
+    page, hq, hkv, d, L = (args.page_size, args.num_q_heads, args.num_kv_heads, args.head_dim,
+                           args.layers)
+    scale = 1.0 / math.sqrt(d)
+    pages = triton.cdiv(ctx, page)
+    width = max(args.table_pages, pages)
+    # Each layer reads its own pages while they fit in --pool-gib (short contexts: what one
+    # layer leaves in L2 is not what the next reads); longer ones cycle through fewer sets.
+    page_bytes = 2 * page * hkv * d * torch.finfo(dtype).bits // 8
+    sets = max(1, min(L, int(args.pool_gib * 2**30) // max(1, batch * pages * page_bytes)))
+    num_blocks = sets * batch * pages + 1
+    g = torch.Generator(device=dev).manual_seed(0)
+    kv = torch.empty((2, num_blocks, page, hkv, d), dtype=dtype, device=dev)
+    kv.normal_(generator=g)
+    k_cache, v_cache = kv[0], kv[1]
+    perm = torch.randperm(num_blocks - 1, generator=g, device=dev).to(torch.int32) + 1
+    page_sets = []
+    for i in range(sets):
+        bt = torch.zeros((batch, width), dtype=torch.int32, device=dev)  # vLLM pads with 0
+        bt[:, :pages] = perm[i * batch * pages:(i + 1) * batch * pages].view(batch, pages)
+        summ = torch.empty((num_blocks, 2, hkv, d), dtype=dtype, device=dev)
+        build_page_summaries(k_cache, summ, bt[:, :pages].contiguous(),
+                             torch.full((batch,), ctx, dtype=torch.int32, device=dev))
+        page_sets.append(_Layer(bt, summ))
+    layers = [page_sets[i % sets] for i in range(L)]
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    q = torch.randn((batch, hq, d), dtype=dtype, device=dev, generator=g)
+    out = torch.empty_like(q)
+    ref = torch.empty_like(q)
+
+    base = SparseConfig(token_budget=args.budget, sink_tokens=args.sink_tokens,
+                        local_tokens=args.local_tokens)
+    base.validate()
+    base.check_model(head_size=d, page_size=page, num_kv_heads=hkv)
+    k_sel, _, _ = decode_budget_pages(base, page)
+    selected = torch.full((batch, hkv, k_sel), -1, dtype=torch.int32, device=dev)
+    ws = DecodeWorkspace(batch, hq, d, device=dev)
+    sws = SelectWorkspace(batch, hkv, width, device=dev, counters=True)
+
+    def step(method: str, cfg: SparseConfig):
+        def fn():
+            for lay in layers:
+                decode_attention(method, cfg, q, k_cache, v_cache, lay.summaries,
+                                 lay.block_table, seq_lens, out, scale, selected=selected,
+                                 workspace=ws, select_workspace=sws, fuse_summary=True)
+        return fn
+
+    def fa3_step():
+        for lay in layers:
+            fa3(q, k_cache, v_cache, max_seqlen_q=1, cu_seqlens_q=qsl, max_seqlen_k=ctx,
+                seqused_k=seq_lens, block_table=lay.block_table, causal=True,
+                softmax_scale=scale, out=ref, fa_version=3)
+
+    row = {"context": ctx, "batch": batch, "budget": args.budget, "table_pages": width,
+           "layers": L, "page_sets": sets, "row_kind": _row_kind(base, ctx, page),
+           "us_per_layer": {}, "max_abs_diff_vs_fa3": {},
+           "max_abs_diff_vs_dense": {}}
+    plans = {"dense": ("dense", base)}
+    for p in DECODE_SELECTS:
+        plans[f"topk_{p}"] = ("topk", dataclasses.replace(base, decode_select=p))
+    runs = [(name, m, c, None) for name, (m, c) in plans.items()]
+    for v in args.variants:
+        for name in args.variant_plans:
+            m, c = plans[name]
+            mod, consts = VARIANTS[v]
+            runs.append((f"{name}+{v}", m, c, _Variant(v, mod, **consts)))
+    if fa3 is not None:
+        row["us_per_layer"]["fa3"] = _graph_time_us(fa3_step, args.iters, flush) / L
+        fa3_step()
+    # Attribution: the selection alone (each plan), then the attention alone over the
+    # selection the default plan left in `selected`.
+    for p in DECODE_SELECTS:
+        cfg = dataclasses.replace(base, decode_select=p)
+
+        def select_only(cfg=cfg):
+            for lay in layers:
+                _select(cfg, q, k_cache, lay.summaries, lay.block_table, seq_lens, selected,
+                        sws)
+        row["us_per_layer"][f"select_{p}"] = _graph_time_us(select_only, args.iters, flush) / L
+    _select(base, q, k_cache, layers[0].summaries, layers[0].block_table, seq_lens, selected,
+            sws)
+
+    def attention_only():
+        for lay in layers:
+            sd.sparse_decode(q, k_cache, v_cache, lay.block_table, seq_lens, selected, out=out,
+                             scale=scale, workspace=ws)
+    row["us_per_layer"]["attention_only"] = _graph_time_us(attention_only, args.iters, flush) / L
+    for name, method, cfg, variant in runs:
+        ctxm = variant if variant is not None else _nullctx()
+        with ctxm:
+            fn = step(method, cfg)
+            t = _graph_time_us(fn, args.iters, flush) / L
+            fn()
+        row["us_per_layer"][name] = t
+        if fa3 is not None:
+            row["max_abs_diff_vs_fa3"][name] = (out.float() - ref.float()).abs().max().item()
+        if name == "dense":
+            dense_out = out.clone()
+        else:  # equal to dense where the rows read every page (short and dense rows)
+            row["max_abs_diff_vs_dense"][name] = (out.float() - dense_out.float()).abs().max().item()
+    if fa3 is not None:
+        f = row["us_per_layer"]["fa3"]
+        row["vs_fa3"] = {k: v / f for k, v in row["us_per_layer"].items()}
+    del kv, layers, page_sets
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _select(cfg, q, k_cache, summaries, block_table, seq_lens, selected, sws):
+    """The selection launches of ``decode_attention("topk", cfg, fuse_summary=True)``."""
+    k, sink, local = decode_budget_pages(cfg, k_cache.shape[1])
+    fused = cfg.decode_select == "fused"
+    return select_pages(q, summaries, block_table, seq_lens, k_cache.shape[1], k, sink, local,
+                        out=selected[: q.shape[0]], method="fused" if fused else "triton",
+                        topk_method="auto" if fused else cfg.decode_select, workspace=sws,
+                        k_cache=k_cache, dense_pages=decode_dense_pages(cfg, k_cache.shape[1]))
+
+
+def _row_kind(cfg: SparseConfig, ctx: int, page: int) -> str:
+    """What the top-k plans do with a sequence of ``ctx`` tokens."""
+    k_sel, _, _ = decode_budget_pages(cfg, page)
+    pages = triton.cdiv(ctx, page)
+    if pages <= k_sel:
+        return "short (reads every page through a full selection list)"
+    if pages <= cfg.effective_decode_min_seq_len // page:
+        return "dense (reads every page, no scoring or top-k)"
+    return "sparse (top-k)"
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--budget", type=int, default=SparseConfig.token_budget)
+    p.add_argument("--sink-tokens", type=int, default=SparseConfig.sink_tokens)
+    p.add_argument("--local-tokens", type=int, default=SparseConfig.local_tokens)
+    p.add_argument("--table-pages", type=int, default=8256,
+                   help="block-table width (vLLM: cdiv(max_model_len, page) padded; 8256 for "
+                        "a 132K engine at page 16)")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--pool-gib", type=float, default=12.0,
+                   help="KV bytes for distinct per-layer pages (beyond it layers share pages)")
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS))
+    p.add_argument("--variant-plans", nargs="+", default=["topk_auto"],
+                   help="plans timed under each variant (dense, topk_auto, topk_single, ...)")
+    p.add_argument("--num-q-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--require-fa3", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not _interpreting():
+        sys.exit("bench_decode_engine.py needs a CUDA GPU (or TRITON_INTERPRET=1: a smoke run)")
+    fa3, why = _load_fa3()
+    if fa3 is None:
+        if args.require_fa3:
+            sys.exit(f"FA3 unavailable ({why})")
+        print(f"WARNING: FA3 unavailable ({why})", flush=True)
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except Exception:  # noqa: BLE001
+        vllm_version = None
+    now = _dt.datetime.now()
+    out = args.out or str(Path(__file__).parent / "results" / f"decode_engine_{now:%Y%m%d}.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    flush = torch.empty(256 * 1024 * 1024 // 4 if dev == "cuda" else 1, dtype=torch.int32,
+                        device=dev)
+    rows = []
+    for ctx in args.contexts:
+        for batch in args.batches:
+            row = run_config(args, ctx, batch, fa3, flush)
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("context", "batch", "us_per_layer")}),
+                  flush=True)
+            result = {"command": " ".join([sys.executable, *sys.argv]),
+                      "date": now.isoformat(timespec="seconds"),
+                      "device": (torch.cuda.get_device_name() if dev == "cuda"
+                                 else "cpu (interpreted)"), "torch": torch.__version__,
+                      "triton": triton.__version__, "vllm": vllm_version,
+                      "shapes": {"num_q_heads": args.num_q_heads,
+                                 "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
+                                 "page_size": args.page_size, "dtype": args.dtype},
+                      "rows": rows}
+            with open(out, "w") as f:  # rewritten after every config: partial runs keep data
+                json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
