@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import triton
 
+from gpu_timing import capture_graph, median_ms
 from sparse_kernels import page_select
 from sparse_kernels.page_select import (
     SelectWorkspace,
@@ -77,31 +78,8 @@ class _Timer:
         self.flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
 
     def __call__(self, fn) -> float:
-        run = fn
-        if self.graphs:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            run = g.replay
-        for _ in range(self.warmup):
-            run()
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
-        for i in range(self.iters):
-            self.flush.zero_()
-            starts[i].record()
-            run()
-            ends[i].record()
-        torch.cuda.synchronize()
-        times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
-        return times[len(times) // 2]
+        run = capture_graph(fn) if self.graphs else fn
+        return median_ms(run, self.iters, self.warmup, self.flush)
 
 
 def run_config(args, ctx: int, batch: int, budgets: list[int], fa3, timer: _Timer) -> list[dict]:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import triton
 
+from gpu_timing import capture_graph, median_ms
 from sparse_kernels import page_select as ps
 from sparse_kernels import sparse_decode as sd
 from sparse_kernels.config import DECODE_SELECTS, SparseConfig
@@ -66,28 +67,7 @@ def _graph_time_us(fn, iters: int, flush: torch.Tensor) -> float:
         t0 = time.perf_counter()
         fn()
         return 1e6 * (time.perf_counter() - t0)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        flush.zero_()
-        starts[i].record()
-        g.replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
-    return 1000.0 * times[len(times) // 2]
+    return 1000.0 * median_ms(capture_graph(fn), iters, 3, flush)
 
 
 @dataclasses.dataclass

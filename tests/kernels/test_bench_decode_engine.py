@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
+def _load(monkeypatch):
+    # the script runs from benchmarks/ (python3 benchmarks/bench_decode_engine.py): its
+    # sibling modules import from there
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(
         "bench_decode_engine", ROOT / "benchmarks" / "bench_decode_engine.py")
     mod = importlib.util.module_from_spec(spec)
@@ -22,8 +25,8 @@ def _load():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="CPU smoke run needs TRITON_INTERPRET=1")
-def test_bench_decode_engine_smoke(tmp_path):
-    bench = _load()
+def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
+    bench = _load(monkeypatch)
     out = tmp_path / "de.json"
     # budget 64 tokens at page 16: 4 pages; 40 tokens -> 3 pages (short row), 100 -> 7
     # (dense: at most 2x the budget), 300 -> 19 (sparse); a table 24 pages wide
