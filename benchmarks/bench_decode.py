@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import triton
 
-from gpu_timing import capture_graph, median_ms
+from gpu_bench import capture_graph, load_fa3, median_ms
 from sparse_kernels import page_select
 from sparse_kernels.page_select import (
     SelectWorkspace,
@@ -60,14 +60,6 @@ from sparse_kernels.sparse_decode import (
     default_num_splits,
     sparse_decode,
 )
-
-
-def _load_fa3():
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-    except Exception as e:  # noqa: BLE001 - report any import failure
-        return None, f"{type(e).__name__}: {e}"
-    return flash_attn_varlen_func, None
 
 
 class _Timer:
@@ -366,7 +358,7 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU")
-    fa3, why = _load_fa3()
+    fa3, why = load_fa3()
     if fa3 is None:
         msg = f"FA3 unavailable ({why}); comparing against our dense kernel only"
         if args.require_fa3:

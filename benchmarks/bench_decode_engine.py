@@ -30,6 +30,7 @@ Not a test: never collected by pytest, never run in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -40,22 +41,19 @@ from pathlib import Path
 import torch
 import triton
 
-from gpu_timing import capture_graph, median_ms
+from gpu_bench import capture_graph, load_fa3, median_ms
 from sparse_kernels import page_select as ps
 from sparse_kernels import sparse_decode as sd
 from sparse_kernels.config import DECODE_SELECTS, SparseConfig
-from sparse_kernels.page_select import SelectWorkspace, select_pages
+from sparse_kernels.page_select import SelectWorkspace
 from sparse_kernels.page_summary import build_page_summaries
-from sparse_kernels.pipeline import decode_attention, decode_budget_pages, decode_dense_pages
+from sparse_kernels.pipeline import (
+    decode_attention,
+    decode_budget_pages,
+    decode_dense_pages,
+    decode_select_pages,
+)
 from sparse_kernels.sparse_decode import DecodeWorkspace, _interpreting
-
-
-def _load_fa3():
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-    except Exception as e:  # noqa: BLE001 - report any import failure
-        return None, f"{type(e).__name__}: {e}"
-    return flash_attn_varlen_func, None
 
 
 def _graph_time_us(fn, iters: int, flush: torch.Tensor) -> float:
@@ -182,11 +180,11 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
 
         def select_only(cfg=cfg):
             for lay in layers:
-                _select(cfg, q, k_cache, lay.summaries, lay.block_table, seq_lens, selected,
-                        sws)
+                decode_select_pages(cfg, q, k_cache, lay.summaries, lay.block_table, seq_lens,
+                                    selected, sws, fuse_summary=True)
         row["us_per_layer"][f"select_{p}"] = _graph_time_us(select_only, args.iters, flush) / L
-    _select(base, q, k_cache, layers[0].summaries, layers[0].block_table, seq_lens, selected,
-            sws)
+    decode_select_pages(base, q, k_cache, layers[0].summaries, layers[0].block_table, seq_lens,
+                        selected, sws, fuse_summary=True)
 
     def attention_only():
         for lay in layers:
@@ -194,7 +192,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
                              scale=scale, workspace=ws)
     row["us_per_layer"]["attention_only"] = _graph_time_us(attention_only, args.iters, flush) / L
     for name, method, cfg, variant in runs:
-        ctxm = variant if variant is not None else _nullctx()
+        ctxm = variant if variant is not None else contextlib.nullcontext()
         with ctxm:
             fn = step(method, cfg)
             t = _graph_time_us(fn, args.iters, flush) / L
@@ -215,33 +213,15 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     return row
 
 
-def _select(cfg, q, k_cache, summaries, block_table, seq_lens, selected, sws):
-    """The selection launches of ``decode_attention("topk", cfg, fuse_summary=True)``."""
-    k, sink, local = decode_budget_pages(cfg, k_cache.shape[1])
-    fused = cfg.decode_select == "fused"
-    return select_pages(q, summaries, block_table, seq_lens, k_cache.shape[1], k, sink, local,
-                        out=selected[: q.shape[0]], method="fused" if fused else "triton",
-                        topk_method="auto" if fused else cfg.decode_select, workspace=sws,
-                        k_cache=k_cache, dense_pages=decode_dense_pages(cfg, k_cache.shape[1]))
-
-
 def _row_kind(cfg: SparseConfig, ctx: int, page: int) -> str:
     """What the top-k plans do with a sequence of ``ctx`` tokens."""
     k_sel, _, _ = decode_budget_pages(cfg, page)
     pages = triton.cdiv(ctx, page)
     if pages <= k_sel:
         return "short (reads every page through a full selection list)"
-    if pages <= cfg.effective_decode_min_seq_len // page:
+    if pages <= decode_dense_pages(cfg, page):
         return "dense (reads every page, no scoring or top-k)"
     return "sparse (top-k)"
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):
@@ -272,7 +252,7 @@ def main(argv=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not _interpreting():
         sys.exit("bench_decode_engine.py needs a CUDA GPU (or TRITON_INTERPRET=1: a smoke run)")
-    fa3, why = _load_fa3()
+    fa3, why = load_fa3()
     if fa3 is None:
         if args.require_fa3:
             sys.exit(f"FA3 unavailable ({why})")

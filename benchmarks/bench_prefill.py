@@ -33,6 +33,7 @@ import time
 import torch
 import triton
 
+from gpu_bench import load_fa3
 from sparse_kernels.block_sparse_prefill import (
     all_causal_block_lists,
     block_sparse_prefill_attention,
@@ -45,16 +46,6 @@ from sparse_kernels.estimate_xattention import estimate_xattention
 
 HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
 METHODS = ("streaming", "xattention", "vertical_slash", "flexprefill")
-
-
-def load_fa3():
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-    except Exception as e:  # noqa: BLE001
-        print(f"[bench] vLLM FA3 unavailable ({type(e).__name__}: {e}); dense = our kernel",
-              file=sys.stderr)
-        return None
-    return flash_attn_varlen_func
 
 
 def make_inputs(prefix: int, chunk: int, seed: int, dev):
@@ -191,7 +182,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_prefill.py needs a CUDA GPU")
     dev = torch.device("cuda")
-    fa3 = load_fa3()
+    fa3, why = load_fa3()
+    if fa3 is None:
+        print(f"[bench] vLLM FA3 unavailable ({why}); dense = our kernel", file=sys.stderr)
     scale = 1.0 / math.sqrt(HEAD_DIM)
     bs = args.block_size
     rows, checks = [], []

@@ -74,23 +74,41 @@ def decode_attention(
     a separate ``update_page_summaries`` launch); every row, dense ones included. Needs one new
     token per sequence, already in the cache. Ignored by "dense", which reads no summaries.
     """
-    page_size = k_cache.shape[1]
     sel = None
     if method == "topk":
-        k, sink, local = decode_budget_pages(cfg, page_size)
-        fused = cfg.decode_select == "fused"
-        sel = select_pages(q, summaries, block_table, seq_lens, page_size, k, sink, local,
-                           out=None if selected is None else selected[: q.shape[0]],
-                           method="fused" if fused else "triton",
-                           topk_method="auto" if fused else cfg.decode_select,
-                           workspace=select_workspace,
-                           k_cache=k_cache if fuse_summary else None,
-                           dense_pages=decode_dense_pages(cfg, page_size))
+        sel = decode_select_pages(cfg, q, k_cache, summaries, block_table, seq_lens,
+                                  selected=selected, select_workspace=select_workspace,
+                                  fuse_summary=fuse_summary)
     elif method != "dense":
         raise ValueError(f"unknown decode method {method!r}")
     sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out, scale=scale,
                   workspace=workspace)
     return sel
+
+
+def decode_select_pages(
+    cfg: SparseConfig,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    summaries: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected: torch.Tensor | None = None,
+    select_workspace: SelectWorkspace | None = None,
+    fuse_summary: bool = False,
+) -> torch.Tensor:
+    """The page selection of :func:`decode_attention` (method "topk"): the budget, sink, local
+    window and dense rows of ``cfg``, launched as ``cfg.decode_select`` says."""
+    page_size = k_cache.shape[1]
+    k, sink, local = decode_budget_pages(cfg, page_size)
+    fused = cfg.decode_select == "fused"
+    return select_pages(q, summaries, block_table, seq_lens, page_size, k, sink, local,
+                        out=None if selected is None else selected[: q.shape[0]],
+                        method="fused" if fused else "triton",
+                        topk_method="auto" if fused else cfg.decode_select,
+                        workspace=select_workspace,
+                        k_cache=k_cache if fuse_summary else None,
+                        dense_pages=decode_dense_pages(cfg, page_size))
 
 
 def estimate_prefill_blocks(

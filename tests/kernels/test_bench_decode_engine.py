@@ -30,8 +30,8 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
     out = tmp_path / "de.json"
     # budget 64 tokens at page 16: 4 pages; 40 tokens -> 3 pages (short row), 100 -> 7
     # (dense: at most 2x the budget), 300 -> 19 (sparse); a table 24 pages wide
-    bench.main(["--contexts", "40", "100", "300", "--batches", "2", "--budget", "64", "--sink-tokens", "16", "--local-tokens", "16",
-                "--table-pages", "24", "--layers", "2", "--num-q-heads", "4",
+    bench.main(["--contexts", "40", "100", "300", "--batches", "2", "--budget", "64",
+                "--sink-tokens", "16", "--local-tokens", "16", "--table-pages", "24", "--layers", "2", "--num-q-heads", "4",
                 "--num-kv-heads", "2", "--head-dim", "64", "--iters", "1",
                 "--variants", "max_splits16", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]

@@ -1,9 +1,19 @@
-"""CUDA-event timing shared by the GPU benchmarks: a function captured once as a CUDA graph and
-replayed, the L2 cache flushed before each timed replay, the median reported."""
+"""What the GPU benchmarks share: vLLM's FlashAttention-3 (the dense baseline, from the vLLM
+bundle) and CUDA-event timing (a function captured once as a CUDA graph and replayed, the L2
+cache flushed before each timed replay, the median reported)."""
 
 from __future__ import annotations
 
 import torch
+
+
+def load_fa3():
+    """``(flash_attn_varlen_func, None)``, or ``(None, why)`` when vLLM's FA3 cannot be imported."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception as e:  # noqa: BLE001 - report any import failure
+        return None, f"{type(e).__name__}: {e}"
+    return flash_attn_varlen_func, None
 
 
 def capture_graph(fn):
