@@ -233,6 +233,20 @@ class SparseConfig:
                         target[h] = method
         return prefill, decode
 
+    def first_layer_with(self, kind: str) -> int:
+        """The lowest layer index whose ``kind`` ("prefill" or "decode") method is sparse for
+        some KV head, or 0 when no layer's is (methods only change at layers that head_config
+        names, so the candidates are 0 and those layers and their successors)."""
+        pick = 0 if kind == "prefill" else 1
+        cands = {0}
+        for o in self.head_overrides:
+            if o.layer is not None:
+                cands |= {o.layer, o.layer + 1}
+        for layer in sorted(cands):
+            if any(m != "dense" for m in self.methods_for(layer)[pick].values()):
+                return layer
+        return 0
+
     def summary(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("head_overrides")

@@ -102,6 +102,7 @@ class PrefillRun:
     max_query_len: int
     max_seq_len: int
     block_meta: object | None = None  # PrefillBlockMeta for sparse runs
+    causal_blocks: torch.Tensor | None = None  # device scalar: causal block pairs, sparse runs
 
 
 @dataclass
@@ -128,19 +129,29 @@ class SparseAttentionMetadata:
 class _PathCounters:
     """Which path requests took (host counts) and how sparse they were (device sums).
 
-    The device sums are accumulated by layer 0 only, in place (CUDA-graph safe):
-    ``[KV tokens read by decode, KV tokens in those sequences, prefill blocks computed,
-    prefill causal blocks]`` summed over (sequence, KV head). They are read, one host sync, when
-    the summary is logged every ``LOG_EVERY_S`` seconds.
+    The device sums are accumulated in place (CUDA-graph safe): ``[KV tokens read by decode,
+    KV tokens in those sequences, prefill blocks computed, prefill causal blocks]`` summed over
+    (sequence, KV head). Prefill blocks are summed over every layer (their density differs per
+    layer and head_config may keep some layers dense). Decode is measured on one layer only,
+    the first top-k one (more launches in every layer of a captured decode step would cost
+    decode time): every top-k layer reads the same number of tokens (same budget, sink and
+    local pages, same sequences) and a dense-decode layer reads all it holds, so
+    :meth:`snapshot` weights that layer's two sums by the layers of each kind that this process
+    runs (``decode_layers``, filled by the layers' first forward). They are read, one host
+    sync, when the summary is logged every ``LOG_EVERY_S`` seconds.
     """
 
     def __init__(self) -> None:
         self.sparse_prefill_reqs = 0
         self.dense_prefill_reqs = 0
         self.decode_steps = 0
-        # prefill chunks whose estimated density exceeded prefill_dense_above (layer 0)
+        # prefill chunks whose estimated density exceeded prefill_dense_above (counted on the
+        # first layer with a sparse prefill method)
         self.prefill_dense_fallbacks = 0
         self.device_sums: torch.Tensor | None = None
+        # layer index -> decode method, of the attention layers this process runs (not reset:
+        # the model's layers do not change)
+        self.decode_layers: dict[int | None, str] = {}
         self._last = time.monotonic()
         self._last_write = float("-inf")  # the first report writes, whatever the uptime
         # Only one process per engine writes the metrics file (tensor-parallel rank 0).
@@ -169,8 +180,21 @@ class _PathCounters:
             self.device_sums = torch.zeros(4, dtype=torch.float64, device=device)
         return self.device_sums
 
+    def layer_weighted(self, raw: list[float]) -> list[float]:
+        """The device sums with the decode pair over every layer: ``[n_topk * read + n_dense *
+        held, n * held, ...]`` (one layer's measurement when no layer is registered)."""
+        n_topk = sum(m == "topk" for m in self.decode_layers.values())
+        n_dense = len(self.decode_layers) - n_topk
+        if not self.decode_layers:
+            n_topk, n_dense = 1, 0
+        elif not n_topk:  # measured on a dense layer: read == held
+            n_topk, n_dense = 0, len(self.decode_layers)
+        read, held = raw[0], raw[1]
+        return [n_topk * read + n_dense * held, (n_topk + n_dense) * held, raw[2], raw[3]]
+
     def snapshot(self) -> dict:
-        sums = [0.0] * 4 if self.device_sums is None else self.device_sums.tolist()
+        raw = [0.0] * 4 if self.device_sums is None else self.device_sums.tolist()
+        sums = self.layer_weighted(raw)
         return {
             "prefill_chunks_sparse": self.sparse_prefill_reqs,
             "prefill_chunks_dense": self.dense_prefill_reqs,
@@ -205,8 +229,8 @@ class _PathCounters:
         logger.info(
             "sparse-serve stats: prefill chunks sparse=%d dense=%d (at most min_seq_len=%d "
             "tokens, or prefill method dense), of the sparse ones fell back to dense=%d "
-            "(layer 0: estimated density > prefill_dense_above=%s); decode steps=%d; decode KV "
-            "read fraction=%s; prefill block density=%s", snap["prefill_chunks_sparse"],
+            "(first sparse layer: estimated density > prefill_dense_above=%s); decode steps=%d; "
+            "decode KV read fraction=%s; prefill block density=%s (all layers)", snap["prefill_chunks_sparse"],
             snap["prefill_chunks_dense"], cfg.min_seq_len,
             snap["prefill_chunks_dense_fallback"], cfg.prefill_dense_above, snap["decode_steps"],
             _fmt(snap["decode_kv_fraction_read"]), _fmt(snap["prefill_block_density"]))
@@ -370,6 +394,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                 run.block_meta = prefill_block_metadata(
                     qsl, seq_lens, self.cfg.block_size, num_tokens=t1 - t0,
                     max_seq_len=run.max_seq_len)
+                run.causal_blocks = _causal_blocks(run.block_meta)
                 PATH_COUNTERS.sparse_prefill_reqs += e - r
             else:
                 PATH_COUNTERS.dense_prefill_reqs += e - r
@@ -500,6 +525,8 @@ class SparseAttentionImpl(AttentionImpl):
         self._summaries: torch.Tensor | None = None
         self._methods: tuple[str | dict[int | None, str], str] | None = None
         self._layer_index: int | None = None
+        # this layer measures decode reads / counts prefill fallbacks (see _PathCounters)
+        self._decode_stats = self._prefill_fallback_stats = False
         try:
             from vllm.config import get_current_vllm_config
 
@@ -523,6 +550,10 @@ class SparseAttentionImpl(AttentionImpl):
                          if h is not None and 0 <= h - first < self.num_kv_heads}
                 prefill = {None: prefill[None], **local}
             self._methods = (prefill if len(prefill) > 1 else prefill[None], decode[None])
+            at = idx if idx is not None else 0
+            self._decode_stats = at == self.cfg.first_layer_with("decode")
+            self._prefill_fallback_stats = at == self.cfg.first_layer_with("prefill")
+            PATH_COUNTERS.decode_layers[idx] = decode[None]
         return self._methods
 
     def _first_global_kv_head(self) -> int:
@@ -599,13 +630,13 @@ class SparseAttentionImpl(AttentionImpl):
             _warm_up_once(prefill_method, decode_method, self.cfg, q, key_cache, value_cache,
                           summaries, self.max_model_len, self.scale)
         nd = m.num_decodes
-        stats = PATH_COUNTERS.sums_for(q.device) if self._layer_index == 0 else None
+        stats = PATH_COUNTERS.sums_for(q.device)
         if nd:
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
                                    self.scale, selected=m.selected, workspace=m.workspace,
                                    select_workspace=m.select_workspace, fuse_summary=True)
-            if stats is not None:
+            if self._decode_stats:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads
                 # (a dense row of the selection counts its whole sequence)
@@ -621,14 +652,17 @@ class SparseAttentionImpl(AttentionImpl):
                     run.block_meta, orun, self.scale,
                     dense_fallback=lambda qr=qr, run=run, orun=orun: _dense_prefill(
                         qr, key_cache, value_cache, run, orun, self.scale))
-                if stats is not None:
-                    causal = _causal_blocks(run.block_meta) * self.num_kv_heads
-                    stats[2] += causal if fell_back else dens.double() * causal
-                    stats[3] += causal
-                    if fell_back:
-                        PATH_COUNTERS.prefill_dense_fallbacks += run.req_end - run.req_start
+                causal = run.causal_blocks * self.num_kv_heads
+                stats[2] += causal if fell_back else dens.double() * causal
+                stats[3] += causal
+                if fell_back and self._prefill_fallback_stats:
+                    PATH_COUNTERS.prefill_dense_fallbacks += run.req_end - run.req_start
             else:
                 _dense_prefill(qr, key_cache, value_cache, run, orun, self.scale)
+                if run.sparse:  # a sparse-eligible chunk in a layer head_config keeps dense
+                    causal = run.causal_blocks * self.num_kv_heads
+                    stats[2] += causal
+                    stats[3] += causal
         return output
 
 

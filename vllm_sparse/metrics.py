@@ -17,13 +17,16 @@ Exported (names in vLLM's ``prefix:name`` style):
 * ``sparse_serve:prefill_chunks_total{path="sparse"|"dense"|"dense_fallback"}`` -- prefill
   chunks by path: sparse estimator + kernel; dense because the sequence is at most
   ``min_seq_len`` tokens or the method is dense; and sparse-eligible chunks whose estimated
-  density exceeded ``prefill_dense_above`` (counted on layer 0), which ran dense FA3.
+  density exceeded ``prefill_dense_above`` (counted on the first layer with a sparse prefill
+  method), which ran dense FA3.
 * ``sparse_serve:decode_steps_total`` -- forward steps with decode requests.
 * ``sparse_serve:decode_kv_tokens_read_total`` and ``..._held_total`` -- KV tokens attended by
-  decode and KV tokens those sequences held (layer 0, summed over KV heads); their ratio is
+  decode and KV tokens those sequences held (summed over layers and KV heads: measured on the
+  first top-k layer, weighted by the layers of each decode method); their ratio is
 * ``sparse_serve:decode_kv_fraction_read`` -- the fraction of KV read per decode step.
 * ``sparse_serve:prefill_blocks_computed_total`` and ``..._causal_total``, and
-  ``sparse_serve:prefill_block_density`` -- the same for sparse prefill blocks.
+  ``sparse_serve:prefill_block_density`` -- the same for prefill blocks of sparse-eligible
+  chunks, summed over every layer (a layer that head_config keeps dense computes all).
 
 With several API servers vLLM serves metrics from a multiprocess registry, which this
 collector does not join; the numbers are then in the logs only (``sparse-serve stats`` lines).
@@ -43,7 +46,7 @@ _collector = None
 
 
 def fractions_from_sums(sums) -> dict:
-    """The two ratios of the backend's four layer-0 sums ``[decode KV tokens read, decode KV
+    """The two ratios of the backend's four sums over layers ``[decode KV tokens read, decode KV
     tokens held, prefill blocks computed, prefill causal blocks]`` (``None`` where the
     denominator is 0): also right for differences or totals of such sums."""
     return {"decode_kv_fraction_read": sums[0] / sums[1] if sums[1] else None,
@@ -103,13 +106,13 @@ class SparseServeCollector:
                                   value=snap.get("decode_steps", 0))
         sums = snap.get("device_sums") or [0.0, 0.0, 0.0, 0.0]
         for name, doc, value in (
-            ("decode_kv_tokens_read", "KV tokens attended by decode (layer 0, all KV heads)",
+            ("decode_kv_tokens_read", "KV tokens attended by decode (all layers and KV heads)",
              sums[0]),
-            ("decode_kv_tokens_held", "KV tokens held by the decoded sequences (layer 0)",
+            ("decode_kv_tokens_held", "KV tokens held by the decoded sequences (all layers and KV heads)",
              sums[1]),
-            ("prefill_blocks_computed", "Prefill (query, key) blocks computed (layer 0)",
+            ("prefill_blocks_computed", "Prefill (query, key) blocks computed (all layers and KV heads)",
              sums[2]),
-            ("prefill_blocks_causal", "Causal prefill blocks of those chunks (layer 0)",
+            ("prefill_blocks_causal", "Causal prefill blocks of those chunks (all layers and KV heads)",
              sums[3]),
         ):
             yield CounterMetricFamily(f"sparse_serve:{name}", doc, value=value)

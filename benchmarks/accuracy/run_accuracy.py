@@ -215,7 +215,8 @@ class EngineStats:
     ``counters()`` returns the backend's ``_PathCounters`` (default: ``vllm_sparse.backend.
     PATH_COUNTERS``, looked up on every call): ``device_sums`` (a tensor of [decode KV tokens
     read, decode KV tokens held, prefill blocks computed, prefill causal blocks], or None before
-    the first forward) and ``snapshot()``. ``reset()`` zeroes the sums in place (CUDA graphs
+    the first forward) and ``snapshot()`` (whose ``device_sums``, when given, are those over
+    every layer: what ``read()`` reports). ``reset()`` zeroes the sums in place (CUDA graphs
     captured with them keep accumulating into the same memory) and notes the host counters;
     ``read()`` returns the fractions since the reset and the host counters' increments.
     """
@@ -251,7 +252,11 @@ class EngineStats:
         snap = c.snapshot()
         sums = getattr(c, "device_sums", None)
         out = {k: (None if snap.get(k) is None else round(float(snap[k]), 6)) for k in FRACTION_KEYS}
-        out["sums"] = None if sums is None else [float(x) for x in sums.tolist()]
+        # the snapshot's sums are over layers (decode weighted by the layers' methods)
+        raw = snap.get("device_sums") if sums is not None else None
+        if sums is not None and raw is None:
+            raw = sums.tolist()
+        out["sums"] = None if raw is None else [float(x) for x in raw]
         for k, v in self._host_counts(snap).items():
             out[k] = v - self._host0.get(k, 0)
         return out
@@ -720,7 +725,7 @@ def main(argv=None, generate: Generator | None = None, engine: dict | None = Non
         results, summary = summarize(out["records"], fractions)
         es = None
         if out["engine_stats"] is not None:
-            es = {"source": "vllm_sparse.backend.PATH_COUNTERS (layer 0, summed over KV heads)",
+            es = {"source": "vllm_sparse.backend.PATH_COUNTERS (summed over layers and KV heads)",
                   "by_length": [dict(length=L, **st) for L, st in sorted(out["engine_stats"].items())]}
         return {
             "schema": SCHEMA,

@@ -121,7 +121,7 @@ def test_decode_reads_only_the_budget(monkeypatch):
     assert not torch.allclose(out[0], dense[0], atol=1e-3)  # the long one really was sparse
 
 
-def test_layer0_accumulates_density_stats(monkeypatch):
+def test_density_stats_over_layers(monkeypatch):
     _fake_fa3(monkeypatch)
     monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
     seq_lens, q_lens = [300, 200], [1, 64]
@@ -141,10 +141,65 @@ def test_layer0_accumulates_density_stats(monkeypatch):
     # decode: 4 pages of 16 per KV head, one of them the last, partial page (300 = 18*16 + 12)
     assert snap["decode_kv_fraction_read"] == pytest.approx((3 * 16 + 12) / 300)
     assert 0.0 < snap["prefill_block_density"] < 1.0
-    # another layer adds nothing
+    raw = backend.PATH_COUNTERS.device_sums.tolist()
+    # another top-k layer: its prefill blocks are summed too, its decode is not measured again
+    # (it reads what layer 0 read) but counts in the weighting (two top-k layers)
     _impl(cfg).forward(_Layer(), torch.randn(65, HQ, D), None, None, kv_cache, meta,
                        torch.empty(65, HQ, D))
-    assert backend.PATH_COUNTERS.snapshot() == snap
+    raw2 = backend.PATH_COUNTERS.device_sums.tolist()
+    assert raw2[:2] == raw[:2] and raw2[3] == 2 * raw[3]
+    assert raw2[2] == pytest.approx(2 * raw[2])  # same queries and keys: same lists
+    snap2 = backend.PATH_COUNTERS.snapshot()
+    assert snap2["decode_kv_fraction_read"] == pytest.approx(snap["decode_kv_fraction_read"])
+    assert snap2["prefill_block_density"] == pytest.approx(snap["prefill_block_density"])
+    assert snap2["device_sums"][:2] == [2 * raw[0], 2 * raw[1]]
+
+
+def test_density_stats_with_layers_kept_dense(monkeypatch):
+    """head_config keeps layer 0 dense (prefill and decode): decode is measured on layer 1, the
+    first top-k layer, and weighted with layer 0 reading everything; layer 0's prefill counts as
+    fully computed, and the fallback count is the first sparse-prefill layer's."""
+    from sparse_kernels.config import HeadOverride
+
+    _fake_fa3(monkeypatch)
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    cfg = SparseConfig(prefill_method="streaming", token_budget=64, sink_tokens=16,
+                       local_tokens=16, min_seq_len=100, block_size=16, head_overrides=(
+                           HeadOverride(layer=0, heads=None, prefill_method="dense",
+                                        decode_method="dense"),))
+    assert cfg.first_layer_with("decode") == 1 and cfg.first_layer_with("prefill") == 1
+    _, _, kv_cache, _, m = _batch([300, 200], [1, 64], seed=2)
+    meta = _builder(cfg, 4).build(0, m)
+    layers = [type(f"L{i}", (), {"layer_name": f"model.layers.{i}.self_attn.attn"})
+              for i in range(2)]
+    q = torch.randn(65, HQ, D)
+    _impl(cfg).forward(layers[0](), q, None, None, kv_cache, meta, torch.empty(65, HQ, D))
+    raw = backend.PATH_COUNTERS.device_sums.tolist()
+    assert raw[:2] == [0.0, 0.0]  # layer 0 decodes dense: not the measuring layer
+    assert raw[2] == raw[3] > 0  # its sparse-eligible chunk computed every causal block
+    _impl(cfg).forward(layers[1](), q, None, None, kv_cache, meta, torch.empty(65, HQ, D))
+    snap = backend.PATH_COUNTERS.snapshot()
+    read_one = (3 * 16 + 12) / 300  # a top-k layer's fraction (see the test above)
+    assert snap["decode_kv_fraction_read"] == pytest.approx((1.0 + read_one) / 2)
+    assert backend.PATH_COUNTERS.decode_layers == {0: "dense", 1: "topk"}
+    sums = backend.PATH_COUNTERS.device_sums.tolist()
+    layer1_density = (sums[2] - raw[2]) / raw[3]
+    assert 0.0 < layer1_density < 1.0
+    assert snap["prefill_block_density"] == pytest.approx((1.0 + layer1_density) / 2)
+
+
+def test_first_layer_with():
+    from sparse_kernels.config import HeadOverride
+
+    assert SparseConfig().first_layer_with("decode") == 0
+    assert SparseConfig(decode_method="dense").first_layer_with("decode") == 0  # none: 0
+    dense01 = tuple(HeadOverride(layer=i, heads=None, prefill_method="dense") for i in (0, 1))
+    cfg = SparseConfig(head_overrides=dense01)
+    assert cfg.first_layer_with("prefill") == 2 and cfg.first_layer_with("decode") == 0
+    # one KV head of layer 0 sparse is enough
+    cfg = SparseConfig(prefill_method="dense", head_overrides=(
+        HeadOverride(layer=0, heads=(1,), prefill_method="xattention"),))
+    assert cfg.first_layer_with("prefill") == 0
 
 
 def test_per_head_methods_follow_the_ranks_kv_heads(monkeypatch):
