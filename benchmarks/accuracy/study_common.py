@@ -20,6 +20,8 @@ def add_common_args(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--haystack", default="essays", choices=("essays", "builtin"))
     p.add_argument("--tasks", nargs="+", default=["niah_multikey", "qa"])
     p.add_argument("--lengths", nargs="+", type=int, default=[32768])
+    p.add_argument("--depths", nargs="+", type=float, default=list(T.DEFAULT_DEPTHS),
+                   help="needle depths the samples cycle through (0: start of the haystack)")
     p.add_argument("--samples", type=int, default=samples)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
@@ -41,7 +43,8 @@ def load_model_and_samples(args, attn_name: str):
            else AutoTokenizer.from_pretrained(args.tokenizer or args.model))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
                                                  attn_implementation=attn_name).to(device).eval()
-    groups = prepare_groups(tok, args.tasks, args.lengths, args.samples, seed=args.seed,
+    groups = prepare_groups(tok, args.tasks, args.lengths, args.samples, depths=args.depths,
+                            seed=args.seed,
                             opts=T.TaskOptions(haystack=args.haystack), workers=args.workers,
                             cache_dir=Path(args.sample_cache) if args.sample_cache else None)
     return tok, model, device, groups

@@ -29,6 +29,12 @@
 #   dense_above05   CUSTOM defaults, but prefill chunks whose estimated density is above 0.5
 #                   (not 0.6) run dense FA3 (near the speed break-even of the sparse kernel)
 #   xattention_s16  CUSTOM defaults with XAttention's stride 16 (half the estimator's work)
+#   prefill_kernel_full     CUSTOM, the sparse prefill kernel at full density (streaming with a
+#                   local window over the whole context, no dense fallback) and dense decode:
+#                   the block-sparse path itself against FA3 on a real model
+#   xattention_dense_l01, xattention_dense_l03
+#                   CUSTOM defaults with layers 0-1 (0-3) prefilling dense
+#                   (benchmarks/accuracy/head_configs/dense_layers_0_1.json, _0_3.json)
 #   env:K=V[,K=V...]   CUSTOM with these SPARSE_* variables over the defaults, e.g.
 #                   env:SPARSE_XATTN_THRESHOLD=0.97 or
 #                   env:SPARSE_PREFILL_METHOD=vertical_slash,SPARSE_VS_VERTICAL=256 (a sweep
@@ -71,7 +77,8 @@
 # tokens, prompt <= length - answer budget, so the positions beyond the model's 32768 are never
 # used; VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 lets vLLM accept it), GPU_UTIL (0.85), MAX_NUM_SEQS (64),
 # WORKERS (12), SAMPLE_CACHE (/tmp/acc_sample_cache), ENGINE_STATS (1: --engine-stats),
-# ACC_DRY=1 (CPU dry run: no setup_env, no GPU, --engine dry; PY picks the python).
+# DEPTHS (the tasks' needle depths, default 0 0.25 0.5 0.75 1: samples cycle through them;
+# DEPTHS=0 puts every needle at the start of the haystack), ACC_DRY=1 (CPU dry run: no setup_env, no GPU, --engine dry; PY picks the python).
 set -uo pipefail
 ACC_T0=${ACC_T0:-$(date +%s)}
 DEADLINE_S=${DEADLINE_S:-540}
@@ -82,6 +89,7 @@ if [ $# -gt 0 ]; then CONFIGS=("$@"); else read -ra CONFIGS <<< "${ACC_CONFIGS:-
 MODEL=${MODEL:-/tmp/bundles/qwen/qwen}
 NH=${NH:-/tmp/bundles/qwen/nh}
 LENGTHS=${LENGTHS:-"8192 16384 32768"}
+DEPTHS=${DEPTHS:-"0 0.25 0.5 0.75 1"}
 SAMPLES=${SAMPLES:-50}
 TASKS=${TASKS:-"niah niah_multikey qa"}
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-33024}
@@ -107,8 +115,8 @@ for c in "${CONFIGS[@]}"; do
     [[ ${c#env:} =~ ^SPARSE_[A-Z_]+=[^,=]+(,SPARSE_[A-Z_]+=[^,=]+)*$ ]] && continue
     echo "config '$c': expected env:SPARSE_NAME=VALUE[,SPARSE_NAME=VALUE...]"; exit 2
   fi
-  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small|xattention_last1|sink128|sink64|budget4096_sink128|dense_above05|xattention_s16) ;;
-    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small xattention_last1 sink128 sink64 budget4096_sink128 dense_above05 xattention_s16)"; exit 2;; esac
+  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small|xattention_last1|sink128|sink64|budget4096_sink128|dense_above05|xattention_s16|prefill_kernel_full|xattention_dense_l01|xattention_dense_l03) ;;
+    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small xattention_last1 sink128 sink64 budget4096_sink128 dense_above05 xattention_s16 prefill_kernel_full xattention_dense_l01 xattention_dense_l03)"; exit 2;; esac
 done
 
 if [ "$DRY" = 1 ]; then
@@ -157,7 +165,7 @@ print(f"essays: {d}; tokenizer: {type(tok).__name__}, vocab {len(tok)}; sparse d
 PY
 read -r DEF_PREFILL DEF_DECODE DEF_BUDGET < <($PY -c "
 from sparse_kernels.config import SparseConfig as C; c = C(); print(c.prefill_method, c.decode_method, c.token_budget)")
-say "== configs: ${CONFIGS[*]}; tasks: $TASKS; lengths: $LENGTHS; samples: $SAMPLES; max_model_len $MAX_MODEL_LEN; full budget $FULL_BUDGET; started +$(elapsed)s of ${DEADLINE_S}s"
+say "== configs: ${CONFIGS[*]}; tasks: $TASKS; lengths: $LENGTHS; depths: $DEPTHS; samples: $SAMPLES; max_model_len $MAX_MODEL_LEN; full budget $FULL_BUDGET; started +$(elapsed)s of ${DEADLINE_S}s"
 
 config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
   ENVS=(); EXTRA=()
@@ -196,6 +204,16 @@ config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
                     ENVS=(SPARSE_PREFILL_METHOD=xattention SPARSE_XATTN_STRIDE=16);;
     budget4096_sink128) BACKEND=CUSTOM; LABEL="$DEF_PREFILL + $DEF_DECODE 4096, sink 128"
                         ENVS=(SPARSE_TOKEN_BUDGET=4096 SPARSE_SINK_TOKENS=128);;
+    prefill_kernel_full) BACKEND=CUSTOM; LABEL="CUSTOM sparse prefill kernel at full density + dense decode"
+        ENVS=(SPARSE_PREFILL_METHOD=streaming "SPARSE_LOCAL_TOKENS=$MAX_MODEL_LEN"
+              "SPARSE_TOKEN_BUDGET=$(( FULL_BUDGET + 256 ))" SPARSE_PREFILL_DENSE_ABOVE=1.0
+              SPARSE_DECODE_METHOD=dense)
+        EXTRA=(--decode-kv-fraction-read 1.0);;
+    # Per-layer settings: the first layers prefill dense (their attention is broad).
+    xattention_dense_l01|xattention_dense_l03)
+        local f=benchmarks/accuracy/head_configs/dense_layers_0_${1: -1}.json
+        BACKEND=CUSTOM; LABEL="$DEF_PREFILL, layers 0-${1: -1} dense + $dec"
+        ENVS=(SPARSE_PREFILL_METHOD=xattention "SPARSE_HEAD_CONFIG=$f");;
     env:*) BACKEND=CUSTOM; LABEL="CUSTOM defaults, ${1#env:}"; IFS=, read -ra ENVS <<< "${1#env:}";;
     *) BACKEND=CUSTOM; LABEL="$1 + $dec"; ENVS=("SPARSE_PREFILL_METHOD=$1");;
   esac
@@ -215,6 +233,16 @@ compare_with_dense() {  # $1: config name. DENSE_JSON may join files with '+' (c
   $PY benchmarks/accuracy/compare.py --cells "$dense" "$run" 2>&1 | tee -a "$SUMMARY"
 }
 
+# Every config's SPARSE_* settings parse (named configs too: a head_config file that is not
+# there, an impossible budget), before any engine starts.
+for c in "${CONFIGS[@]}"; do
+  config_args "$c"
+  [ ${#ENVS[@]} -gt 0 ] || continue
+  env "${ENVS[@]}" $PY -c "from sparse_kernels.config import get_config; get_config()" \
+    > "$WORK/logs/config_check.log" 2>&1 \
+    || { say "config '$c' is invalid: $(tail -1 "$WORK/logs/config_check.log")"; exit 2; }
+done
+
 STATS_FLAG=--engine-stats; [ "$ENGINE_STATS" = 1 ] || STATS_FLAG=--no-engine-stats
 for c in "${CONFIGS[@]}"; do
   left=$(( DEADLINE_S - $(elapsed) - RESERVE_S ))
@@ -229,7 +257,7 @@ for c in "${CONFIGS[@]}"; do
   t0=$(date +%s)
   timeout --kill-after=10 "$left" $PY benchmarks/accuracy/run_accuracy.py "${ENGINE[@]}" \
     --model "$MODEL" --backend "$BACKEND" ${ENVS[@]+--sparse-env "${ENVS[@]}"} \
-    --lengths $LENGTHS --samples "$SAMPLES" --tasks $TASKS --max-model-len "$MAX_MODEL_LEN" \
+    --lengths $LENGTHS --depths $DEPTHS --samples "$SAMPLES" --tasks $TASKS --max-model-len "$MAX_MODEL_LEN" \
     --engine-arg "gpu_memory_utilization=$GPU_UTIL" "max_num_seqs=$MAX_NUM_SEQS" \
     "$STATS_FLAG" --workers "$WORKERS" --sample-cache "$SAMPLE_CACHE" --no-progress \
     --name "qwen_$n" --method "$LABEL" --out "$OUT/accuracy_qwen_$n.json" \
