@@ -55,7 +55,12 @@ class HeadOverride:
 @dataclass(frozen=True)
 class SparseConfig:
     # --- which method runs where -------------------------------------------------
-    prefill_method: str = "xattention"
+    # Dense by default: every sparse prefill method measured so far loses retrieval accuracy
+    # at the 30% block budget (XAttention 0.9: -18 points on 32K multi-key NIAH with the needle
+    # at the start of the haystack; it needs ~66% of the blocks to stay within 5 points,
+    # benchmarks/results/accuracy_2026-11-23_h100_session7/), while top-k decode at the default
+    # budget costs nothing measurable. Sparse prefill is opt-in (SPARSE_PREFILL_METHOD).
+    prefill_method: str = "dense"
     decode_method: str = "topk"
     # --- decode: top-k page selection ---------------------------------------------
     token_budget: int = 8192  # KV tokens read per (sequence, KV head) per step

@@ -8,7 +8,7 @@ from sparse_kernels.config import SparseConfig, SparseConfigError, get_config
 def test_defaults_are_valid():
     cfg = SparseConfig.from_sources(environ={})
     assert cfg == SparseConfig()
-    assert cfg.prefill_method == "xattention" and cfg.decode_method == "topk"
+    assert cfg.prefill_method == "dense" and cfg.decode_method == "topk"
 
 
 def test_env_vars_are_read_and_typed():

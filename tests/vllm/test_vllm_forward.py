@@ -192,9 +192,10 @@ def test_first_layer_with():
     from sparse_kernels.config import HeadOverride
 
     assert SparseConfig().first_layer_with("decode") == 0
+    assert SparseConfig().first_layer_with("prefill") == 0  # dense prefill everywhere: 0
     assert SparseConfig(decode_method="dense").first_layer_with("decode") == 0  # none: 0
     dense01 = tuple(HeadOverride(layer=i, heads=None, prefill_method="dense") for i in (0, 1))
-    cfg = SparseConfig(head_overrides=dense01)
+    cfg = SparseConfig(prefill_method="xattention", head_overrides=dense01)
     assert cfg.first_layer_with("prefill") == 2 and cfg.first_layer_with("decode") == 0
     # one KV head of layer 0 sparse is enough
     cfg = SparseConfig(prefill_method="dense", head_overrides=(
