@@ -22,6 +22,13 @@ layers and heads where a method misses mass before choosing per-layer settings
         --variants xattention "xattention:xattn_threshold=0.95" \
             "vertical_slash:vs_vertical=512,vs_slash=1024" flexprefill --out study.json
 
+Per (layer, KV head) it also reports recall and density (``per_kv_head`` in each cell), and
+``--head-config-out PATH --dense-heads 0.1`` writes a ``SPARSE_HEAD_CONFIG`` file that prefills
+dense the 10% of (layer, KV head) pairs whose lists keep the least attention over all cells
+(DuoAttention-style: the heads that need the whole context get it), for the first variant
+(``--head-config-variant``); serve it with that variant's method and settings, e.g.
+``SPARSE_PREFILL_METHOD=xattention SPARSE_HEAD_CONFIG=PATH``.
+
 Variants: ``METHOD[:FIELD=VALUE,...]``: a prefill method and SparseConfig fields over the
 defaults (validated by SparseConfig).
 """
@@ -141,6 +148,10 @@ class StudyState:
         self.variants, self.chunk, self.page = variants, chunk, page
         self.needle_pos = needle_pos  # token positions of the queried value (may be empty)
         self.sums = torch.zeros(len(variants), num_layers, _NSUM, dtype=torch.float64)
+        self.num_layers = num_layers
+        # per (variant, layer, KV head): [recall (mean over rows and the group's query heads),
+        # density]; sized on the first layer (the KV head count comes with it)
+        self.kv_sums: torch.Tensor | None = None
 
 
 STATE: StudyState | None = None
@@ -163,6 +174,10 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
     block = st.variants[0].cfg.block_size  # run() checks the variants share it
     needle_blocks = sorted({p // block for p in st.needle_pos})
     nv = len(st.variants)
+    if st.kv_sums is None:
+        st.kv_sums = torch.zeros(nv, st.num_layers, hkv, 2, dtype=torch.float64)
+    kv_recall = torch.zeros(nv, hkv, dtype=torch.float64)  # over rows, per KV head
+    kv_kept = torch.zeros(nv, hkv, dtype=torch.float64)  # kept causal blocks, per KV head
     recall_sum = torch.zeros(nv, dtype=torch.float64)  # over rows, mean over heads
     head_sums = torch.zeros(nv, hq, dtype=torch.float64)  # over rows, per head
     kept = torch.zeros(nv, dtype=torch.float64)  # kept causal blocks, mean over KV heads
@@ -198,6 +213,8 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
             recall_sum[vi] += float(recall.sum()) / hq
             head_sums[vi] += recall.sum(0).double().cpu()
             kept[vi] += float((keep & causal[:, None, :]).sum()) / hkv
+            kv_recall[vi] += recall.view(-1, hkv, g).mean(-1).sum(0).double().cpu()
+            kv_kept[vi] += (keep & causal[:, None, :]).sum((0, 2)).double().cpu()
             if last_row is not None:
                 st.sums[vi, layer, 2] += float(recall[last_row].mean())
                 if needle_blocks:
@@ -207,6 +224,8 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
     st.sums[:, layer, 0] += recall_sum / rows
     st.sums[:, layer, 1] += head_sums.min(1).values / rows  # the worst head's mean recall
     st.sums[:, layer, 3] += kept / causal_total
+    st.kv_sums[:, layer, :, 0] += kv_recall / rows
+    st.kv_sums[:, layer, :, 1] += kv_kept / causal_total
 
 
 def study_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -311,8 +330,10 @@ def run(args) -> dict:
     t_start = time.monotonic()
     result = C.result_header(args, device, chunk=args.chunk, page_size=args.page,
                              variants=[v.name for v in variants])
+    kv_all, n_all = None, 0  # per (variant, layer, KV head) sums over every cell's samples
     for (task, length), samples in groups.items():
         sums = torch.zeros(len(variants), num_layers, _NSUM, dtype=torch.float64)
+        kv = None
         n = 0
         t0 = time.monotonic()
         by_depth: dict = {}
@@ -322,6 +343,7 @@ def run(args) -> dict:
                 break
             st = study_sample(model, tok, s, variants, args.chunk, args.page, num_layers)
             sums += st.sums
+            kv = st.kv_sums.clone() if kv is None else kv + st.kv_sums
             n += 1
             key = "any" if s.depth is None else f"{s.depth:g}"
             d_sums, d_n = by_depth.get(key, (torch.zeros_like(sums), 0))
@@ -334,13 +356,57 @@ def run(args) -> dict:
                              for name, c in summarize(ds, dn, variants).items()}
                          for k, (ds, dn) in sorted(by_depth.items())},
         }
+        if kv is not None:
+            result["cells"][f"{task}@{length}"]["per_kv_head"] = {
+                v.name: {"recall": (kv[vi, :, :, 0] / n).tolist(),
+                         "density": (kv[vi, :, :, 1] / n).tolist()}
+                for vi, v in enumerate(variants)}
+            kv_all = kv if kv_all is None else kv_all + kv
+            n_all += n
         print_cell(task, length, cell)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
         if result["partial"]:
             print(f"deadline ({args.deadline_s} s) reached; later samples and cells skipped")
             break
+    if args.head_config_out and kv_all is not None:
+        vi = [v.name for v in variants].index(args.head_config_variant or variants[0].name)
+        doc, info = dense_head_config(kv_all[vi, :, :, 0] / n_all, kv_all[vi, :, :, 1] / n_all,
+                                      args.dense_heads)
+        Path(args.head_config_out).write_text(json.dumps(doc, indent=1) + "\n")
+        result["head_config"] = dict(info, variant=variants[vi].name, path=args.head_config_out)
+        print(f"head_config {args.head_config_out}: {info['dense_pairs']} (layer, KV head) pairs "
+              f"dense; {variants[vi].name}: density {info['density_before']:.3f} -> "
+              f"{info['density_after']:.3f}, recall {info['recall_before']:.3f} -> "
+              f"{info['recall_after']:.3f} (means over layers and KV heads)")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def dense_head_config(recall: torch.Tensor, density: torch.Tensor, fraction: float):
+    """A head_config (``SPARSE_HEAD_CONFIG``) that prefills dense the ``fraction`` of (layer,
+    KV head) pairs whose estimated lists keep the least attention (``recall [layers, Hkv]``),
+    the other pairs keeping the studied method; with what that does to the means over pairs
+    of density and recall (as measured here: every dense pair computes and keeps all)."""
+    layers, hkv = recall.shape
+    k = min(layers * hkv, max(0, round(fraction * layers * hkv)))
+    order = torch.argsort(recall.flatten())[:k].tolist()
+    dense = sorted((i // hkv, i % hkv) for i in order)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in dense:
+        by_layer.setdefault(layer, []).append(head)
+    doc = {"overrides": [{"layers": [layer], "heads": heads, "prefill_method": "dense"}
+                         for layer, heads in sorted(by_layer.items())]}
+    mask = torch.zeros(layers * hkv, dtype=torch.bool)
+    mask[order] = True
+    mask = mask.view(layers, hkv)
+    info = {"dense_pairs": len(dense), "pairs": layers * hkv, "dense": [list(p) for p in dense],
+            "density_before": float(density.mean()),
+            "density_after": float(torch.where(mask, 1.0, density).mean()),
+            "recall_before": float(recall.mean()),
+            "recall_after": float(torch.where(mask, 1.0, recall).mean())}
+    return doc, info
 
 
 def main(argv=None) -> int:
@@ -352,6 +418,12 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=16384,
                    help="prefill chunk (vLLM's max_num_batched_tokens of the accuracy runs)")
     p.add_argument("--page", type=int, default=16)
+    p.add_argument("--head-config-out", metavar="PATH",
+                   help="write a head_config JSON that prefills dense the (layer, KV head) "
+                        "pairs with the lowest recall of --head-config-variant over all cells")
+    p.add_argument("--head-config-variant", help="default: the first variant")
+    p.add_argument("--dense-heads", type=float, default=0.1, metavar="FRACTION",
+                   help="fraction of (layer, KV head) pairs made dense (default 0.1)")
     args = p.parse_args(argv)
     run(args)
     return 0

@@ -110,7 +110,8 @@ def test_study_end_to_end(tmp_path):
     PS.main(["--model", str(tmp_path / "m"), "--tokenizer", "char", "--haystack", "builtin",
              "--tasks", "niah", "--lengths", "1024", "--samples", "2", "--chunk", "512",
              "--variants", "streaming:sink_tokens=64,local_tokens=128,min_seq_len=0",
-             "xattention:xattn_threshold=1.0,min_seq_len=0", "--out", str(out)])
+             "xattention:xattn_threshold=1.0,min_seq_len=0", "--out", str(out),
+             "--head-config-out", str(tmp_path / "heads.json"), "--dense-heads", "0.5"])
     r = json.loads(out.read_text())
     cell = r["cells"]["niah@1024"]
     s, x = cell["variants"]["streaming:sink_tokens=64,local_tokens=128,min_seq_len=0"], \
@@ -120,3 +121,35 @@ def test_study_end_to_end(tmp_path):
     assert x["recall"] == pytest.approx(1.0, abs=1e-4) and x["density"] == pytest.approx(1.0)
     assert x["needle_kept_last_block"] == 1.0  # the needle was found in the prompt
     assert set(cell["by_depth"]) <= {"0", "0.25", "0.5", "0.75", "1"}
+    # per (layer, KV head) recall and density; the head_config of the first variant's worst half
+    per = cell["per_kv_head"]["streaming:sink_tokens=64,local_tokens=128,min_seq_len=0"]
+    assert len(per["recall"]) == 2 and len(per["recall"][0]) == 2
+    assert sum(map(sum, per["density"])) / 4 == pytest.approx(s["density"], abs=1e-6)
+    assert sum(map(sum, per["recall"])) / 4 == pytest.approx(s["recall"], abs=1e-6)
+    from sparse_kernels.config import load_head_config
+
+    overrides = load_head_config(str(tmp_path / "heads.json"))
+    assert len(overrides) == 2 and {o.prefill_method for o in overrides} == {"dense"}
+    assert r["head_config"]["dense_pairs"] == 2
+    assert r["head_config"]["density_after"] > r["head_config"]["density_before"]
+
+
+def test_dense_head_config_picks_the_lowest_recall_pairs(tmp_path):
+    recall = torch.tensor([[0.9, 0.5], [0.99, 0.7]], dtype=torch.float64)
+    density = torch.tensor([[0.3, 0.2], [0.4, 0.5]], dtype=torch.float64)
+    doc, info = PS.dense_head_config(recall, density, 0.5)
+    assert doc == {"overrides": [
+        {"layers": [0], "heads": [1], "prefill_method": "dense"},
+        {"layers": [1], "heads": [1], "prefill_method": "dense"}]}
+    assert info["dense"] == [[0, 1], [1, 1]]
+    assert info["density_before"] == pytest.approx(0.35)
+    assert info["density_after"] == pytest.approx((0.3 + 1 + 0.4 + 1) / 4)
+    assert info["recall_after"] == pytest.approx((0.9 + 1 + 0.99 + 1) / 4)
+    # the file is a valid head_config: the engine applies it per KV head
+    from sparse_kernels.config import SparseConfig, load_head_config
+
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps(doc))
+    cfg = SparseConfig(prefill_method="xattention", head_overrides=load_head_config(str(path)))
+    assert cfg.methods_for(0)[0] == {None: "xattention", 1: "dense"}
+    assert PS.dense_head_config(recall, density, 0.0)[0] == {"overrides": []}

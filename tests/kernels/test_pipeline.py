@@ -63,6 +63,27 @@ def test_per_head_prefill_methods_keep_each_heads_own_lists():
     assert 0.5 < float(dens) < 1.0
 
 
+def test_per_head_dense_prefill_beside_a_sparse_method():
+    """head_config may keep single KV heads dense (as prefill_selection_study's
+    --head-config-out writes it): that head attends to every causal block, the others keep the
+    layer's method."""
+    q, k, v, bt, qsl, sl, meta = _prefill_case()
+    cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
+                       prefill_dense_above=1.0)
+    scale = 1 / math.sqrt(D)
+    dense = reference.dense_attention(q, k, v, bt, qsl, sl)
+    q, k, v, bt = _dev(q, k, v, bt)
+    meta = _meta_to_device(meta)
+    out, streaming = torch.empty_like(q), torch.empty_like(q)
+    sparse_prefill_attention({None: "streaming", 1: "dense"}, cfg, q, k, v, bt, meta, out, scale)
+    sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, streaming, scale)
+    out, streaming = out.cpu(), streaming.cpu()
+    g = HQ // HKV
+    torch.testing.assert_close(out[:, g:], dense[:, g:], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out[:, :g], streaming[:, :g], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(streaming[:, :g], dense[:, :g], atol=1e-3)
+
+
 @pytest.mark.parametrize("dense_above, expect_fallback", [(0.3, True), (0.9, False), (1.0, False)])
 def test_prefill_dense_fallback_above_density(dense_above, expect_fallback):
     """A chunk whose estimated density exceeds prefill_dense_above runs the dense function
