@@ -39,49 +39,34 @@ def _meta_to_device(meta):
         if isinstance(getattr(meta, f.name), torch.Tensor)})
 
 
-def test_per_head_prefill_methods_keep_each_heads_own_lists():
+@pytest.mark.parametrize("methods, streaming_head", [
+    # KV head 1 XAttention at threshold 1.0 (= dense), KV head 0 streaming
+    ({None: "xattention", 0: "streaming"}, 0),
+    # a head kept dense beside a sparse method (as prefill_selection_study's
+    # --head-config-out writes it): KV head 1 dense, KV head 0 the layer's streaming
+    ({None: "streaming", 1: "dense"}, 0),
+])
+def test_per_head_prefill_methods_keep_each_heads_own_lists(methods, streaming_head):
     q, k, v, bt, qsl, sl, meta = _prefill_case()
     cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
-                       xattn_threshold=1.0, xattn_stride=4)
+                       xattn_threshold=1.0, xattn_stride=4, prefill_dense_above=1.0)
     scale = 1 / math.sqrt(D)
     dense = reference.dense_attention(q, k, v, bt, qsl, sl)
     q, k, v, bt = _dev(q, k, v, bt)
     meta = _meta_to_device(meta)
     out = torch.empty_like(q)
-    dens, fell_back = sparse_prefill_attention({None: "xattention", 0: "streaming"}, cfg, q, k,
-                                               v, bt, meta, out, scale)
+    dens, fell_back = sparse_prefill_attention(methods, cfg, q, k, v, bt, meta, out, scale)
     assert not fell_back
     streaming = torch.empty_like(q)
     sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, streaming, scale)
     out, streaming = out.cpu(), streaming.cpu()
     g = HQ // HKV
-    # KV head 1 (query heads 2, 3): XAttention at threshold 1.0 = dense.
-    torch.testing.assert_close(out[:, g:], dense[:, g:], atol=2e-4, rtol=2e-4)
-    # KV head 0 (query heads 0, 1): streaming, which really differs from dense here.
-    torch.testing.assert_close(out[:, :g], streaming[:, :g], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(streaming[:, :g], dense[:, :g], atol=1e-3)
+    s_heads = slice(streaming_head * g, (streaming_head + 1) * g)
+    d_heads = slice((1 - streaming_head) * g, (2 - streaming_head) * g)
+    torch.testing.assert_close(out[:, d_heads], dense[:, d_heads], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out[:, s_heads], streaming[:, s_heads], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(streaming[:, s_heads], dense[:, s_heads], atol=1e-3)
     assert 0.5 < float(dens) < 1.0
-
-
-def test_per_head_dense_prefill_beside_a_sparse_method():
-    """head_config may keep single KV heads dense (as prefill_selection_study's
-    --head-config-out writes it): that head attends to every causal block, the others keep the
-    layer's method."""
-    q, k, v, bt, qsl, sl, meta = _prefill_case()
-    cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
-                       prefill_dense_above=1.0)
-    scale = 1 / math.sqrt(D)
-    dense = reference.dense_attention(q, k, v, bt, qsl, sl)
-    q, k, v, bt = _dev(q, k, v, bt)
-    meta = _meta_to_device(meta)
-    out, streaming = torch.empty_like(q), torch.empty_like(q)
-    sparse_prefill_attention({None: "streaming", 1: "dense"}, cfg, q, k, v, bt, meta, out, scale)
-    sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, streaming, scale)
-    out, streaming = out.cpu(), streaming.cpu()
-    g = HQ // HKV
-    torch.testing.assert_close(out[:, g:], dense[:, g:], atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(out[:, :g], streaming[:, :g], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(streaming[:, :g], dense[:, :g], atol=1e-3)
 
 
 @pytest.mark.parametrize("dense_above, expect_fallback", [(0.3, True), (0.9, False), (1.0, False)])
