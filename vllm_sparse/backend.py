@@ -230,8 +230,8 @@ class _PathCounters:
             "sparse-serve stats: prefill chunks sparse=%d dense=%d (at most min_seq_len=%d "
             "tokens, or prefill method dense), of the sparse ones fell back to dense=%d "
             "(first sparse layer: estimated density > prefill_dense_above=%s); decode steps=%d; "
-            "decode KV read fraction=%s; prefill block density=%s (all layers)", snap["prefill_chunks_sparse"],
-            snap["prefill_chunks_dense"], cfg.min_seq_len,
+            "decode KV read fraction=%s; prefill block density=%s (all layers)",
+            snap["prefill_chunks_sparse"], snap["prefill_chunks_dense"], cfg.min_seq_len,
             snap["prefill_chunks_dense_fallback"], cfg.prefill_dense_above, snap["decode_steps"],
             _fmt(snap["decode_kv_fraction_read"]), _fmt(snap["prefill_block_density"]))
 

@@ -108,11 +108,14 @@ class SparseServeCollector:
         for name, doc, value in (
             ("decode_kv_tokens_read", "KV tokens attended by decode (all layers and KV heads)",
              sums[0]),
-            ("decode_kv_tokens_held", "KV tokens held by the decoded sequences (all layers and KV heads)",
+            ("decode_kv_tokens_held",
+             "KV tokens held by the decoded sequences (all layers and KV heads)",
              sums[1]),
-            ("prefill_blocks_computed", "Prefill (query, key) blocks computed (all layers and KV heads)",
+            ("prefill_blocks_computed",
+             "Prefill (query, key) blocks computed (all layers and KV heads)",
              sums[2]),
-            ("prefill_blocks_causal", "Causal prefill blocks of those chunks (all layers and KV heads)",
+            ("prefill_blocks_causal",
+             "Causal prefill blocks of those chunks (all layers and KV heads)",
              sums[3]),
         ):
             yield CounterMetricFamily(f"sparse_serve:{name}", doc, value=value)
