@@ -184,11 +184,10 @@ class _PathCounters:
         """The device sums with the decode pair over every layer: ``[n_topk * read + n_dense *
         held, n * held, ...]`` (one layer's measurement when no layer is registered)."""
         n_topk = sum(m == "topk" for m in self.decode_layers.values())
-        n_dense = len(self.decode_layers) - n_topk
+        n_dense = len(self.decode_layers) - n_topk  # (with no top-k layer, the measured layer
+        # decodes dense: read == held, and every layer counts as that)
         if not self.decode_layers:
             n_topk, n_dense = 1, 0
-        elif not n_topk:  # measured on a dense layer: read == held
-            n_topk, n_dense = 0, len(self.decode_layers)
         read, held = raw[0], raw[1]
         return [n_topk * read + n_dense * held, (n_topk + n_dense) * held, raw[2], raw[3]]
 
@@ -646,23 +645,22 @@ class SparseAttentionImpl(AttentionImpl):
                 stats[1] += total
         for run in m.prefill_runs:
             qr, orun = q[run.tok_start:run.tok_end], out[run.tok_start:run.tok_end]
+            computed = None  # fraction of causal blocks computed; None: all (dense)
             if run.sparse and prefill_method != "dense":
                 dens, fell_back = sparse_prefill_attention(
                     prefill_method, self.cfg, qr, key_cache, value_cache, run.block_table,
                     run.block_meta, orun, self.scale,
                     dense_fallback=lambda qr=qr, run=run, orun=orun: _dense_prefill(
                         qr, key_cache, value_cache, run, orun, self.scale))
-                causal = run.causal_blocks * self.num_kv_heads
-                stats[2] += causal if fell_back else dens.double() * causal
-                stats[3] += causal
                 if fell_back and self._prefill_fallback_stats:
                     PATH_COUNTERS.prefill_dense_fallbacks += run.req_end - run.req_start
+                computed = None if fell_back else dens
             else:
                 _dense_prefill(qr, key_cache, value_cache, run, orun, self.scale)
-                if run.sparse:  # a sparse-eligible chunk in a layer head_config keeps dense
-                    causal = run.causal_blocks * self.num_kv_heads
-                    stats[2] += causal
-                    stats[3] += causal
+            if run.sparse:  # sparse-eligible chunks, whether this layer ran them sparse or not
+                causal = run.causal_blocks * self.num_kv_heads
+                stats[2] += causal if computed is None else computed.double() * causal
+                stats[3] += causal
         return output
 
 

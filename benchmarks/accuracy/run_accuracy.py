@@ -253,10 +253,8 @@ class EngineStats:
         sums = getattr(c, "device_sums", None)
         out = {k: (None if snap.get(k) is None else round(float(snap[k]), 6)) for k in FRACTION_KEYS}
         # the snapshot's sums are over layers (decode weighted by the layers' methods)
-        raw = snap.get("device_sums") if sums is not None else None
-        if sums is not None and raw is None:
-            raw = sums.tolist()
-        out["sums"] = None if raw is None else [float(x) for x in raw]
+        out["sums"] = None if sums is None else [
+            float(x) for x in snap.get("device_sums", sums.tolist())]
         for k, v in self._host_counts(snap).items():
             out[k] = v - self._host0.get(k, 0)
         return out
