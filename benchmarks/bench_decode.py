@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import triton
 
-from gpu_bench import capture_graph, load_fa3, median_ms
+from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms
 from sparse_kernels import page_select
 from sparse_kernels.page_select import (
     SelectWorkspace,
@@ -339,11 +339,7 @@ def main(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096, 8192])
-    p.add_argument("--num-q-heads", type=int, default=32)
-    p.add_argument("--num-kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    add_shape_args(p)
     p.add_argument("--sink-tokens", type=int, default=64)
     p.add_argument("--local-tokens", type=int, default=512)
     p.add_argument("--iters", type=int, default=50)

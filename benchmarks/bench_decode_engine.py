@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import triton
 
-from gpu_bench import capture_graph, load_fa3, median_ms
+from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms
 from sparse_kernels import page_select as ps
 from sparse_kernels import sparse_decode as sd
 from sparse_kernels.config import DECODE_SELECTS, SparseConfig
@@ -240,11 +240,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS))
     p.add_argument("--variant-plans", nargs="+", default=["topk_auto"],
                    help="plans timed under each variant (dense, topk_auto, topk_single, ...)")
-    p.add_argument("--num-q-heads", type=int, default=32)
-    p.add_argument("--num-kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    add_shape_args(p)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--require-fa3", action="store_true")
     p.add_argument("--out", default=None)

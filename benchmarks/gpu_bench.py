@@ -7,6 +7,16 @@ from __future__ import annotations
 import torch
 
 
+def add_shape_args(p) -> None:
+    """The attention shape of the benchmarks (argparse): Llama-3.1-8B's by default (32 query
+    heads, 8 KV heads, head dim 128, bf16, pages of 16 tokens), as the kernels issue names it."""
+    p.add_argument("--num-q-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+
+
 def load_fa3():
     """``(flash_attn_varlen_func, None)``, or ``(None, why)`` when vLLM's FA3 cannot be imported."""
     try:
