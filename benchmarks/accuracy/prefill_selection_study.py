@@ -176,11 +176,8 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
     nv = len(st.variants)
     if st.kv_sums is None:
         st.kv_sums = torch.zeros(nv, st.num_layers, hkv, 2, dtype=torch.float64)
-    kv_recall = torch.zeros(nv, hkv, dtype=torch.float64)  # over rows, per KV head
     kv_kept = torch.zeros(nv, hkv, dtype=torch.float64)  # kept causal blocks, per KV head
-    recall_sum = torch.zeros(nv, dtype=torch.float64)  # over rows, mean over heads
     head_sums = torch.zeros(nv, hq, dtype=torch.float64)  # over rows, per head
-    kept = torch.zeros(nv, dtype=torch.float64)  # kept causal blocks, mean over KV heads
     causal_total = 0
     rows = 0
     for c0 in range(0, n, st.chunk):
@@ -210,10 +207,7 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
                 keep = kept_blocks(lists, meta, hkv, nkb)
             recall = (m_rows * keep.repeat_interleave(g, 1)).sum(-1)  # [rows, Hq]
             recall = torch.where(valid[:, None], recall, 0.0)
-            recall_sum[vi] += float(recall.sum()) / hq
             head_sums[vi] += recall.sum(0).double().cpu()
-            kept[vi] += float((keep & causal[:, None, :]).sum()) / hkv
-            kv_recall[vi] += recall.view(-1, hkv, g).mean(-1).sum(0).double().cpu()
             kv_kept[vi] += (keep & causal[:, None, :]).sum((0, 2)).double().cpu()
             if last_row is not None:
                 st.sums[vi, layer, 2] += float(recall[last_row].mean())
@@ -221,10 +215,11 @@ def evaluate_layer(st: StudyState, layer: int, q: torch.Tensor, k: torch.Tensor,
                     hit = keep[last_row][:, needle_blocks].any(-1).float().mean()
                     st.sums[vi, layer, 4] += float(hit)
                     st.sums[vi, layer, 5] += 1.0
-    st.sums[:, layer, 0] += recall_sum / rows
+    kv_recall = head_sums.view(nv, hkv, g).mean(-1) / rows  # per KV head: its query heads' mean
+    st.sums[:, layer, 0] += kv_recall.mean(1)
     st.sums[:, layer, 1] += head_sums.min(1).values / rows  # the worst head's mean recall
-    st.sums[:, layer, 3] += kept / causal_total
-    st.kv_sums[:, layer, :, 0] += kv_recall / rows
+    st.sums[:, layer, 3] += kv_kept.mean(1) / causal_total
+    st.kv_sums[:, layer, :, 0] += kv_recall
     st.kv_sums[:, layer, :, 1] += kv_kept / causal_total
 
 
@@ -322,6 +317,10 @@ def run(args) -> dict:
     if len(blocks) != 1:
         raise SystemExit("all variants must share block_size (one true-attention pass)")
     block = blocks.pop()
+    names = [v.name for v in variants]
+    if args.head_config_variant and args.head_config_variant not in names:
+        raise SystemExit(f"--head-config-variant {args.head_config_variant!r} is not one of "
+                         f"--variants {names}")
     if args.chunk % block:
         raise SystemExit(f"--chunk must be a multiple of the block size {block}")
     register_attention()
@@ -370,7 +369,7 @@ def run(args) -> dict:
             print(f"deadline ({args.deadline_s} s) reached; later samples and cells skipped")
             break
     if args.head_config_out and kv_all is not None:
-        vi = [v.name for v in variants].index(args.head_config_variant or variants[0].name)
+        vi = names.index(args.head_config_variant or names[0])
         doc, info = dense_head_config(kv_all[vi, :, :, 0] / n_all, kv_all[vi, :, :, 1] / n_all,
                                       args.dense_heads)
         Path(args.head_config_out).write_text(json.dumps(doc, indent=1) + "\n")

@@ -153,3 +153,10 @@ def test_dense_head_config_picks_the_lowest_recall_pairs(tmp_path):
     cfg = SparseConfig(prefill_method="xattention", head_overrides=load_head_config(str(path)))
     assert cfg.methods_for(0)[0] == {None: "xattention", 1: "dense"}
     assert PS.dense_head_config(recall, density, 0.0)[0] == {"overrides": []}
+
+
+def test_unknown_head_config_variant_stops_before_any_model_loads(tmp_path):
+    with pytest.raises(SystemExit, match="is not one of --variants"):
+        PS.main(["--model", str(tmp_path / "no-model"), "--variants", "xattention",
+                 "--head-config-out", str(tmp_path / "h.json"),
+                 "--head-config-variant", "streaming"])
