@@ -321,6 +321,9 @@ def run(args) -> dict:
     if args.head_config_variant and args.head_config_variant not in names:
         raise SystemExit(f"--head-config-variant {args.head_config_variant!r} is not one of "
                          f"--variants {names}")
+    if args.head_config_out and len(args.dense_heads) > 1 and "{frac}" not in args.head_config_out:
+        raise SystemExit("several --dense-heads fractions need '{frac}' in --head-config-out "
+                         "(one file per fraction)")
     if args.chunk % block:
         raise SystemExit(f"--chunk must be a multiple of the block size {block}")
     register_attention()
@@ -370,14 +373,18 @@ def run(args) -> dict:
             break
     if args.head_config_out and kv_all is not None:
         vi = names.index(args.head_config_variant or names[0])
-        doc, info = dense_head_config(kv_all[vi, :, :, 0] / n_all, kv_all[vi, :, :, 1] / n_all,
-                                      args.dense_heads)
-        Path(args.head_config_out).write_text(json.dumps(doc, indent=1) + "\n")
-        result["head_config"] = dict(info, variant=variants[vi].name, path=args.head_config_out)
-        print(f"head_config {args.head_config_out}: {info['dense_pairs']} (layer, KV head) pairs "
-              f"dense; {variants[vi].name}: density {info['density_before']:.3f} -> "
-              f"{info['density_after']:.3f}, recall {info['recall_before']:.3f} -> "
-              f"{info['recall_after']:.3f} (means over layers and KV heads)")
+        result["head_configs"] = []
+        for frac in args.dense_heads:
+            doc, info = dense_head_config(kv_all[vi, :, :, 0] / n_all,
+                                          kv_all[vi, :, :, 1] / n_all, frac)
+            path = args.head_config_out.format(frac=frac)
+            Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+            result["head_configs"].append(dict(info, variant=variants[vi].name, path=path,
+                                               dense_heads=frac))
+            print(f"head_config {path}: {info['dense_pairs']} (layer, KV head) pairs dense; "
+                  f"{variants[vi].name}: density {info['density_before']:.3f} -> "
+                  f"{info['density_after']:.3f}, recall {info['recall_before']:.3f} -> "
+                  f"{info['recall_after']:.3f} (means over layers and KV heads)")
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
     return result
@@ -421,8 +428,9 @@ def main(argv=None) -> int:
                    help="write a head_config JSON that prefills dense the (layer, KV head) "
                         "pairs with the lowest recall of --head-config-variant over all cells")
     p.add_argument("--head-config-variant", help="default: the first variant")
-    p.add_argument("--dense-heads", type=float, default=0.1, metavar="FRACTION",
-                   help="fraction of (layer, KV head) pairs made dense (default 0.1)")
+    p.add_argument("--dense-heads", type=float, nargs="+", default=[0.1], metavar="FRACTION",
+                   help="fraction(s) of (layer, KV head) pairs made dense (default 0.1); with "
+                        "several, --head-config-out names one file per fraction with {frac}")
     args = p.parse_args(argv)
     run(args)
     return 0

@@ -111,7 +111,8 @@ def test_study_end_to_end(tmp_path):
              "--tasks", "niah", "--lengths", "1024", "--samples", "2", "--chunk", "512",
              "--variants", "streaming:sink_tokens=64,local_tokens=128,min_seq_len=0",
              "xattention:xattn_threshold=1.0,min_seq_len=0", "--out", str(out),
-             "--head-config-out", str(tmp_path / "heads.json"), "--dense-heads", "0.5"])
+             "--head-config-out", str(tmp_path / "heads{frac}.json"),
+             "--dense-heads", "0.5", "0.25"])
     r = json.loads(out.read_text())
     cell = r["cells"]["niah@1024"]
     s, x = cell["variants"]["streaming:sink_tokens=64,local_tokens=128,min_seq_len=0"], \
@@ -128,10 +129,12 @@ def test_study_end_to_end(tmp_path):
     assert sum(map(sum, per["recall"])) / 4 == pytest.approx(s["recall"], abs=1e-6)
     from sparse_kernels.config import load_head_config
 
-    overrides = load_head_config(str(tmp_path / "heads.json"))
+    overrides = load_head_config(str(tmp_path / "heads0.5.json"))
     assert len(overrides) == 2 and {o.prefill_method for o in overrides} == {"dense"}
-    assert r["head_config"]["dense_pairs"] == 2
-    assert r["head_config"]["density_after"] > r["head_config"]["density_before"]
+    assert len(load_head_config(str(tmp_path / "heads0.25.json"))) == 1
+    half, quarter = r["head_configs"]
+    assert half["dense_pairs"] == 2 and quarter["dense_pairs"] == 1
+    assert half["density_after"] > quarter["density_after"] > half["density_before"]
 
 
 def test_dense_head_config_picks_the_lowest_recall_pairs(tmp_path):
@@ -153,6 +156,12 @@ def test_dense_head_config_picks_the_lowest_recall_pairs(tmp_path):
     cfg = SparseConfig(prefill_method="xattention", head_overrides=load_head_config(str(path)))
     assert cfg.methods_for(0)[0] == {None: "xattention", 1: "dense"}
     assert PS.dense_head_config(recall, density, 0.0)[0] == {"overrides": []}
+
+
+def test_several_fractions_need_a_file_name_per_fraction(tmp_path):
+    with pytest.raises(SystemExit, match="need '{frac}'"):
+        PS.main(["--model", str(tmp_path / "no-model"), "--variants", "xattention",
+                 "--head-config-out", str(tmp_path / "h.json"), "--dense-heads", "0.1", "0.2"])
 
 
 def test_unknown_head_config_variant_stops_before_any_model_loads(tmp_path):

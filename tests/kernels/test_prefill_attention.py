@@ -179,3 +179,117 @@ def test_dropping_a_block_changes_the_output():
     other[t0 : t0 + n] = False
     assert (out[other] - dense[other]).abs().max() < 1e-4
     assert float(block_density(meta, cnt)) < 1.0
+
+
+# ----------------------------------------------------------------------------- skipped blocks
+# prefill_skipped_blocks="mean": unlisted earlier key blocks enter as mean pseudo-keys
+# (kernels/skipped_blocks.py).
+
+from sparse_kernels.reference_prefill import lists_to_mask  # noqa: E402
+from sparse_kernels.skipped_blocks import (  # noqa: E402
+    block_means,
+    listed_block_mask,
+    skipped_block_means,
+)
+
+
+@pytest.mark.parametrize("page,layout,block_size", [(1, "NHD", 16), (16, "interleaved", 32),
+                                                    (64, "HND", 16)])
+def test_block_means_match_torch(page, layout, block_size):
+    seq_lens, q_lens = BATCHES["ragged3"]
+    q, k, v, bt, qsl, sl = make_batch(seq_lens, q_lens, 2, 1, 64, page, layout)
+    meta = prefill_block_metadata(qsl, sl, block_size)
+    k_mean, v_mean = block_means(k, v, bt, meta)
+    assert k_mean.shape == (len(seq_lens), meta.max_kv_blocks, 2, 64)
+    for b, L in enumerate(seq_lens):
+        kk, vv = reference.gather_kv(k, v, bt, b, L)
+        for j in range(L // block_size):  # full blocks only
+            sl_ = slice(j * block_size, (j + 1) * block_size)
+            torch.testing.assert_close(k_mean[b, j].float(), kk[sl_].float().mean(0),
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v_mean[b, j].float(), vv[sl_].float().mean(0),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_listed_block_mask_matches_reference():
+    q, k, v, bt, qsl, sl = make_batch([100, 37, 64], [45, 37, 20], 2, 1, 64, 16)
+    meta = prefill_block_metadata(qsl, sl, 16)
+    gen = torch.Generator().manual_seed(5)
+    block_idx, block_count = _random_lists(meta, 2, gen, extra_noncausal=True, empty_frac=0.2)
+    lists = all_causal_block_lists(meta, 2)
+    lists.block_idx, lists.block_count = block_idx, block_count
+    got = listed_block_mask(lists, meta).cpu().bool()
+    want = lists_to_mask(block_idx, block_count, meta.max_kv_blocks)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "batch,hkv,group,head_dim,page,layout,dtype,block_size,noncausal,empty",
+    [
+        ("ragged3", 2, 4, 64, 16, "NHD", torch.float32, 16, False, 0.0),
+        ("ragged3", 1, 7, 128, 1, "HND", torch.float32, 16, True, 0.2),
+        ("prefix_long", 1, 8, 64, 64, "interleaved", torch.bfloat16, 32, False, 0.1),
+        ("prefix_long", 2, 1, 128, 16, "NHD", torch.float32, 16, True, 0.0),
+    ],
+)
+def test_skipped_mean_matches_reference(batch, hkv, group, head_dim, page, layout, dtype,
+                                        block_size, noncausal, empty):
+    seq_lens, q_lens = BATCHES[batch]
+    q, k, v, bt, qsl, sl = make_batch(seq_lens, q_lens, hkv, group, head_dim, page, layout, dtype,
+                                      seed=3)
+    meta = prefill_block_metadata(qsl, sl, block_size)
+    gen = torch.Generator().manual_seed(4)
+    block_idx, block_count = _random_lists(meta, hkv, gen, noncausal, empty)
+    lists = all_causal_block_lists(meta, hkv)
+    lists.block_idx, lists.block_count = block_idx, block_count
+    skipped = skipped_block_means(k, v, bt, meta, lists)
+    out = block_sparse_prefill_attention(q, k, v, bt, meta, block_idx, block_count,
+                                         skipped=skipped)
+    ref = ref_block_sparse_attention(q, k, v, bt, qsl, sl, block_size, block_idx, block_count,
+                                     skipped="mean")
+    err = (out.float() - ref).abs().max().item()
+    assert err < TOL[dtype], err
+    # The pseudo-keys matter: the result differs from dropping the skipped blocks.
+    drop = ref_block_sparse_attention(q, k, v, bt, qsl, sl, block_size, block_idx, block_count)
+    assert (out.float() - drop).abs().max().item() > 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skipped_mean_at_full_density_equals_dense(dtype):
+    """Every causal block listed: no pseudo-key enters, the result is dense attention."""
+    q, k, v, bt, qsl, sl = make_batch([150, 21], [33, 18], 2, 4, 64, 16, dtype=dtype)
+    meta = prefill_block_metadata(qsl, sl, 16)
+    lists = all_causal_block_lists(meta, 2)
+    out = block_sparse_prefill_attention(q, k, v, bt, meta, lists.block_idx, lists.block_count,
+                                         skipped=skipped_block_means(k, v, bt, meta, lists))
+    err = (out.float() - dense_attention(q, k, v, bt, qsl, sl)).abs().max().item()
+    assert err < TOL[dtype], err
+
+
+def test_skipped_mean_is_closer_to_dense_than_dropping():
+    """Where the skipped blocks hold most of the attention mass and their keys vary little
+    within a block (the tail of a long prompt), the pseudo-keys recover most of what dropping
+    loses: the error against dense attention shrinks several-fold."""
+    seq_lens, q_lens, bs = [256, 200], [70, 64], 16
+    q, k, v, bt, qsl, sl = make_batch(seq_lens, q_lens, 2, 4, 64, 16, seed=6)
+    # keys: one direction per 16-token block plus small noise (low spread inside a block)
+    with torch.no_grad():
+        for b, L in enumerate(seq_lens):
+            for t in range(0, L, 16):
+                pages = bt[b, t // 16].long()
+                base = torch.randn(2, 64, generator=torch.Generator().manual_seed(100 * b + t))
+                k[pages] = (base[None] + 0.05 * torch.randn(16, 2, 64)).to(k.dtype).to(DEVICE)
+    meta = prefill_block_metadata(qsl, sl, bs)
+    # streaming-like lists: block 0 and the diagonal only
+    lists = all_causal_block_lists(meta, 2)
+    idx = lists.block_idx.clone()
+    cnt = torch.where(lists.block_count > 1, 2, lists.block_count)
+    idx[:, :, 1] = meta.q_block_idx[:, None]
+    lists.block_idx, lists.block_count = idx, cnt
+    dense = dense_attention(q, k, v, bt, qsl, sl)
+    drop = block_sparse_prefill_attention(q, k, v, bt, meta, idx, cnt)
+    mean = block_sparse_prefill_attention(q, k, v, bt, meta, idx, cnt,
+                                          skipped=skipped_block_means(k, v, bt, meta, lists))
+    err_drop = (drop.float() - dense).abs().mean().item()
+    err_mean = (mean.float() - dense).abs().mean().item()
+    assert err_mean < err_drop / 4, (err_mean, err_drop)
