@@ -231,11 +231,9 @@ def chunk_of_sequence(b, seq_lens_ptr, qsl_ptr):
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
         "num_q_blocks", "stride_bt", "stride_li", "stride_lh", "stride_ci", "stride_ch",
-        "stride_mb", "stride_mj", "stride_xi", "stride_xh",
     ],
     do_not_specialize_on_alignment=[
         "block_table_ptr", "seq_lens_ptr", "qsl_ptr", "qb_seq_ptr", "qb_idx_ptr",
-        "km_ptr", "vm_ptr", "listed_ptr",
     ],
 )
 def _block_sparse_prefill_kernel(
@@ -243,7 +241,6 @@ def _block_sparse_prefill_kernel(
     block_table_ptr, seq_lens_ptr, qsl_ptr,
     qb_seq_ptr, qb_idx_ptr,
     list_ptr, count_ptr,
-    km_ptr, vm_ptr, listed_ptr,  # SKIPPED_MEAN only (sparse_kernels.skipped_blocks)
     qk_scale,  # softmax scale * log2(e)
     num_q_blocks,
     stride_qt, stride_qh, stride_qd,
@@ -253,8 +250,6 @@ def _block_sparse_prefill_kernel(
     stride_bt,
     stride_li, stride_lh, stride_lk,
     stride_ci, stride_ch,
-    stride_mb, stride_mj, stride_mh, stride_md,
-    stride_xi, stride_xh, stride_xk,
     G: tl.constexpr,  # query heads per KV head
     G_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # queries per program (BLOCK_Q * G_PAD tile rows)
@@ -266,8 +261,6 @@ def _block_sparse_prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: fp32 dot operands
     CAUSAL_SKIP: tl.constexpr,
-    SKIPPED_MEAN: tl.constexpr,  # unlisted earlier blocks enter as mean pseudo-keys
-    LOG2_BLOCK: tl.constexpr,  # log2(BLOCK_SIZE): a pseudo-key stands for BLOCK_SIZE keys
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -355,37 +348,6 @@ def _block_sparse_prefill_kernel(
             acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-    if SKIPPED_MEAN:
-        # Blocks 0..qblk-1 lie wholly before every query of this program; each one the list
-        # skipped adds its mean key/value with weight BLOCK_SIZE (log2 bias), BLOCK_N at a time.
-        offs_j = tl.arange(0, BLOCK_N)
-        listed_base = listed_ptr + slot.to(tl.int64) * stride_xi + kvh * stride_xh
-        mean_off = b.to(tl.int64) * stride_mb + kvh * stride_mh
-        for j0 in range(0, qblk, BLOCK_N):
-            jj = j0 + offs_j
-            j_ok = jj < qblk
-            listed = tl.load(listed_base + jj * stride_xk, mask=j_ok, other=1)
-            use = j_ok & (listed == 0)
-            j_off = mean_off + jj.to(tl.int64) * stride_mj
-            km = tl.load(km_ptr + j_off[None, :] + offs_d[:, None] * stride_md,
-                         mask=use[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-            if UPCAST:
-                km = km.to(tl.float32)
-            s = tl.dot(q, km, input_precision=DOT_PRECISION) * qk_scale + LOG2_BLOCK
-            s = tl.where(use[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vm = tl.load(vm_ptr + j_off[:, None] + offs_d[None, :] * stride_md,
-                         mask=use[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-            p_in = p.to(vm.dtype)
-            if UPCAST:
-                p_in = p_in.to(tl.float32)
-                vm = vm.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_in, vm, input_precision=DOT_PRECISION)
-            m_i = m_new
-
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(
@@ -432,7 +394,6 @@ def block_sparse_prefill_attention(
     *,
     scale: float | None = None,
     out: torch.Tensor | None = None,
-    skipped=None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of the ragged prefill batch described by ``meta``.
 
@@ -442,10 +403,6 @@ def block_sparse_prefill_attention(
     ``[meta.num_q_blocks, Hkv]`` (any strides; a stride-0 broadcast is fine). D in {64, 128}
     (any power of two >= 16 works). Returns ``out`` ``[num_tokens, Hq, D]`` in q's dtype; rows of
     query heads whose lists are empty get zeros.
-
-    ``skipped`` (a :class:`sparse_kernels.skipped_blocks.SkippedBlockMeans` for these lists, or
-    None): unlisted key blocks before each query block enter the softmax as mean pseudo-keys
-    (``prefill_skipped_blocks="mean"``); None drops them.
     """
     num_tokens, hq, d = q.shape
     num_pages, page_size, hkv, dk = k_cache.shape
@@ -468,24 +425,11 @@ def block_sparse_prefill_attention(
     group = hq // hkv
     cfg = _tile_config(meta.block_size, group, d)
     grid = (meta.num_q_blocks * cfg["SPLIT"], hkv)
-    if skipped is not None:
-        km, vm, listed = skipped.k_mean, skipped.v_mean, skipped.listed
-        if km.shape != (meta.batch_size, meta.max_kv_blocks, hkv, d) or vm.stride() != km.stride():
-            raise ValueError(f"block means {tuple(km.shape)} do not match the batch "
-                             f"({meta.batch_size} x {meta.max_kv_blocks} blocks x {hkv} x {d})")
-        if listed.shape != (meta.num_q_blocks, hkv, meta.max_kv_blocks):
-            raise ValueError(f"listed mask {tuple(listed.shape)} does not match "
-                             f"{meta.num_q_blocks} x {hkv} x {meta.max_kv_blocks}")
-        mean_strides, listed_strides = km.stride(), listed.stride()
-    else:
-        km = vm = listed = q  # never read
-        mean_strides, listed_strides = (0, 0, 0, 0), (0, 0, 0)
     _block_sparse_prefill_kernel[grid](
         q, k_cache, v_cache, out,
         block_table, meta.seq_lens, meta.query_start_loc,
         meta.q_block_seq, meta.q_block_idx,
         block_idx, block_count,
-        km, vm, listed,
         scale * 1.4426950408889634,
         meta.num_q_blocks,
         q.stride(0), q.stride(1), q.stride(2),
@@ -494,7 +438,6 @@ def block_sparse_prefill_attention(
         block_table.stride(0),
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         block_count.stride(0), block_count.stride(1),
-        *mean_strides, *listed_strides,
         G=group,
         G_PAD=cfg["G_PAD"],
         BLOCK_Q=cfg["BLOCK_Q"],
@@ -506,8 +449,6 @@ def block_sparse_prefill_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpret_upcast(q.dtype),
         CAUSAL_SKIP=_CAUSAL_SKIP,
-        SKIPPED_MEAN=skipped is not None,
-        LOG2_BLOCK=float(math.log2(meta.block_size)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

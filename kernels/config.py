@@ -30,11 +30,6 @@ DECODE_METHODS = ("dense", "topk")
 # single-stage top-k (two launches); "fused": scoring and top-k in one launch (the last
 # program of a row selects). Every choice selects the same pages.
 DECODE_SELECTS = ("auto", "single", "fused")
-# What block-sparse prefill does with the causal key blocks an estimator did not list:
-# "drop": nothing (the softmax renormalizes over the listed blocks); "mean": each one that lies
-# wholly before the query block enters as one pseudo-key, its mean key and value with the
-# weight of its block_size keys (sparse_kernels.skipped_blocks).
-PREFILL_SKIPPED = ("drop", "mean")
 
 # Env vars with the prefix that are not config fields but are ours on purpose:
 # SPARSE_ATTN switches the plugins' env-only mode (see vllm_sparse.env_switch), and
@@ -87,8 +82,6 @@ class SparseConfig:
     # the last this-many query blocks of each sequence in a prefill chunk attend to every earlier
     # block whatever the estimator chose (the newest tokens; in the last chunk, the question)
     prefill_dense_last_blocks: int = 0
-    # unlisted earlier key blocks: dropped, or summarized as mean pseudo-keys (PREFILL_SKIPPED)
-    prefill_skipped_blocks: str = "drop"
     # --- prefill estimators ----------------------------------------------------------
     block_size: int = 64  # query/key block of the block-sparse prefill kernel
     xattn_threshold: float = 0.9  # XAttention cumulative-probability threshold
@@ -147,7 +140,6 @@ class SparseConfig:
         _check_choice("prefill_method", self.prefill_method, PREFILL_METHODS)
         _check_choice("decode_method", self.decode_method, DECODE_METHODS)
         _check_choice("decode_select", self.decode_select, DECODE_SELECTS)
-        _check_choice("prefill_skipped_blocks", self.prefill_skipped_blocks, PREFILL_SKIPPED)
         for name in ("token_budget", "block_size", "xattn_stride", "vs_last_q",
                      "selection_reuse"):
             if getattr(self, name) < 1:

@@ -26,7 +26,6 @@ from sparse_kernels.block_sparse_prefill import (
 )
 from sparse_kernels.config import SparseConfig
 from sparse_kernels.page_select import SelectWorkspace, select_pages
-from sparse_kernels.skipped_blocks import skipped_block_means
 from sparse_kernels.sparse_decode import DecodeWorkspace, sparse_decode
 
 
@@ -248,9 +247,7 @@ def sparse_prefill_attention(
     a chunk whose estimated density exceeds ``prefill_dense_above`` runs ``dense_fallback``
     instead of the sparse kernel: the estimator found little to skip, and the engine's dense
     kernel is faster than ours at high density. That decision reads the density on the host
-    (one synchronisation per call; prefill runs eagerly, never inside a CUDA graph). With
-    ``cfg.prefill_skipped_blocks == "mean"`` the unlisted earlier blocks enter the sparse kernel
-    as mean pseudo-keys (:mod:`sparse_kernels.skipped_blocks`).
+    (one synchronisation per call; prefill runs eagerly, never inside a CUDA graph).
 
     Returns ``(density, fell_back)``: density = computed blocks / causal blocks as estimated
     (a device scalar), and whether the dense fallback ran.
@@ -264,11 +261,8 @@ def sparse_prefill_attention(
             and float(lists.density) > cfg.prefill_dense_above):
         dense_fallback()
         return lists.density, True
-    skipped = None
-    if cfg.prefill_skipped_blocks == "mean":
-        skipped = skipped_block_means(k_cache, v_cache, block_table, meta, lists)
     block_sparse_prefill_attention(q, k_cache, v_cache, block_table, meta, lists.block_idx,
-                                   lists.block_count, scale=scale, out=out, skipped=skipped)
+                                   lists.block_count, scale=scale, out=out)
     return lists.density, False
 
 

@@ -28,14 +28,12 @@ def gather_kv(
 
 
 def attention_with_mask(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-    bias: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Masked softmax attention in fp32.
 
     q ``[Lq, Hq, D]``, k/v ``[Lk, Hkv, D]``, mask bool broadcastable to ``[Hq, Lq, Lk]``
-    (True = attend); ``bias`` (optional, ``[Lk]``) is added to the scaled logits. Rows with
-    nothing to attend produce zeros.
+    (True = attend). Rows with nothing to attend produce zeros.
     """
     hq, hkv = q.shape[1], k.shape[1]
     g = hq // hkv
@@ -43,8 +41,6 @@ def attention_with_mask(
     kf = k.float().repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, Lk, D]
     vf = v.float().repeat_interleave(g, dim=1).transpose(0, 1)
     s = torch.matmul(qf, kf.transpose(1, 2)) * scale
-    if bias is not None:
-        s = s + bias.float()
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)

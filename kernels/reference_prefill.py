@@ -63,13 +63,9 @@ def lists_to_mask(block_idx, block_count, num_kv_blocks: int) -> torch.Tensor:
 
 def ref_block_sparse_attention(
     q, k_cache, v_cache, block_table, query_start_loc, seq_lens, block_size: int,
-    block_idx, block_count, scale: float | None = None, skipped: str = "drop",
+    block_idx, block_count, scale: float | None = None,
 ) -> torch.Tensor:
-    """Dense attention masked to exactly the listed key blocks AND causal; fp32 ``[T, Hq, D]``.
-
-    ``skipped="mean"``: every unlisted key block wholly before the query block also enters as
-    one pseudo-key, its mean key (logit bias ``log(block_size)``) with its mean value
-    (``sparse_kernels.skipped_blocks``); ``"drop"`` leaves them out."""
+    """Dense attention masked to exactly the listed key blocks AND causal; fp32 ``[T, Hq, D]``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     hq, hkv = q.shape[1], k_cache.shape[2]
     g = hq // hkv
@@ -89,20 +85,7 @@ def ref_block_sparse_attention(
         allowed = mask_kv[s].to(q.device)[:, kb_of]  # [Hkv, L]
         allowed = allowed.repeat_interleave(g, dim=0)  # [Hq, L]
         mask = caus[None] & allowed[:, None, :]
-        bias = None
-        if skipped == "mean" and i > 0:
-            # blocks 0..i-1 are full (they end at or before this block's first position)
-            hkv_, d = k.shape[1], k.shape[2]
-            k_mean = k[: i * block_size].float().reshape(i, block_size, hkv_, d).mean(1)
-            v_mean = v[: i * block_size].float().reshape(i, block_size, hkv_, d).mean(1)
-            unlisted = (~mask_kv[s].to(q.device)[:, :i]).repeat_interleave(g, dim=0)  # [Hq, i]
-            k, v = torch.cat([k.float(), k_mean]), torch.cat([v.float(), v_mean])
-            mask = torch.cat([mask, unlisted[:, None, :].expand(hq, n, i)], dim=-1)
-            bias = torch.cat([torch.zeros(L, device=q.device),
-                              torch.full((i,), math.log(block_size), device=q.device)])
-        elif skipped not in ("drop", "mean"):
-            raise ValueError(f"skipped must be 'drop' or 'mean', got {skipped!r}")
-        out[t0 : t0 + n] = attention_with_mask(q[t0 : t0 + n], k, v, mask, scale, bias)
+        out[t0 : t0 + n] = attention_with_mask(q[t0 : t0 + n], k, v, mask, scale)
     return out
 
 

@@ -49,7 +49,6 @@ def test_overrides_beat_env():
     ({"SPARSE_PREFILL_METHOD": "magic"}, None, "unknown prefill_method 'magic'"),
     ({"SPARSE_DECODE_METHOD": "quest2"}, None, "unknown decode_method"),
     ({"SPARSE_DECODE_SELECT": "two_stage"}, None, "unknown decode_select"),
-    ({"SPARSE_PREFILL_SKIPPED_BLOCKS": "zero"}, None, "unknown prefill_skipped_blocks 'zero'"),
     ({"SPARSE_TOKEN_BUDGET": "lots"}, None, "SPARSE_TOKEN_BUDGET: cannot read 'lots' as int"),
     ({"SPARSE_TOKEN_BUDGET": "0"}, None, "token_budget must be >= 1"),
     ({"SPARSE_SINK_TOKENS": "-1"}, None, "sink_tokens must be >= 0"),

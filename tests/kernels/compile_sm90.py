@@ -94,9 +94,6 @@ def main() -> None:
         for method in PREFILL_METHODS:
             if method != "dense":
                 warm_up_prefill(method, SparseConfig(), q[:1], kc, kc, 600, d ** -0.5)
-        # the kernel's mean pseudo-key variant and the block-means kernel
-        warm_up_prefill("xattention", SparseConfig(prefill_skipped_blocks="mean"), q[:1], kc,
-                        kc, 600, d ** -0.5)
         for method in ("topk", "dense"):
             warm_up_decode(method, SparseConfig(), q, kc, kc, d ** -0.5)
         serve(q, kc, summ, max_pages)
@@ -116,7 +113,6 @@ def serve(q, kc, summ, max_pages) -> None:
 
     _serving = True
     cfg = SparseConfig()
-    mean_cfg = SparseConfig(prefill_skipped_blocks="mean")
     hq, d = q.shape[1:]
     hkv = kc.shape[2]
     i32 = torch.int32
@@ -135,8 +131,6 @@ def serve(q, kc, summ, max_pages) -> None:
             if method != "dense":
                 sparse_prefill_attention(method, cfg, qq, kc, kc, bt, meta, torch.empty_like(qq),
                                          d ** -0.5)
-        sparse_prefill_attention("xattention", mean_cfg, qq, kc, kc, bt, meta,
-                                 torch.empty_like(qq), d ** -0.5)
         update_page_summaries(kc, summ, bt, qsl, sl, num_tokens=tokens)
     k, _, _ = decode_budget_pages(cfg, kc.shape[1])
     ws = DecodeWorkspace(8, hq, d, MAX_SPLITS, device=torch.device("cpu"))

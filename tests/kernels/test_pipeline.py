@@ -1,6 +1,5 @@
 """The engine-agnostic steps the adapters run (kernels/pipeline.py), against references."""
 
-import dataclasses
 import math
 import os
 
@@ -33,6 +32,8 @@ def _prefill_case(seed=0):
 
 
 def _meta_to_device(meta):
+    import dataclasses
+
     return dataclasses.replace(meta, **{
         f.name: getattr(meta, f.name).to(DEVICE) for f in dataclasses.fields(meta)
         if isinstance(getattr(meta, f.name), torch.Tensor)})
@@ -168,32 +169,6 @@ def test_dense_last_blocks(num_last):
     torch.testing.assert_close(out[rows], dense[rows], atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(out[others], ref_out[others], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(ref_out[rows], dense[rows], atol=1e-3)  # the rule changed them
-
-
-def test_skipped_blocks_mean_through_the_pipeline():
-    """prefill_skipped_blocks="mean": the pipeline passes the estimator's lists and the block
-    means to the kernel; the result is the reference's pseudo-key attention on those lists."""
-    from sparse_kernels.pipeline import estimate_prefill_blocks
-    from sparse_kernels.reference_prefill import ref_block_sparse_attention
-
-    q, k, v, bt, qsl, sl, meta = _prefill_case()
-    scale = 1 / math.sqrt(D)
-    cfg = SparseConfig(block_size=16, sink_tokens=16, local_tokens=16, token_budget=64,
-                       prefill_skipped_blocks="mean")
-    q, k, v, bt = _dev(q, k, v, bt)
-    meta = _meta_to_device(meta)
-    lists = estimate_prefill_blocks("streaming", cfg, q, k, bt, meta, scale)
-    assert float(lists.density) < 1.0
-    out = torch.empty_like(q)
-    sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta, out, scale)
-    want = ref_block_sparse_attention(q, k, v, bt, qsl.to(q.device), sl.to(q.device), 16,
-                                      lists.block_idx, lists.block_count, scale,
-                                      skipped="mean")
-    torch.testing.assert_close(out.float().cpu(), want.cpu(), atol=2e-4, rtol=2e-4)
-    drop = torch.empty_like(q)
-    sparse_prefill_attention("streaming", dataclasses.replace(cfg, prefill_skipped_blocks="drop"),
-                             q, k, v, bt, meta, drop, scale)
-    assert not torch.allclose(drop, out, atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["xattention", "vertical_slash", "flexprefill"])
