@@ -103,6 +103,9 @@ DRY=${ACC_DRY:-0}
 PY=${PY:-python3}
 fname() { echo "$1" | tr -c 'A-Za-z0-9_\n' '_'; }  # a config's name in file names
 TAG=${TAG:-$(fname "$(IFS=-; echo "${CONFIGS[*]}")")}
+# a file name holds at most 255 bytes: a long list of env: configs gets a short tag (its
+# first 80 characters and a hash of the whole), or the summary's tee fails and stops the run
+if [ ${#TAG} -gt 120 ]; then TAG="${TAG:0:80}_$(echo "$TAG" | sha256sum | cut -c1-8)"; fi
 SUMMARY="$OUT/accuracy_summary_$TAG.txt"
 FULL_BUDGET=$(( (MAX_MODEL_LEN + 255) / 256 * 256 ))
 rm -rf "$WORK"; mkdir -p "$WORK/logs"; : > "$SUMMARY"

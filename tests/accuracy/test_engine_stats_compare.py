@@ -461,3 +461,22 @@ def test_device_script_env_configs(tmp_path):
     assert r.returncode == 2 and "xattn_threshold must be in (0, 1]" in r.stdout
     r = run("env:SPARSE_XATTN_THRESHOLD=0.97,SPARSE_PREFILL_DENSE_ABOVE=0.5")
     assert r.returncode == 1 and "no model at MODEL=" in r.stdout
+
+
+def test_device_script_long_config_lists_get_a_short_tag(tmp_path):
+    """Four long env: configs make a tag of ~400 characters: the summary file's name is cut
+    (and hashed) so that tee can write it, and the script goes on to the model check."""
+    script = REPO / "benchmarks" / "device" / "accuracy_vllm.sh"
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), ACC_DRY="1",
+               PY=sys.executable, MODEL=str(tmp_path / "no-model"))
+    env.pop("TAG", None)
+    configs = [f"env:SPARSE_PREFILL_METHOD=vertical_slash,SPARSE_VS_VERTICAL={v},"
+               f"SPARSE_VS_SLASH={v},SPARSE_XATTN_THRESHOLD=0.9{i}"
+               for i, v in enumerate((64, 128, 256, 512))]
+    r = subprocess.run(["bash", str(script), *configs], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no model at MODEL=" in r.stdout, r.stdout + r.stderr
+    assert "File name too long" not in r.stderr
+    (summary,) = out.glob("accuracy_summary_*.txt")
+    assert len(summary.name) < 120 and "no model at MODEL=" in summary.read_text()
