@@ -30,14 +30,22 @@ FRACTIONS = {
 }
 
 
-def load_runs(paths) -> list[dict]:
+def load_runs(paths, labels: dict[str, str] | None = None) -> list[dict]:
+    """The runs; ``labels`` ({file name: label}) replaces a run's ``method`` label, e.g. to
+    give two runs over different task sets one label (they are then averaged per length)."""
+    labels = dict(labels or {})
     runs = []
     for p in paths:
         doc = json.loads(Path(p).read_text())
         if "summary" not in doc:
             raise SystemExit(f"{p}: not an accuracy result (no 'summary')")
         doc.setdefault("method", doc.get("name", Path(p).stem))
+        label = labels.pop(Path(p).name, None) or labels.pop(str(p), None)
+        if label:
+            doc["method"] = label
         runs.append(doc)
+    if labels:
+        raise SystemExit(f"--label names files that are not among the results: {sorted(labels)}")
     return runs
 
 
@@ -56,16 +64,19 @@ def length_curves(runs, task: str | None = None) -> dict:
 
 
 def fraction_points(runs, key: str) -> dict:
-    """{method: [(fraction, accuracy, length), ...]} where the fraction is known."""
-    pts = defaultdict(list)
+    """{method: [(fraction, accuracy, length), ...]} where the fraction is known; runs with the
+    same method are averaged per length (fraction and accuracy), as in :func:`length_curves`."""
+    acc = defaultdict(lambda: defaultdict(list))
     for r in runs:
         for e in r["summary"]["by_length"]:
             f = e.get(key)
             if f is None:
                 f = r.get(key)
             if f is not None:
-                pts[r["method"]].append((float(f), e["accuracy"], e["length"]))
-    return {m: sorted(v) for m, v in pts.items()}
+                acc[r["method"]][e["length"]].append((float(f), e["accuracy"]))
+    return {m: sorted((sum(f for f, _ in v) / len(v), sum(a for _, a in v) / len(v), L)
+                      for L, v in by_len.items())
+            for m, by_len in acc.items()}
 
 
 def _plt():
@@ -137,8 +148,16 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("results", nargs="+", help="accuracy_*.json files")
     ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/plots"))
     ap.add_argument("--per-task", action="store_true")
+    ap.add_argument("--label", action="append", default=[], metavar="FILE=LABEL",
+                    help="legend label for a result file (its name or path); repeatable")
     args = ap.parse_args(argv)
-    runs = load_runs(args.results)
+    labels = {}
+    for item in args.label:
+        name, sep, label = item.partition("=")
+        if not sep or not label:
+            raise SystemExit(f"--label {item!r}: expected FILE=LABEL")
+        labels[name] = label
+    runs = load_runs(args.results, labels)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = [plot_lengths(runs, args.out_dir / "accuracy_vs_length.png")]
     if args.per_task:

@@ -256,6 +256,28 @@ def test_plots(tmp_path):
         assert Path(w).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_labels_merge_runs_per_length(tmp_path):
+    """--label gives runs over different task sets one legend entry; the density plot then
+    averages them per length (fraction and accuracy), like the length plot."""
+    import plot as P
+
+    paths = []
+    for i, (gen, frac, task) in enumerate([(_oracle, "0.5", "niah"), (_half, "0.3", "qa")]):
+        p = tmp_path / f"r{i}.json"
+        RA.main(["--model", "m", "--lengths", "2048", "--samples", "2", "--tasks", task,
+                 "--haystack", "builtin", "--no-progress", "--out", str(p),
+                 "--decode-kv-fraction-read", frac], generate=gen, engine={"name": "fake"}, tok=CHAR)
+        paths.append(p)
+    accs = [json.loads(p.read_text())["summary"]["by_length"][0]["accuracy"] for p in paths]
+    runs = P.load_runs(paths, {"r0.json": "both", str(paths[1]): "both"})
+    (pt,) = P.fraction_points(runs, "decode_kv_fraction_read")["both"]
+    assert pt == pytest.approx((0.4, sum(accs) / 2, 2048))
+    with pytest.raises(SystemExit, match="not among the results"):
+        P.load_runs(paths, {"r9.json": "x"})
+    with pytest.raises(SystemExit, match="expected FILE=LABEL"):
+        P.main([str(paths[0]), "--label", "r0.json", "--out-dir", str(tmp_path / "p")])
+
+
 # --- optional packages -----------------------------------------------------------------------
 
 
