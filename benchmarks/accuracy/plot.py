@@ -31,21 +31,25 @@ FRACTIONS = {
 
 
 def load_runs(paths, labels: dict[str, str] | None = None) -> list[dict]:
-    """The runs; ``labels`` ({file name: label}) replaces a run's ``method`` label, e.g. to
-    give two runs over different task sets one label (they are then averaged per length)."""
-    labels = dict(labels or {})
+    """The runs; ``labels`` ({file path or name: label}) replaces a run's ``method`` label,
+    e.g. to give two runs over different task sets one label (they are then averaged per
+    length). A path wins over a name; a name labels every result file of that name."""
+    labels = labels or {}
+    used = set()
     runs = []
     for p in paths:
         doc = json.loads(Path(p).read_text())
         if "summary" not in doc:
             raise SystemExit(f"{p}: not an accuracy result (no 'summary')")
         doc.setdefault("method", doc.get("name", Path(p).stem))
-        label = labels.pop(Path(p).name, None) or labels.pop(str(p), None)
-        if label:
-            doc["method"] = label
+        key = next((k for k in (str(p), Path(p).name) if k in labels), None)
+        if key is not None:
+            doc["method"] = labels[key]
+            used.add(key)
         runs.append(doc)
-    if labels:
-        raise SystemExit(f"--label names files that are not among the results: {sorted(labels)}")
+    if set(labels) - used:
+        raise SystemExit("--label names files that are not among the results: "
+                         f"{sorted(set(labels) - used)}")
     return runs
 
 

@@ -101,11 +101,12 @@ SAMPLE_CACHE=${SAMPLE_CACHE:-/tmp/acc_sample_cache}
 WORK=${WORK:-/tmp/acc_work}
 DRY=${ACC_DRY:-0}
 PY=${PY:-python3}
-fname() { echo "$1" | tr -c 'A-Za-z0-9_\n' '_'; }  # a config's name in file names
-TAG=${TAG:-$(fname "$(IFS=-; echo "${CONFIGS[*]}")")}
-# a file name holds at most 255 bytes: a long list of env: configs gets a short tag (its
-# first 80 characters and a hash of the whole), or the summary's tee fails and stops the run
-if [ ${#TAG} -gt 120 ]; then TAG="${TAG:0:80}_$(echo "$TAG" | sha256sum | cut -c1-8)"; fi
+# a file name holds at most 255 bytes: a name part over 120 characters becomes its first 80
+# and a hash of the whole (a long env: config, or the tag of a list of them; else tee and the
+# result files fail and stop the run)
+short() { if [ ${#1} -gt 120 ]; then echo "${1:0:80}_$(echo "$1" | sha256sum | cut -c1-8)"; else echo "$1"; fi; }
+fname() { short "$(echo "$1" | tr -c 'A-Za-z0-9_\n' '_')"; }  # a config's name in file names
+TAG=$(short "${TAG:-$(fname "$(IFS=-; echo "${CONFIGS[*]}")")}")
 SUMMARY="$OUT/accuracy_summary_$TAG.txt"
 FULL_BUDGET=$(( (MAX_MODEL_LEN + 255) / 256 * 256 ))
 rm -rf "$WORK"; mkdir -p "$WORK/logs"; : > "$SUMMARY"

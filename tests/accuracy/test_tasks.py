@@ -274,6 +274,12 @@ def test_plot_labels_merge_runs_per_length(tmp_path):
     assert pt == pytest.approx((0.4, sum(accs) / 2, 2048))
     with pytest.raises(SystemExit, match="not among the results"):
         P.load_runs(paths, {"r9.json": "x"})
+    # a name labels every file of that name; a path wins over the name
+    (tmp_path / "d").mkdir()
+    twin = tmp_path / "d" / "r0.json"
+    twin.write_text(paths[0].read_text())
+    runs = P.load_runs([paths[0], twin], {"r0.json": "name", str(twin): "path"})
+    assert [r["method"] for r in runs] == ["name", "path"]
     with pytest.raises(SystemExit, match="expected FILE=LABEL"):
         P.main([str(paths[0]), "--label", "r0.json", "--out-dir", str(tmp_path / "p")])
 
