@@ -12,7 +12,11 @@ reports microseconds per layer for
   * ``fa3``         -- ``vllm.vllm_flash_attn.flash_attn_varlen_func`` (what FLASH_ATTN runs);
   * ``dense``       -- :func:`sparse_kernels.pipeline.decode_attention` with method "dense";
   * ``topk_<plan>`` -- the same with method "topk" and ``decode_select=<plan>``, the summary
-    fused into the scoring launch (``fuse_summary=True``), as the backend calls it;
+    fused into the scoring launch (``fuse_summary=True``), as the backend calls it: rows that
+    read every page in a launch of their own beside the selection (``decode_overlap``, on
+    :func:`~sparse_kernels.pipeline.decode_side_stream`);
+  * ``topk_auto_serial`` -- ``decode_overlap`` off: the selection, then one decode launch
+    over every row (the path before session 9);
 
 and, with ``--variants``, the same under a changed launch rule (split merge inside the decode
 kernel; a tile of 64 tokens), to find where the time goes. Sequences of at most
@@ -52,6 +56,7 @@ from sparse_kernels.pipeline import (
     decode_budget_pages,
     decode_dense_pages,
     decode_select_pages,
+    decode_side_stream,
 )
 from sparse_kernels.sparse_decode import DecodeWorkspace, _interpreting
 
@@ -98,6 +103,16 @@ VARIANTS = {
     "score_warps4": (ps, dict(SCORE_NUM_WARPS=4)),
     "topk_warps8": (ps, dict(default_topk_warps=lambda *a, **k: 8)),
     "topk_warps4": (ps, dict(default_topk_warps=lambda *a, **k: 4)),
+    # the decode launch (both row launches of the overlapped plans)
+    "min_tiles4": (sd, dict(MIN_SPLIT_TILES=4)),
+    "min_tiles8": (sd, dict(MIN_SPLIT_TILES=8)),
+    "min_tiles16": (sd, dict(MIN_SPLIT_TILES=16)),
+    "min_tiles32": (sd, dict(MIN_SPLIT_TILES=32)),
+    "stages2": (sd, dict(NUM_STAGES_16BIT=2)),
+    "stages4": (sd, dict(NUM_STAGES_16BIT=4)),
+    "warps8": (sd, dict(NUM_WARPS=8)),
+    "min_tiles8_stages4": (sd, dict(MIN_SPLIT_TILES=8, NUM_STAGES_16BIT=4)),
+    "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),
 }
 
 
@@ -143,12 +158,15 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     ws = DecodeWorkspace(batch, hq, d, device=dev)
     sws = SelectWorkspace(batch, hkv, width, device=dev, counters=True)
 
+    side = decode_side_stream(dev)
+
     def step(method: str, cfg: SparseConfig):
         def fn():
             for lay in layers:
                 decode_attention(method, cfg, q, k_cache, v_cache, lay.summaries,
                                  lay.block_table, seq_lens, out, scale, selected=selected,
-                                 workspace=ws, select_workspace=sws, fuse_summary=True)
+                                 workspace=ws, select_workspace=sws, fuse_summary=True,
+                                 side_stream=side)
         return fn
 
     def fa3_step():
@@ -164,6 +182,8 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     plans = {"dense": ("dense", base)}
     for p in DECODE_SELECTS:
         plans[f"topk_{p}"] = ("topk", dataclasses.replace(base, decode_select=p))
+    # the same selection with every row attended after it (one decode launch, no side stream)
+    plans["topk_auto_serial"] = ("topk", dataclasses.replace(base, decode_overlap=False))
     runs = [(name, m, c, None) for name, (m, c) in plans.items()]
     for v in args.variants:
         for name in args.variant_plans:

@@ -71,6 +71,9 @@ class SparseConfig:
     local_tokens: int = 512  # last tokens always kept (decode and streaming prefill)
     selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
     decode_select: str = "auto"  # selection launches: see DECODE_SELECTS
+    # rows that read every page (within the budget, or dense rows) are attended beside the
+    # selection, on another stream, instead of after it (pipeline.decode_attention)
+    decode_overlap: bool = True
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # decode reads every page (no scoring, no top-k) of sequences of at most this many
@@ -275,6 +278,17 @@ def _coerce(name: str, raw: Any, *, source: str) -> Any:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
             return int(raw)
+        if typ == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, int) and raw in (0, 1):
+                return bool(raw)
+            word = str(raw).strip().lower() if isinstance(raw, str) else None
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         if typ == "float":
             if isinstance(raw, bool):
                 raise ValueError

@@ -57,6 +57,7 @@ def decode_attention(
     workspace: DecodeWorkspace | None = None,
     select_workspace: SelectWorkspace | None = None,
     fuse_summary: bool = False,
+    side_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor | None:
     """Decode attention of ``q [B, Hq, D]`` into ``out``; returns the page selection (topk).
 
@@ -73,17 +74,66 @@ def decode_attention(
     token was written to, is recomputed inside the scoring launch from ``k_cache`` (instead of
     a separate ``update_page_summaries`` launch); every row, dense ones included. Needs one new
     token per sequence, already in the cache. Ignored by "dense", which reads no summaries.
+
+    ``cfg.decode_overlap`` (topk): the rows that read every page (at most
+    :func:`decode_full_pages` pages: shorter than the budget, or dense rows) are attended by a
+    dense-mode launch that does not wait for the selection; the selection and the attention
+    of the other rows run on ``side_stream`` beside it (joined before returning; a fork and
+    a join of the current stream, which CUDA graphs capture as two branches). Without a
+    side stream (CPU) the same launches run one after the other.
     """
-    sel = None
-    if method == "topk":
+    if method == "dense":
+        sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                      workspace=workspace)
+        return None
+    if method != "topk":
+        raise ValueError(f"unknown decode method {method!r}")
+
+    def select_and_attend(row_filter: str) -> torch.Tensor:
         sel = decode_select_pages(cfg, q, k_cache, summaries, block_table, seq_lens,
                                   selected=selected, select_workspace=select_workspace,
                                   fuse_summary=fuse_summary)
-    elif method != "dense":
-        raise ValueError(f"unknown decode method {method!r}")
-    sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out, scale=scale,
-                  workspace=workspace)
+        sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out,
+                      scale=scale, workspace=workspace, row_filter=row_filter,
+                      full_pages=full_pages)
+        return sel
+
+    if not cfg.decode_overlap:
+        full_pages = 0
+        return select_and_attend("all")
+    full_pages = decode_full_pages(cfg, k_cache.shape[1])
+    if side_stream is None or not q.is_cuda:
+        sel = select_and_attend("select")
+    else:
+        main = torch.cuda.current_stream(q.device)
+        side_stream.wait_stream(main)
+        with torch.cuda.stream(side_stream):
+            sel = select_and_attend("select")
+    sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                  workspace=workspace, row_filter="full", full_pages=full_pages)
+    if side_stream is not None and q.is_cuda:
+        torch.cuda.current_stream(q.device).wait_stream(side_stream)
     return sel
+
+
+def decode_full_pages(cfg: SparseConfig, page_size: int) -> int:
+    """Top-k decode reads every page of sequences of at most this many pages: those within the
+    budget (their selection lists every page) and the dense rows (:func:`decode_dense_pages`)."""
+    return max(decode_budget_pages(cfg, page_size)[0], decode_dense_pages(cfg, page_size))
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def decode_side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The stream :func:`decode_attention` runs the selection on (one per device, made once:
+    call it before CUDA-graph capture); ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def decode_select_pages(
@@ -347,8 +397,9 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
     serving. One sequence of one page (page 0 of the cache, read only) per split count
     ``1, 2, 4, ..., MAX_SPLITS``, as a dense decode (``method`` "dense") or as a top-k
     selection row that reads every page (a selection buffer of the engine's width, whose
-    size is an argument the kernel is specialized on); the output goes to scratch. Returns the
-    split counts.
+    size is an argument the kernel is specialized on) and, with ``cfg.decode_overlap``, also
+    as a dense decode (the launch of the rows that read every page); the output goes to
+    scratch. Returns the split counts.
     """
     from sparse_kernels.page_select import DENSE_ROW
     from sparse_kernels.sparse_decode import MAX_SPLITS
@@ -365,10 +416,13 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
         selected = torch.full((1, k_cache.shape[2], k), -1, dtype=torch.int32, device=dev)
         selected[:, :, 0] = DENSE_ROW
     workspace = DecodeWorkspace(1, hq, d, MAX_SPLITS, device=dev)
+    # top-k with decode_overlap also runs its full rows in dense mode (another variant)
+    modes = [selected] + ([None] if selected is not None and cfg.decode_overlap else [])
     splits, n = [], 1
     while n <= MAX_SPLITS:
-        sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=selected, out=out,
-                      scale=scale, num_splits=n, workspace=workspace)
+        for sel in modes:
+            sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out,
+                          scale=scale, num_splits=n, workspace=workspace)
         splits.append(n)
         n *= 2
     return splits

@@ -46,12 +46,19 @@ MAX_SPLITS = 64
 LARGE_GRID_WAVES = 32
 # Merge the splits inside the main kernel (no second launch); see sparse_decode().
 MERGE_IN_KERNEL_DEFAULT = False
+# Fewest tiles a split of a row takes (sparse_decode(min_split_tiles=...)); 1: a row's tiles
+# are spread over every split of the grid.
+MIN_SPLIT_TILES = 1
+ROW_FILTERS = ("all", "full", "select")
+NUM_WARPS = 4
+NUM_STAGES_16BIT = 3
+_ROWS_ALL = 2**31 - 1
 
 
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
-        "num_splits", "stride_bt",
+        "num_splits", "stride_bt", "rows_above", "rows_upto", "min_split_tiles",
     ],
     do_not_specialize_on_alignment=[
         "block_table_ptr", "seq_lens_ptr", "selected_ptr",
@@ -71,6 +78,9 @@ def _sparse_decode_kernel(
     scale_log2,  # softmax scale * log2(e)
     num_select,  # slots of `selected` per (sequence, KV head); unused in dense mode
     num_splits,
+    rows_above,  # this launch serves the sequences of rows_above < n_pages <= rows_upto
+    rows_upto,
+    min_split_tiles,  # a split of a row takes at least this many tiles (the rest stay empty)
     stride_q_b,
     stride_q_h,
     stride_q_d,
@@ -116,6 +126,8 @@ def _sparse_decode_kernel(
 
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
+    if (n_pages <= rows_above) | (n_pages > rows_upto):
+        return  # another launch's row (see sparse_decode(row_filter=...))
     sel_row = selected_ptr + seq_idx64 * stride_sel_b + kv_head * stride_sel_h
     if DENSE:
         n_slots = n_pages
@@ -125,7 +137,7 @@ def _sparse_decode_kernel(
         row_dense = first == _DENSE_ROW
         n_slots = tl.where(row_dense, n_pages, tl.minimum(n_pages, num_select))
     n_tiles = tl.cdiv(n_slots * PAGE_SIZE, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    tiles_per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), min_split_tiles)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
 
@@ -277,14 +289,18 @@ def _merge_head(
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
-        "num_splits",
+        "num_splits", "rows_above", "rows_upto",
     ],
+    do_not_specialize_on_alignment=["seq_lens_ptr"],
 )
 def _merge_splits_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    seq_lens_ptr,
     num_splits,
+    rows_above,
+    rows_upto,
     stride_o_b,
     stride_o_h,
     stride_o_d,
@@ -295,12 +311,17 @@ def _merge_splits_kernel(
     stride_pl_b,
     stride_pl_h,
     stride_pl_s,
+    PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
+    seq_idx = tl.program_id(0)
+    n_pages = (tl.load(seq_lens_ptr + seq_idx) + PAGE_SIZE - 1) // PAGE_SIZE
+    if (n_pages <= rows_above) | (n_pages > rows_upto):
+        return  # a row of another launch
     _merge_head(
-        out_ptr, part_out_ptr, part_lse_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1),
+        out_ptr, part_out_ptr, part_lse_ptr, seq_idx.to(tl.int64), tl.program_id(1),
         num_splits, stride_o_b, stride_o_h, stride_o_d,
         stride_po_b, stride_po_h, stride_po_s, stride_po_d,
         stride_pl_b, stride_pl_h, stride_pl_s,
@@ -391,9 +412,12 @@ def sparse_decode(
     num_splits: int | None = None,
     workspace: DecodeWorkspace | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int | None = None,
     merge_in_kernel: bool | None = None,
+    row_filter: str = "all",
+    full_pages: int = 0,
+    min_split_tiles: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one token per sequence over the selected pages (or all pages).
 
@@ -412,14 +436,26 @@ def sparse_decode(
         num_splits: split-KV factor (static); default from :func:`default_num_splits`.
         workspace: preallocated scratch; allocated per call if ``None``.
         block_n: tokens per tile (power of two >= 16); default :func:`default_block_n`.
-        num_warps, num_stages: Triton launch options of the main kernel (default stages: 3
-            for 16-bit caches, 2 for fp32, whose tiles are twice as large in shared memory).
+        num_warps, num_stages: Triton launch options of the main kernel (default
+            :data:`NUM_WARPS`; stages :data:`NUM_STAGES_16BIT` for 16-bit caches, 2 for fp32,
+            whose tiles are twice as large in shared memory).
         merge_in_kernel: merge the splits in the main kernel (the last split of each
             (sequence, KV head) to finish does it; arrival counters in the workspace) instead
             of a second launch. Default: :data:`MERGE_IN_KERNEL_DEFAULT`.
+        row_filter, full_pages: which sequences this call serves (the others' rows of ``out``
+            are not written): ``"all"``; ``"full"``: those of at most ``full_pages`` pages (the
+            rows a top-k decode reads whole: its split count is then sized for them);
+            ``"select"``: those of more. Two calls, one of each, write every row once, and
+            neither waits for the other (:func:`sparse_kernels.pipeline.decode_attention`
+            runs the ``"full"`` rows beside the page selection).
+        min_split_tiles: a row's split takes at least this many tiles, so that short rows use
+            fewer splits than the grid has (the rest write an empty partial). Default
+            :data:`MIN_SPLIT_TILES`.
 
     Returns ``out``.
     """
+    if row_filter not in ROW_FILTERS:
+        raise ValueError(f"unknown row_filter {row_filter!r} (one of {ROW_FILTERS})")
     batch, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape[3] == head_dim and v_cache.shape[1:] == k_cache.shape[1:]
@@ -444,6 +480,14 @@ def sparse_decode(
         assert selected.shape[:2] == (batch, num_kv_heads), (selected.shape, batch, num_kv_heads)
         num_select = max_slots = selected.shape[2]
         sel, sel_strides = selected, selected.stride()
+    rows_above, rows_upto = -1, _ROWS_ALL
+    if row_filter == "full":
+        rows_upto = max(0, full_pages)
+        max_slots = min(max_slots, rows_upto) if dense else max_slots
+    elif row_filter == "select":
+        rows_above = max(0, full_pages)
+    if min_split_tiles is None:
+        min_split_tiles = MIN_SPLIT_TILES
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, max_slots * page_size,
                                         q.device, block_n)
@@ -463,8 +507,10 @@ def sparse_decode(
         part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
         counters = part_lse
 
+    if num_warps is None:
+        num_warps = NUM_WARPS
     if num_stages is None:
-        num_stages = 2 if k_cache.element_size() >= 4 else 3
+        num_stages = 2 if k_cache.element_size() >= 4 else NUM_STAGES_16BIT
     upcast = _interpreting() and k_cache.dtype == torch.bfloat16
     # fp32 caches: exact fp32 products (the default would be TF32 on the GPU).
     precision = "ieee" if k_cache.dtype == torch.float32 else None
@@ -472,7 +518,7 @@ def sparse_decode(
     _sparse_decode_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, sel,
         out, part_out, part_lse, counters,
-        scale * _LOG2E, num_select, num_splits,
+        scale * _LOG2E, num_select, num_splits, rows_above, rows_upto, max(1, min_split_tiles),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *sel_strides, *out.stride(), *part_out.stride(), *part_lse.stride(),
         PAGE_SIZE=page_size,
@@ -492,8 +538,9 @@ def sparse_decode(
     )
     if split and not merge_in_kernel:
         _merge_splits_kernel[(batch, num_q_heads)](
-            out, part_out, part_lse, num_splits,
+            out, part_out, part_lse, seq_lens, num_splits, rows_above, rows_upto,
             *out.stride(), *part_out.stride(), *part_lse.stride(),
+            PAGE_SIZE=page_size,
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
             SPLITS_PAD=triton.next_power_of_2(num_splits),
@@ -509,5 +556,5 @@ def dense_decode(q, k_cache, v_cache, block_table, seq_lens, out=None, scale=Non
                          num_splits, workspace, **launch)
 
 
-__all__ = ["DecodeWorkspace", "default_block_n", "default_num_splits", "sparse_decode",
-           "dense_decode"]
+__all__ = ["DecodeWorkspace", "ROW_FILTERS", "default_block_n", "default_num_splits",
+           "sparse_decode", "dense_decode"]

@@ -121,6 +121,8 @@ class SparseAttentionMetadata:
     selected: torch.Tensor | None = None
     workspace: object | None = None
     select_workspace: object | None = None
+    # The selection runs on it beside the rows that read every page (SparseConfig.decode_overlap).
+    side_stream: torch.cuda.Stream | None = None
     # No cascade attention; vLLM's runner reads this.
     use_cascade: bool = False
     causal: bool = True
@@ -299,7 +301,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        from sparse_kernels.pipeline import decode_budget_pages
+        from sparse_kernels.pipeline import decode_budget_pages, decode_side_stream
         from sparse_kernels.sparse_decode import DecodeWorkspace
 
         self.cfg = vllm_sparse_config(vllm_config)
@@ -325,6 +327,9 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         # vLLM pads its block table's width; keep headroom and re-check in build().
         max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
         self.select_workspace = self._select_workspace(max_pages)
+        # made here, before CUDA-graph capture, and shared by every layer
+        self.side_stream = (decode_side_stream(torch.device(device))
+                            if self.cfg.decode_overlap else None)
 
     def _select_workspace(self, max_pages: int):
         """Selection scratch for every batch of the decode buffers, rows ``max_pages`` wide;
@@ -355,7 +360,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, prefill_runs=runs,
             selected=self.selected, workspace=self.workspace,
-            select_workspace=self.select_workspace)
+            select_workspace=self.select_workspace, side_stream=self.side_stream)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> SparseAttentionMetadata:
@@ -634,7 +639,8 @@ class SparseAttentionImpl(AttentionImpl):
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
                                    self.scale, selected=m.selected, workspace=m.workspace,
-                                   select_workspace=m.select_workspace, fuse_summary=True)
+                                   select_workspace=m.select_workspace, fuse_summary=True,
+                                   side_stream=m.side_stream)
             if self._decode_stats:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads

@@ -137,10 +137,12 @@ def serve(q, kc, summ, max_pages) -> None:
     for n in (1, 3, 8):
         sel = torch.full((n, hkv, k), -1, dtype=i32)
         for splits in range(1, MAX_SPLITS + 1):
-            for selected in (sel, None):
+            for selected, row_filter in ((sel, "all"), (None, "all"), (sel, "select"),
+                                         (None, "full")):
                 sparse_decode(q.new_zeros(n, hq, d), kc, kc, table[1:1 + n], lens[1:1 + n],
                               selected=selected, out=torch.empty(n, hq, d, dtype=q.dtype),
-                              num_splits=splits, workspace=ws)
+                              num_splits=splits, workspace=ws, row_filter=row_filter,
+                              full_pages=k + splits, min_split_tiles=splits)
     _serving = False
 
 

@@ -33,7 +33,7 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
     bench.main(["--contexts", "40", "100", "300", "--batches", "2", "--budget", "64",
                 "--sink-tokens", "16", "--local-tokens", "16", "--table-pages", "24", "--layers", "2", "--num-q-heads", "4",
                 "--num-kv-heads", "2", "--head-dim", "64", "--iters", "1",
-                "--variants", "max_splits16", "--out", str(out)])
+                "--variants", "max_splits16", "min_tiles4", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["context"] for r in rows] == [40, 100, 300]
     kinds = [r["row_kind"].split()[0] for r in rows]

@@ -229,3 +229,55 @@ def test_default_launch_shape(monkeypatch):
     assert sd.default_num_splits(16, 8, 8192, dev, 32) == 33
     assert sd.default_num_splits(64, 8, 4096, dev, 32) == 9
     assert sd.default_num_splits(16, 8, 128, dev, 32) == 4  # only 4 tiles
+
+
+@pytest.mark.parametrize("dtype,page,full_pages,num_splits", [
+    (torch.float32, 16, 4, 3), (torch.bfloat16, 1, 40, None)])
+def test_row_filters_split_the_batch(dtype, page, full_pages, num_splits):
+    """``row_filter="full"`` writes exactly the sequences of at most ``full_pages`` pages,
+    ``"select"`` exactly the others; one call of each (merges included) equals one ``"all"``
+    call, and a row of the other kind is left as it was (NaN here) by each."""
+    num_select = 3
+    seq_lens = [full_pages * page, full_pages * page + 1, 1, 0, 7 * full_pages * page + 5]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, dtype, "NHD", seed=20)
+    sel = _random_selection(seq_lens, page, 2, num_select, seed=21)
+    for b, s in enumerate(seq_lens):  # rows of at most full_pages pages read every page
+        if -(-s // page) <= full_pages:
+            sel[b] = -1
+            sel[b, :, 0] = DENSE_ROW
+    q, k, v, bt, sl, sel = _dev(q, k, v, bt, sl, sel)
+    full = [-(-s // page) <= full_pages for s in seq_lens]
+    ws = DecodeWorkspace(len(seq_lens), q.shape[1], 64, device=DEVICE)
+    want = sparse_decode(q, k, v, bt, sl, sel, num_splits=num_splits, block_n=16)
+    outs = {}
+    for kind, selection in (("full", None), ("select", sel)):
+        out = torch.full_like(q, float("nan"))
+        sparse_decode(q, k, v, bt, sl, selection, out=out, num_splits=num_splits, block_n=16,
+                      workspace=ws, row_filter=kind, full_pages=full_pages)
+        mine = torch.tensor(full if kind == "full" else [not f for f in full])
+        assert not torch.isnan(out[mine.to(DEVICE)]).any()
+        assert torch.isnan(out[(~mine).to(DEVICE)]).all(), kind
+        outs[kind] = out
+    both = torch.where(torch.isnan(outs["full"]), outs["select"], outs["full"])
+    _close(both, want, dtype)
+    c = [x.cpu() for x in (q, k, v, bt, sl)]
+    _close(both, ref_sparse_decode(*c, sel.cpu()), dtype)
+    with pytest.raises(ValueError, match="row_filter"):
+        sparse_decode(q, k, v, bt, sl, sel, row_filter="short")
+
+
+@pytest.mark.parametrize("min_split_tiles", [2, 5, 100])
+def test_min_split_tiles(min_split_tiles):
+    """A row's splits take at least ``min_split_tiles`` tiles (the grid's other splits stay
+    empty): the result is unchanged, whether the merge is a second launch or in-kernel."""
+    page = 16
+    seq_lens = [300, 17, 0, 129]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, torch.float32, "HND", seed=22)
+    q, k, v, bt, sl = _dev(q, k, v, bt, sl)
+    ws = DecodeWorkspace(4, q.shape[1], 64, max_splits=16, device=DEVICE)
+    want = _dense_ref(*[x.cpu() for x in (q, k, v, bt, sl)])
+    for in_kernel in (False, True):
+        out = sparse_decode(q, k, v, bt, sl, None, num_splits=8, block_n=16, workspace=ws,
+                            min_split_tiles=min_split_tiles, merge_in_kernel=in_kernel)
+        _close(out, want, torch.float32)
+        assert (ws.counters == 0).all()

@@ -201,3 +201,46 @@ def test_sink_tokens_add_first_blocks_to_every_estimator(method):
             row = sunk.block_idx.cpu()[s, h, : int(cnt[s, h])]
             assert torch.all(row[1:] > row[:-1])
     assert float(sunk.density) > float(plain.density)
+
+
+@pytest.mark.parametrize("budget,decode_min", [(64, 160), (48, 0)])
+def test_decode_overlap_equals_one_launch(budget, decode_min):
+    """decode_attention with ``decode_overlap`` (rows that read every page in a dense-mode
+    launch of their own, the selection and the other rows beside it) gives the selection and
+    the output of the single-launch path, over a batch of short, dense and sparse rows and a
+    padding row; the full rows equal dense attention."""
+    import dataclasses
+
+    from sparse_kernels.page_summary import allocate_page_summaries, build_page_summaries
+    from sparse_kernels.pipeline import decode_attention, decode_full_pages
+
+    cfg = SparseConfig(token_budget=budget, sink_tokens=16, local_tokens=16,
+                       decode_min_seq_len=decode_min)
+    cfg.validate()
+    seq_lens = [40, 150, 700, 0, 64, 1000]
+    full = decode_full_pages(cfg, PAGE)
+    assert full == max(budget, cfg.effective_decode_min_seq_len) // PAGE
+    k, v, bt = reference.random_paged_kv(seq_lens, HKV, D, PAGE,
+                                         generator=torch.Generator().manual_seed(30))
+    q = torch.randn(len(seq_lens), HQ, D, generator=torch.Generator().manual_seed(31))
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    q, k, v, bt, sl = _dev(q, k, v, bt, sl)
+    summ = allocate_page_summaries(k)
+    build_page_summaries(k, summ, bt, sl)
+    outs, sels = [], []
+    for overlap in (False, True):
+        c = dataclasses.replace(cfg, decode_overlap=overlap)
+        out = torch.full_like(q, float("nan"))
+        sels.append(decode_attention("topk", c, q, k, v, summ.clone(), bt, sl, out, D ** -0.5,
+                                     fuse_summary=True).clone())
+        outs.append(out)
+    assert torch.equal(sels[0], sels[1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    cpu = [x.cpu() for x in (q, k, v, bt, sl)]
+    dense = reference.dense_attention(*cpu[:4], torch.arange(len(seq_lens) + 1,
+                                                             dtype=torch.int32), cpu[4])
+    rows = [b for b, s in enumerate(seq_lens) if -(-s // PAGE) <= full]
+    long = [b for b, s in enumerate(seq_lens) if -(-s // PAGE) > full]
+    assert rows and long
+    torch.testing.assert_close(outs[1][rows].cpu(), dense[rows], rtol=1e-4, atol=1e-4)
+    assert (outs[1][long].cpu() - dense[long]).abs().max() > 1e-3  # those were sparse

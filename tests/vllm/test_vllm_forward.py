@@ -31,6 +31,7 @@ def _builder(cfg: SparseConfig, max_seqs: int) -> backend.SparseAttentionMetadat
     b.selected = torch.full((max_seqs, HKV, k), -1, dtype=torch.int32)
     b.workspace = DecodeWorkspace(max_seqs, HQ, D, device=torch.device("cpu"))
     b.select_workspace = b._select_workspace(64)
+    b.side_stream = None  # CPU: the overlapped launches run one after the other
     return b
 
 
