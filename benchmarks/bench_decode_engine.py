@@ -13,8 +13,10 @@ reports microseconds per layer for
   * ``dense``       -- :func:`sparse_kernels.pipeline.decode_attention` with method "dense";
   * ``topk_<plan>`` -- the same with method "topk" and ``decode_select=<plan>``, the summary
     fused into the scoring launch (``fuse_summary=True``), as the backend calls it: rows that
-    read every page in a launch of their own beside the selection (``decode_overlap``, on
-    :func:`~sparse_kernels.pipeline.decode_side_stream`);
+    read every page in a dense-mode launch of ours beside the selection (``decode_overlap``,
+    on :func:`~sparse_kernels.pipeline.decode_side_stream`; ``decode_dense_rows="triton"``);
+  * ``topk_auto_fa3rows`` -- those rows attended by FA3 instead (``decode_dense_rows="engine"``,
+    what the vLLM backend runs by default);
   * ``topk_auto_serial`` -- ``decode_overlap`` off: the selection, then one decode launch
     over every row (the path before session 9);
 
@@ -57,6 +59,7 @@ from sparse_kernels.pipeline import (
     decode_dense_pages,
     decode_select_pages,
     decode_side_stream,
+    use_engine_dense_rows,
 )
 from sparse_kernels.sparse_decode import DecodeWorkspace, _interpreting
 
@@ -163,10 +166,17 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     def step(method: str, cfg: SparseConfig):
         def fn():
             for lay in layers:
+                rows = None
+                if fa3 is not None and use_engine_dense_rows(cfg, batch, hkv, dev):
+                    def rows(sl, o, max_len, lay=lay):  # what the vLLM backend passes
+                        fa3(q, k_cache, v_cache, max_seqlen_q=1, cu_seqlens_q=qsl,
+                            max_seqlen_k=min(max_len, width * page), seqused_k=sl,
+                            block_table=lay.block_table, causal=True, softmax_scale=scale,
+                            out=o, fa_version=3)
                 decode_attention(method, cfg, q, k_cache, v_cache, lay.summaries,
                                  lay.block_table, seq_lens, out, scale, selected=selected,
                                  workspace=ws, select_workspace=sws, fuse_summary=True,
-                                 side_stream=side)
+                                 side_stream=side, full_rows_attention=rows)
         return fn
 
     def fa3_step():
@@ -178,10 +188,13 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     row = {"context": ctx, "batch": batch, "budget": args.budget, "table_pages": width,
            "layers": L, "page_sets": sets, "row_kind": _row_kind(base, ctx, page),
            "us_per_layer": {}, "max_abs_diff_vs_fa3": {},
-           "max_abs_diff_vs_dense": {}}
+           "max_abs_diff_vs_dense": {}, "max_abs_diff_replay_vs_eager": {}}
+    base = dataclasses.replace(base, decode_dense_rows="triton")
     plans = {"dense": ("dense", base)}
     for p in DECODE_SELECTS:
         plans[f"topk_{p}"] = ("topk", dataclasses.replace(base, decode_select=p))
+    if fa3 is not None:  # the rows that read every page attended by FA3 (the vLLM default)
+        plans["topk_auto_fa3rows"] = ("topk", dataclasses.replace(base, decode_dense_rows="engine"))
     # the same selection with every row attended after it (one decode launch, no side stream)
     plans["topk_auto_serial"] = ("topk", dataclasses.replace(base, decode_overlap=False))
     runs = [(name, m, c, None) for name, (m, c) in plans.items()]
@@ -215,8 +228,12 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         ctxm = variant if variant is not None else contextlib.nullcontext()
         with ctxm:
             fn = step(method, cfg)
+            out.fill_(float("nan"))
             t = _graph_time_us(fn, args.iters, flush) / L
+            replayed = out.clone()  # what the captured graph (its branches joined) wrote
             fn()
+            row["max_abs_diff_replay_vs_eager"][name] = (
+                (replayed.float() - out.float()).abs().max().item())
         row["us_per_layer"][name] = t
         if fa3 is not None:
             row["max_abs_diff_vs_fa3"][name] = (out.float() - ref.float()).abs().max().item()

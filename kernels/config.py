@@ -30,6 +30,14 @@ DECODE_METHODS = ("dense", "topk")
 # single-stage top-k (two launches); "fused": scoring and top-k in one launch (the last
 # program of a row selects). Every choice selects the same pages.
 DECODE_SELECTS = ("auto", "single", "fused")
+# Who attends the decode rows that read every page (with decode_overlap): the engine's dense
+# decode kernel ("engine"; adapters without one use ours), ours ("triton"), or "auto": the
+# engine's on large decode grids (batch x KV heads above half the SMs: bandwidth bound, where
+# vLLM's FlashAttention is the faster of the two), ours on small ones (batch 1: its launch and
+# the ordering it needs cost more than it saves). H100, 4K prompts, end to end
+# (benchmarks/results/e2e_vllm_2026-11-23_h100_session9_b/): batch 16 step 10.18 ms with
+# "engine", 10.43 ms with "triton" (FLASH_ATTN 9.87); batch 1 TPOT 7.12 / 6.82 ms (6.76).
+DECODE_DENSE_ROWS = ("auto", "engine", "triton")
 
 # Env vars with the prefix that are not config fields but are ours on purpose:
 # SPARSE_ATTN switches the plugins' env-only mode (see vllm_sparse.env_switch), and
@@ -74,6 +82,8 @@ class SparseConfig:
     # rows that read every page (within the budget, or dense rows) are attended beside the
     # selection, on another stream, instead of after it (pipeline.decode_attention)
     decode_overlap: bool = True
+    # with decode_overlap, which kernel attends those rows: see DECODE_DENSE_ROWS
+    decode_dense_rows: str = "auto"
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # decode reads every page (no scoring, no top-k) of sequences of at most this many
@@ -143,6 +153,7 @@ class SparseConfig:
         _check_choice("prefill_method", self.prefill_method, PREFILL_METHODS)
         _check_choice("decode_method", self.decode_method, DECODE_METHODS)
         _check_choice("decode_select", self.decode_select, DECODE_SELECTS)
+        _check_choice("decode_dense_rows", self.decode_dense_rows, DECODE_DENSE_ROWS)
         for name in ("token_budget", "block_size", "xattn_stride", "vs_last_q",
                      "selection_reuse"):
             if getattr(self, name) < 1:

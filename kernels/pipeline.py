@@ -58,6 +58,7 @@ def decode_attention(
     select_workspace: SelectWorkspace | None = None,
     fuse_summary: bool = False,
     side_stream: torch.cuda.Stream | None = None,
+    full_rows_attention: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor | None:
     """Decode attention of ``q [B, Hq, D]`` into ``out``; returns the page selection (topk).
 
@@ -81,6 +82,11 @@ def decode_attention(
     of the other rows run on ``side_stream`` beside it (joined before returning; a fork and
     a join of the current stream, which CUDA graphs capture as two branches). Without a
     side stream (CPU) the same launches run one after the other.
+
+    ``full_rows_attention(seq_lens_full, out, max_seq_len_full)`` (with ``decode_overlap``): an
+    engine's own dense paged decode for those rows instead of ours (vLLM: FlashAttention). It
+    gets ``seq_lens`` with every other row set to 0 and an upper bound of the lengths left,
+    and may write every row of ``out``: the other rows' attention is ordered after it.
     """
     if method == "dense":
         sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
@@ -101,18 +107,34 @@ def decode_attention(
     if not cfg.decode_overlap:
         full_pages = 0
         return select_and_attend("all")
-    full_pages = decode_full_pages(cfg, k_cache.shape[1])
-    if side_stream is None or not q.is_cuda:
-        sel = select_and_attend("select")
+    page_size = k_cache.shape[1]
+    full_pages = decode_full_pages(cfg, page_size)
+    side = side_stream if side_stream is not None and q.is_cuda else None
+    main = torch.cuda.current_stream(q.device) if side is not None else None
+
+    def on_side(fn):
+        if side is None:
+            return fn()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            return fn()
+
+    if full_rows_attention is None:
+        sel = on_side(lambda: select_and_attend("select"))
+        sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                      workspace=workspace, row_filter="full", full_pages=full_pages)
     else:
-        main = torch.cuda.current_stream(q.device)
-        side_stream.wait_stream(main)
-        with torch.cuda.stream(side_stream):
-            sel = select_and_attend("select")
-    sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
-                  workspace=workspace, row_filter="full", full_pages=full_pages)
-    if side_stream is not None and q.is_cuda:
-        torch.cuda.current_stream(q.device).wait_stream(side_stream)
+        sel = on_side(lambda: decode_select_pages(
+            cfg, q, k_cache, summaries, block_table, seq_lens, selected=selected,
+            select_workspace=select_workspace, fuse_summary=fuse_summary))
+        max_full = full_pages * page_size
+        full_rows_attention(torch.where(seq_lens <= max_full, seq_lens, 0), out, max_full)
+        # the other rows' attention after the engine's launch, which writes every row
+        on_side(lambda: sparse_decode(q, k_cache, v_cache, block_table, seq_lens,
+                                      selected=sel, out=out, scale=scale, workspace=workspace,
+                                      row_filter="select", full_pages=full_pages))
+    if side is not None:
+        main.wait_stream(side)
     return sel
 
 
@@ -120,6 +142,18 @@ def decode_full_pages(cfg: SparseConfig, page_size: int) -> int:
     """Top-k decode reads every page of sequences of at most this many pages: those within the
     budget (their selection lists every page) and the dense rows (:func:`decode_dense_pages`)."""
     return max(decode_budget_pages(cfg, page_size)[0], decode_dense_pages(cfg, page_size))
+
+
+def use_engine_dense_rows(cfg: SparseConfig, batch: int, num_kv_heads: int,
+                          device: torch.device) -> bool:
+    """Whether an adapter with its own dense decode passes it as ``full_rows_attention`` of
+    :func:`decode_attention` (``cfg.decode_dense_rows``; "auto": large grids only). Host ints
+    only, so a CUDA graph captured for a batch size keeps its choice."""
+    from sparse_kernels.sparse_decode import _small_grid
+
+    if not cfg.decode_overlap or cfg.decode_dense_rows == "triton":
+        return False
+    return cfg.decode_dense_rows == "engine" or not _small_grid(batch, num_kv_heads, device)
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}

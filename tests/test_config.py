@@ -37,6 +37,15 @@ def test_decode_min_seq_len():
     assert json.loads(cfg.summary())["decode_min_seq_len"] == 512
 
 
+@pytest.mark.parametrize("raw, want", [("0", False), ("false", False), ("Off", False),
+                                       ("1", True), ("yes", True), ("true", True)])
+def test_bool_fields_from_env(raw, want):
+    cfg = SparseConfig.from_sources(environ={"SPARSE_DECODE_OVERLAP": raw})
+    assert cfg.decode_overlap is want
+    assert SparseConfig.from_sources(environ={}, overrides={"decode_overlap": want}
+                                     ).decode_overlap is want
+
+
 def test_overrides_beat_env():
     cfg = SparseConfig.from_sources(environ={"SPARSE_TOKEN_BUDGET": "2048"},
                                     overrides={"token_budget": 8192})
@@ -49,6 +58,9 @@ def test_overrides_beat_env():
     ({"SPARSE_PREFILL_METHOD": "magic"}, None, "unknown prefill_method 'magic'"),
     ({"SPARSE_DECODE_METHOD": "quest2"}, None, "unknown decode_method"),
     ({"SPARSE_DECODE_SELECT": "two_stage"}, None, "unknown decode_select"),
+    ({"SPARSE_DECODE_DENSE_ROWS": "fa3"}, None, "unknown decode_dense_rows"),
+    ({"SPARSE_DECODE_OVERLAP": "maybe"}, None, "cannot read 'maybe' as bool"),
+    ({}, {"decode_overlap": 2}, "cannot read 2 as bool"),
     ({"SPARSE_TOKEN_BUDGET": "lots"}, None, "SPARSE_TOKEN_BUDGET: cannot read 'lots' as int"),
     ({"SPARSE_TOKEN_BUDGET": "0"}, None, "token_budget must be >= 1"),
     ({"SPARSE_SINK_TOKENS": "-1"}, None, "sink_tokens must be >= 0"),

@@ -613,7 +613,11 @@ class SparseAttentionImpl(AttentionImpl):
             return output.fill_(0)
         from sparse_kernels.page_select import tokens_read
         from sparse_kernels.page_summary import update_page_summaries
-        from sparse_kernels.pipeline import decode_attention, sparse_prefill_attention
+        from sparse_kernels.pipeline import (
+            decode_attention,
+            sparse_prefill_attention,
+            use_engine_dense_rows,
+        )
 
         m = attn_metadata
         prefill_method, decode_method = self._layer_methods(layer)
@@ -636,11 +640,17 @@ class SparseAttentionImpl(AttentionImpl):
         nd = m.num_decodes
         stats = PATH_COUNTERS.sums_for(q.device)
         if nd:
+            full_rows = None
+            if use_engine_dense_rows(self.cfg, nd, self.num_kv_heads, q.device):
+                full_rows = functools.partial(
+                    _dense_decode_rows, q[:nd], key_cache, value_cache,
+                    m.query_start_loc[:nd + 1], m.block_table[:nd], self.scale,
+                    self.max_model_len)
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
                                    self.scale, selected=m.selected, workspace=m.workspace,
                                    select_workspace=m.select_workspace, fuse_summary=True,
-                                   side_stream=m.side_stream)
+                                   side_stream=m.side_stream, full_rows_attention=full_rows)
             if self._decode_stats:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads
@@ -706,11 +716,37 @@ def _causal_blocks(meta) -> torch.Tensor:
     return torch.where(valid, meta.q_block_idx.double() + 1.0, 0.0).sum()
 
 
+@functools.cache
+def _fa_version() -> int:
+    """The FlashAttention version vLLM's FLASH_ATTN backend would use here (3 on Hopper)."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+        return get_flash_attn_version() or 3
+    except Exception:  # older or newer layouts of vLLM
+        return 3
+
+
 def _dense_prefill(q, key_cache, value_cache, run: PrefillRun, out, scale: float) -> None:
-    """Dense causal prefill with vLLM's FlashAttention-3 (what FLASH_ATTN runs)."""
+    """Dense causal prefill with vLLM's FlashAttention (what FLASH_ATTN runs)."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     flash_attn_varlen_func(
         q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=run.query_start_loc,
         max_seqlen_q=run.max_query_len, seqused_k=run.seq_lens, max_seqlen_k=run.max_seq_len,
-        softmax_scale=scale, causal=True, block_table=run.block_table, fa_version=3)
+        softmax_scale=scale, causal=True, block_table=run.block_table, fa_version=_fa_version())
+
+
+def _dense_decode_rows(q, key_cache, value_cache, query_start_loc, block_table, scale: float,
+                       max_model_len: int | None, seq_lens, out, max_seq_len: int) -> None:
+    """Decode rows that read every page, with vLLM's FlashAttention (``full_rows_attention`` of
+    :func:`sparse_kernels.pipeline.decode_attention`: rows of length 0 are the others'). No host
+    value changes between steps (``max_seq_len`` is the config's bound), so it is captured in
+    the decode CUDA graphs like the rest."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    flash_attn_varlen_func(
+        q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=query_start_loc, max_seqlen_q=1,
+        seqused_k=seq_lens, max_seqlen_k=min(max_seq_len, max_model_len or max_seq_len),
+        softmax_scale=scale, causal=True,
+        block_table=block_table, fa_version=_fa_version())

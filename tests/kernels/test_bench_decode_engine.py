@@ -42,6 +42,10 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
         assert r["table_pages"] == 24 and r["layers"] == 2
         assert {"dense", "topk_auto", "topk_single", "topk_fused", "select_auto",
                 "attention_only", "topk_auto+max_splits16"} <= set(r["us_per_layer"])
+        # each plan's timed output (every launch, side-stream ones included) is its own
+        replay = r["max_abs_diff_replay_vs_eager"]
+        assert set(replay) >= {"dense", "topk_auto", "topk_auto_serial", "topk_auto+min_tiles4"}
+        assert all(v == 0 for v in replay.values()), replay
         diffs = r["max_abs_diff_vs_dense"]
         if r["row_kind"].startswith(("short", "dense")):
             assert max(diffs.values()) < 1e-2, diffs

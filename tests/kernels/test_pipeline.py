@@ -227,15 +227,28 @@ def test_decode_overlap_equals_one_launch(budget, decode_min):
     q, k, v, bt, sl = _dev(q, k, v, bt, sl)
     summ = allocate_page_summaries(k)
     build_page_summaries(k, summ, bt, sl)
+    seen = []
+
+    def engine_rows(seq_lens_full, out, max_len):
+        # an engine's dense decode: writes every row (the others, of length 0, with junk)
+        seen.append((seq_lens_full.cpu().tolist(), max_len))
+        qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+        ref = reference.dense_attention(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), qsl,
+                                        seq_lens_full.cpu(), D ** -0.5)
+        ref[(seq_lens_full.cpu() == 0) & (sl.cpu() > 0)] = 1e4  # (FlashAttention: 0 if empty)
+        out.copy_(ref.to(out.device))
+
     outs, sels = [], []
-    for overlap in (False, True):
+    for overlap, engine in ((False, None), (True, None), (True, engine_rows)):
         c = dataclasses.replace(cfg, decode_overlap=overlap)
         out = torch.full_like(q, float("nan"))
         sels.append(decode_attention("topk", c, q, k, v, summ.clone(), bt, sl, out, D ** -0.5,
-                                     fuse_summary=True).clone())
+                                     fuse_summary=True, full_rows_attention=engine).clone())
         outs.append(out)
-    assert torch.equal(sels[0], sels[1])
+    assert torch.equal(sels[0], sels[1]) and torch.equal(sels[0], sels[2])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-4)
+    assert seen == [([s if -(-s // PAGE) <= full else 0 for s in seq_lens], full * PAGE)]
     cpu = [x.cpu() for x in (q, k, v, bt, sl)]
     dense = reference.dense_attention(*cpu[:4], torch.arange(len(seq_lens) + 1,
                                                              dtype=torch.int32), cpu[4])
@@ -244,3 +257,25 @@ def test_decode_overlap_equals_one_launch(budget, decode_min):
     assert rows and long
     torch.testing.assert_close(outs[1][rows].cpu(), dense[rows], rtol=1e-4, atol=1e-4)
     assert (outs[1][long].cpu() - dense[long]).abs().max() > 1e-3  # those were sparse
+
+
+def test_use_engine_dense_rows(monkeypatch):
+    """decode_dense_rows "auto": the engine's dense decode on large grids (batch x KV heads
+    above half the SMs), ours on small ones; "engine" / "triton" as said; never without
+    decode_overlap (a single launch then attends every row)."""
+    from sparse_kernels import sparse_decode as sd
+    from sparse_kernels.pipeline import use_engine_dense_rows
+
+    monkeypatch.setattr(sd, "_device_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    auto = SparseConfig()
+    assert auto.decode_dense_rows == "auto"
+    assert not use_engine_dense_rows(auto, 1, 8, dev)
+    assert not use_engine_dense_rows(auto, 8, 8, dev)  # 64 rows: at most half of 132
+    assert use_engine_dense_rows(auto, 16, 8, dev)
+    assert not use_engine_dense_rows(auto, 16, 2, dev)  # Qwen2-0.5B's 2 KV heads
+    for batch in (1, 16):
+        assert use_engine_dense_rows(SparseConfig(decode_dense_rows="engine"), batch, 8, dev)
+        assert not use_engine_dense_rows(SparseConfig(decode_dense_rows="triton"), batch, 8, dev)
+        assert not use_engine_dense_rows(SparseConfig(decode_dense_rows="engine",
+                                                      decode_overlap=False), batch, 8, dev)

@@ -45,11 +45,27 @@ class _Layer:
     layer_name = "model.layers.3.self_attn.attn"
 
 
+@pytest.fixture(autouse=True)
+def _no_flash_attention(monkeypatch):
+    """No FlashAttention on the CPU: every test runs with the reference stand-ins."""
+    _fake_fa3(monkeypatch)
+
+
 def _fake_fa3(monkeypatch):
     def dense(q, key_cache, value_cache, run, out, scale):
         out.copy_(reference.dense_attention(q, key_cache, value_cache, run.block_table,
                                             run.query_start_loc, run.seq_lens, scale).to(out.dtype))
     monkeypatch.setattr(backend, "_dense_prefill", dense)
+
+    def dense_decode_rows(q, key_cache, value_cache, qsl, bt, scale, max_model_len, seq_lens,
+                          out, max_seq_len):
+        # as FlashAttention: every row written, the others' (length 0) with what they get;
+        # here a large value, so that a sparse row not overwritten after it would show
+        assert int(seq_lens.max()) <= max_seq_len
+        ref = reference.dense_attention(q, key_cache, value_cache, bt, qsl, seq_lens, scale)
+        ref[seq_lens == 0] = 1e4  # (rows of an empty sequence too: the tests have none)
+        out.copy_(ref.to(out.dtype))
+    monkeypatch.setattr(backend, "_dense_decode_rows", dense_decode_rows)
 
 
 def _batch(seq_lens, q_lens, seed):
@@ -237,20 +253,28 @@ def test_per_head_methods_follow_the_ranks_kv_heads(monkeypatch):
         assert impl._first_global_kv_head() == first
 
 
-@pytest.mark.parametrize("select", ["auto", "fused"])
-def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select):
+@pytest.mark.parametrize("select,dense_rows", [("auto", "engine"), ("fused", "engine"),
+                                               ("auto", "triton")])
+def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows):
     """A pure-decode batch: a sequence of at most decode_min_seq_len tokens (above the budget)
     reads every page, unscored (sentinel row), beside a sparse one; no separate summary launch
     runs, the scoring launch re-summarizes both decode tokens' pages; layer 0's stats count
-    the dense row as fully read. A mixed batch still runs the summary update."""
+    the dense row as fully read. A mixed batch still runs the summary update. The dense row is
+    attended by the engine's dense decode (a stand-in for FlashAttention that also writes the
+    sparse row, which the sparse launch must overwrite after it) or by ours."""
     from sparse_kernels.page_select import DENSE_ROW
     from sparse_kernels.page_summary import build_page_summaries
     from sparse_kernels.reference_decode import ref_page_summaries, ref_sparse_decode
 
     monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
     seq_lens = [100, 300]  # 7 pages (budget 4 < 7 <= 8: dense), 19 pages (sparse)
+    _fake_fa3(monkeypatch)
+    engine_calls = []
+    fake_rows = backend._dense_decode_rows
+    monkeypatch.setattr(backend, "_dense_decode_rows",
+                        lambda *a: (engine_calls.append(a[7].tolist()), fake_rows(*a)))
     cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
-                       decode_select=select)
+                       decode_select=select, decode_dense_rows=dense_rows)
     assert cfg.effective_decode_min_seq_len == 128
     k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=3)
     builder = _builder(cfg, 4)
@@ -274,6 +298,8 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select):
     out = torch.full((2, HQ, D), float("nan"))
     impl.forward(Layer0(), q, None, None, kv_cache, meta, out)
     assert calls == []  # pure decode: the summary update is fused into the scoring launch
+    # the engine's kernel got the dense row only (the sparse one's length zeroed)
+    assert engine_calls == ([[100, 0]] if dense_rows == "engine" else [])
     want_summ = ref_page_summaries(k_cache, bt, m.seq_lens, before)
     torch.testing.assert_close(impl._summaries, want_summ, rtol=0, atol=0)
     assert not torch.equal(want_summ, before)  # the step's token changed its page's summary
