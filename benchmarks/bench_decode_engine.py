@@ -16,7 +16,7 @@ reports microseconds per layer for
     read every page in a dense-mode launch of ours beside the selection (``decode_overlap``,
     on :func:`~sparse_kernels.pipeline.decode_side_stream`; ``decode_dense_rows="triton"``);
   * ``topk_auto_fa3rows`` -- those rows attended by FA3 instead (``decode_dense_rows="engine"``,
-    what the vLLM backend runs by default);
+    what the vLLM backend then passes), before the other rows' launch;
   * ``topk_auto_serial`` -- ``decode_overlap`` off: the selection, then one decode launch
     over every row (the path before session 9);
 
@@ -193,7 +193,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     plans = {"dense": ("dense", base)}
     for p in DECODE_SELECTS:
         plans[f"topk_{p}"] = ("topk", dataclasses.replace(base, decode_select=p))
-    if fa3 is not None:  # the rows that read every page attended by FA3 (the vLLM default)
+    if fa3 is not None:  # the rows that read every page attended by FA3 (an option)
         plans["topk_auto_fa3rows"] = ("topk", dataclasses.replace(base, decode_dense_rows="engine"))
     # the same selection with every row attended after it (one decode launch, no side stream)
     plans["topk_auto_serial"] = ("topk", dataclasses.replace(base, decode_overlap=False))

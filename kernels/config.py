@@ -30,14 +30,16 @@ DECODE_METHODS = ("dense", "topk")
 # single-stage top-k (two launches); "fused": scoring and top-k in one launch (the last
 # program of a row selects). Every choice selects the same pages.
 DECODE_SELECTS = ("auto", "single", "fused")
-# Who attends the decode rows that read every page (with decode_overlap): the engine's dense
-# decode kernel ("engine"; adapters without one use ours), ours ("triton"), or "auto": the
-# engine's on large decode grids (batch x KV heads above half the SMs: bandwidth bound, where
-# vLLM's FlashAttention is the faster of the two), ours on small ones (batch 1: its launch and
-# the ordering it needs cost more than it saves). H100, 4K prompts, end to end
-# (benchmarks/results/e2e_vllm_2026-11-23_h100_session9_b/): batch 16 step 10.18 ms with
-# "engine", 10.43 ms with "triton" (FLASH_ATTN 9.87); batch 1 TPOT 7.12 / 6.82 ms (6.76).
-DECODE_DENSE_ROWS = ("auto", "engine", "triton")
+# Who attends the decode rows that read every page (with decode_overlap): ours ("triton", the
+# default), the engine's dense decode kernel ("engine"; adapters without one use ours), or
+# "auto": the engine's on large decode grids (batch x KV heads above half the SMs), ours on
+# small ones. Measured on H100s (4K prompts): in a 4K engine end to end
+# (benchmarks/results/e2e_vllm_2026-11-23_h100_session9_b/) the batch-16 step took 10.18 ms
+# with "engine", 10.43 ms with "triton" (FLASH_ATTN 9.87), batch-1 TPOT 7.12 / 6.82 ms (6.76);
+# with a 128K engine's block table (decode_engine_2026-11-23_h100_session9/) "engine" was the
+# slower at both batches (batch 16: 120.6 against 114.5 us per layer; batch 1: 28.5 against
+# 15.4), so ours stays the default until a long-context engine run says otherwise.
+DECODE_DENSE_ROWS = ("triton", "engine", "auto")
 
 # Env vars with the prefix that are not config fields but are ours on purpose:
 # SPARSE_ATTN switches the plugins' env-only mode (see vllm_sparse.env_switch), and
@@ -83,7 +85,7 @@ class SparseConfig:
     # selection, on another stream, instead of after it (pipeline.decode_attention)
     decode_overlap: bool = True
     # with decode_overlap, which kernel attends those rows: see DECODE_DENSE_ROWS
-    decode_dense_rows: str = "auto"
+    decode_dense_rows: str = "triton"
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # decode reads every page (no scoring, no top-k) of sequences of at most this many

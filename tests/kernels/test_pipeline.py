@@ -268,8 +268,9 @@ def test_use_engine_dense_rows(monkeypatch):
 
     monkeypatch.setattr(sd, "_device_sms", lambda device: 132)
     dev = torch.device("cpu")
-    auto = SparseConfig()
-    assert auto.decode_dense_rows == "auto"
+    assert SparseConfig().decode_dense_rows == "triton"
+    assert not use_engine_dense_rows(SparseConfig(), 16, 8, dev)
+    auto = SparseConfig(decode_dense_rows="auto")
     assert not use_engine_dense_rows(auto, 1, 8, dev)
     assert not use_engine_dense_rows(auto, 8, 8, dev)  # 64 rows: at most half of 132
     assert use_engine_dense_rows(auto, 16, 8, dev)
