@@ -95,18 +95,20 @@ def decode_attention(
     if method != "topk":
         raise ValueError(f"unknown decode method {method!r}")
 
-    def select_and_attend(row_filter: str) -> torch.Tensor:
-        sel = decode_select_pages(cfg, q, k_cache, summaries, block_table, seq_lens,
-                                  selected=selected, select_workspace=select_workspace,
-                                  fuse_summary=fuse_summary)
+    def select() -> torch.Tensor:
+        return decode_select_pages(cfg, q, k_cache, summaries, block_table, seq_lens,
+                                   selected=selected, select_workspace=select_workspace,
+                                   fuse_summary=fuse_summary)
+
+    def attend(sel: torch.Tensor | None, row_filter: str, full_pages: int = 0) -> None:
         sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out,
                       scale=scale, workspace=workspace, row_filter=row_filter,
                       full_pages=full_pages)
-        return sel
 
     if not cfg.decode_overlap:
-        full_pages = 0
-        return select_and_attend("all")
+        sel = select()
+        attend(sel, "all")
+        return sel
     page_size = k_cache.shape[1]
     full_pages = decode_full_pages(cfg, page_size)
     side = side_stream if side_stream is not None and q.is_cuda else None
@@ -120,19 +122,19 @@ def decode_attention(
             return fn()
 
     if full_rows_attention is None:
-        sel = on_side(lambda: select_and_attend("select"))
-        sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
-                      workspace=workspace, row_filter="full", full_pages=full_pages)
+        def select_and_attend() -> torch.Tensor:
+            sel = select()
+            attend(sel, "select", full_pages)
+            return sel
+
+        sel = on_side(select_and_attend)
+        attend(None, "full", full_pages)  # dense mode: reads no selection
     else:
-        sel = on_side(lambda: decode_select_pages(
-            cfg, q, k_cache, summaries, block_table, seq_lens, selected=selected,
-            select_workspace=select_workspace, fuse_summary=fuse_summary))
+        sel = on_side(select)
         max_full = full_pages * page_size
         full_rows_attention(torch.where(seq_lens <= max_full, seq_lens, 0), out, max_full)
         # the other rows' attention after the engine's launch, which writes every row
-        on_side(lambda: sparse_decode(q, k_cache, v_cache, block_table, seq_lens,
-                                      selected=sel, out=out, scale=scale, workspace=workspace,
-                                      row_filter="select", full_pages=full_pages))
+        on_side(lambda: attend(sel, "select", full_pages))
     if side is not None:
         main.wait_stream(side)
     return sel
