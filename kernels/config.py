@@ -78,7 +78,10 @@ class SparseConfig:
     # adopted: it did not win back the 32K multi-key needles planted at token ~64 (5 of 10 at
     # depth 0 against 4 of 10; dense 9), benchmarks/results/accuracy_2026-11-23_h200_session4/
     sink_tokens: int = 64
-    local_tokens: int = 512  # last tokens always kept (decode and streaming prefill)
+    local_tokens: int = 512  # last tokens always kept (decode, and streaming prefill unless:)
+    # streaming prefill's local window in tokens; 0 means local_tokens. Separate so that the
+    # A-shape window can be swept without changing what decode always keeps (nor its budget)
+    streaming_local_tokens: int = 0
     selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
     decode_select: str = "auto"  # selection launches: see DECODE_SELECTS
     # rows that read every page (within the budget, or dense rows) are attended beside the
@@ -160,7 +163,8 @@ class SparseConfig:
                      "selection_reuse"):
             if getattr(self, name) < 1:
                 raise SparseConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sink_tokens", "local_tokens", "min_seq_len", "decode_min_seq_len",
+        for name in ("sink_tokens", "local_tokens", "streaming_local_tokens", "min_seq_len",
+                     "decode_min_seq_len",
                      "vs_vertical", "vs_slash", "prefill_dense_last_blocks"):
             if getattr(self, name) < 0:
                 raise SparseConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -227,6 +231,12 @@ class SparseConfig:
     def is_dense(self) -> bool:
         return (self.prefill_method == "dense" and self.decode_method == "dense"
                 and not self.head_overrides)
+
+    @property
+    def prefill_local_tokens(self) -> int:
+        """Streaming prefill's local window: ``streaming_local_tokens``, or ``local_tokens``
+        when it is 0."""
+        return self.streaming_local_tokens or self.local_tokens
 
     @property
     def effective_decode_min_seq_len(self) -> int:

@@ -265,7 +265,7 @@ def _estimate(method, cfg, q, k_cache, block_table, meta, scale) -> PrefillBlock
         from sparse_kernels.estimate_streaming import estimate_streaming
 
         return estimate_streaming(meta, hkv, sink_tokens=cfg.sink_tokens,
-                                  local_tokens=cfg.local_tokens)
+                                  local_tokens=cfg.prefill_local_tokens)
     if method == "xattention":
         from sparse_kernels.estimate_xattention import estimate_xattention
 

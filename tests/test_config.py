@@ -24,6 +24,14 @@ def test_env_vars_are_read_and_typed():
     assert cfg.min_seq_len == 8192 and cfg.xattn_threshold == 0.95
 
 
+def test_streaming_local_tokens_is_not_bound_by_the_decode_budget():
+    """The streaming prefill window is not part of decode's budget: a window wider than the
+    budget is valid (local_tokens that wide is not, see the impossible-budget case)."""
+    cfg = SparseConfig.from_sources(environ={"SPARSE_STREAMING_LOCAL_TOKENS": "16384"})
+    assert cfg.token_budget == 8192 and cfg.prefill_local_tokens == 16384
+    assert cfg.local_tokens == 512
+
+
 def test_decode_min_seq_len():
     """0 (the default) resolves to twice the token budget; set, it is taken as is; it is read
     from the env and the engine dict and shows in the logged summary."""
@@ -68,6 +76,7 @@ def test_overrides_beat_env():
     ({"SPARSE_PREFILL_DENSE_LAST_BLOCKS": "-1"}, None, "prefill_dense_last_blocks must be >= 0"),
     ({"SPARSE_DECODE_MIN_SEQ_LEN": "8k"}, None, "cannot read '8k' as int"),
     ({"SPARSE_TOKEN_BUDGET": "256", "SPARSE_LOCAL_TOKENS": "512"}, None, "impossible budget"),
+    ({"SPARSE_STREAMING_LOCAL_TOKENS": "-64"}, None, "streaming_local_tokens must be >= 0"),
     ({"SPARSE_XATTN_THRESHOLD": "1.5"}, None, r"xattn_threshold must be in \(0, 1\]"),
     ({"SPARSE_BLOCK_SIZE": "48"}, None, "block_size must be a power of two"),
     ({"SPARSE_XATTN_STRIDE": "3"}, None, "xattn_stride .* must divide block_size"),

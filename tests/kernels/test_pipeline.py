@@ -99,6 +99,29 @@ def test_prefill_dense_fallback_above_density(dense_above, expect_fallback):
         assert not torch.allclose(out, dense_out, atol=1e-3)
 
 
+def test_streaming_local_tokens_sets_the_prefill_window_alone():
+    """streaming_local_tokens widens streaming prefill's window without local_tokens (what
+    decode always keeps): same output as local_tokens at that width, unlike the default."""
+    q, k, v, bt, qsl, sl, meta = _prefill_case()
+    kw = dict(block_size=16, sink_tokens=16, token_budget=64, prefill_dense_above=1.0)
+    scale = 1 / math.sqrt(D)
+    q, k, v, bt = _dev(q, k, v, bt)
+    meta = _meta_to_device(meta)
+    outs, dens = {}, {}
+    for name, cfg in {"narrow": SparseConfig(local_tokens=16, **kw),
+                      "wide_local": SparseConfig(local_tokens=48, **kw),
+                      "wide_streaming": SparseConfig(local_tokens=16, streaming_local_tokens=48,
+                                                     **kw)}.items():
+        outs[name] = torch.empty_like(q)
+        dens[name], _ = sparse_prefill_attention("streaming", cfg, q, k, v, bt, meta,
+                                                 outs[name], scale)
+    assert SparseConfig(local_tokens=16, streaming_local_tokens=48, **kw).prefill_local_tokens == 48
+    assert SparseConfig(local_tokens=16, **kw).prefill_local_tokens == 16
+    torch.testing.assert_close(outs["wide_streaming"], outs["wide_local"], atol=0, rtol=0)
+    assert float(dens["wide_streaming"]) == float(dens["wide_local"]) > float(dens["narrow"])
+    assert not torch.allclose(outs["wide_streaming"], outs["narrow"], atol=1e-3)
+
+
 @pytest.mark.parametrize("page, expect", [(16, (256, 4, 32)), (64, (64, 1, 8))])
 def test_decode_budget_pages(page, expect):
     cfg = SparseConfig(token_budget=4096, sink_tokens=64, local_tokens=512)
