@@ -480,3 +480,38 @@ def test_device_script_long_config_lists_get_a_short_tag(tmp_path):
     assert "File name too long" not in r.stderr
     (summary,) = out.glob("accuracy_summary_*.txt")
     assert len(summary.name) < 120 and "no model at MODEL=" in summary.read_text()
+
+
+def test_accuracy_queue_limits_runs_and_waits_for_each_engine(tmp_path):
+    """accuracy_queue.sh: at most MAXJ runs at once, each run starts only after the previous
+    run's engine log says 'init engine' (or that run ended), every run gets its own OUT and
+    WORK and an exit status file."""
+    script = REPO / "benchmarks" / "device" / "accuracy_queue.sh"
+    events = tmp_path / "events.txt"
+    # a run: records its start, 'starts an engine' for 1 s, then 'serves' for 4 s
+    run = (f"echo start $(date +%s.%N) >> {events}; mkdir -p $WORK/logs; sleep 1; "
+           f"echo 'init engine took 1 s' > $WORK/logs/c.log; echo up $(date +%s.%N) >> {events}; "
+           f"sleep 4; echo done $(date +%s.%N) >> {events}; touch $OUT/result.json")
+    queue = tmp_path / "queue.txt"
+    queue.write_text("# a comment\n\n" + "".join(f"r{i} {run}\n" for i in range(4))
+                     + "bad exit 3\n")
+    res = tmp_path / "res"
+    env = dict(os.environ, RES=str(res), MAXJ="2", ACC_DRY="1", START_WAIT_S="30",
+               SAMPLE_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(["bash", str(script), str(queue)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i in range(4):
+        assert (res / f"r{i}.rc").read_text().strip() == "0"
+        assert (res / f"r{i}" / "result.json").is_file()
+    assert (res / "bad.rc").read_text().strip() == "3"
+    ev = sorted((float(t), kind) for kind, t in
+                (line.split() for line in events.read_text().splitlines()))
+    live = peak = 0
+    for _, kind in ev:
+        live += {"start": 1, "done": -1}.get(kind, 0)
+        peak = max(peak, live)
+    assert peak == 2  # two at once, never three
+    starts = [t for t, k in ev if k == "start"]
+    ups = [t for t, k in ev if k == "up"]
+    assert all(starts[i + 1] >= ups[i] for i in range(3))  # never during an engine start
