@@ -2,7 +2,9 @@
 # Several accuracy runs on one GPU, from a queue: at most MAXJ at once, and a run starts only
 # when no other run's engine is still starting (two vLLM engines that profile memory at the
 # same time can both fail with "No available memory for the cache blocks", see
-# docs/gpu-testing.md). Correctness runs only: runs that share a GPU are not timed.
+# docs/gpu-testing.md). A run that ends while another engine profiles memory breaks that
+# start too ("Error in memory profiling"); accuracy_vllm.sh runs such a config once more.
+# Correctness runs only: runs that share a GPU are not timed.
 #
 #   bash benchmarks/device/accuracy_queue.sh QUEUE_FILE
 #

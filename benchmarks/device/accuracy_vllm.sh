@@ -78,7 +78,9 @@
 # used; VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 lets vLLM accept it), GPU_UTIL (0.85), MAX_NUM_SEQS (64),
 # WORKERS (12), SAMPLE_CACHE (/tmp/acc_sample_cache), ENGINE_STATS (1: --engine-stats),
 # DEPTHS (the tasks' needle depths, default 0 0.25 0.5 0.75 1: samples cycle through them;
-# DEPTHS=0 puts every needle at the start of the haystack), ACC_DRY=1 (CPU dry run: no setup_env, no GPU, --engine dry; PY picks the python).
+# DEPTHS=0 puts every needle at the start of the haystack), RETRY_WAIT_S (20: a config whose
+# engine start failed because another process on the GPU changed its memory meanwhile, as
+# when runs share a GPU, is run once more after this wait), ACC_DRY=1 (CPU dry run: no setup_env, no GPU, --engine dry; PY picks the python).
 set -uo pipefail
 ACC_T0=${ACC_T0:-$(date +%s)}
 DEADLINE_S=${DEADLINE_S:-540}
@@ -245,10 +247,12 @@ compare_with_dense() {  # $1: config name. DENSE_JSON may join files with '+' (c
 }
 
 STATS_FLAG=--engine-stats; [ "$ENGINE_STATS" = 1 ] || STATS_FLAG=--no-engine-stats
+FAILED=0
 for c in "${CONFIGS[@]}"; do
   left=$(( DEADLINE_S - $(elapsed) - RESERVE_S ))
   if [ "$left" -lt "$MIN_CONFIG_S" ]; then
     say "== $c: SKIPPED, ${left}s left before the reserve (< MIN_CONFIG_S=$MIN_CONFIG_S)"
+    FAILED=$((FAILED + 1))
     continue
   fi
   config_args "$c"
@@ -256,15 +260,32 @@ for c in "${CONFIGS[@]}"; do
   rm -f "$OUT/accuracy_qwen_$n.json" "$OUT/match_${n}_vs_dense.json"
   say "== $c: $BACKEND ${ENVS[*]:-(no SPARSE_* env)}; start +$(elapsed)s, timeout ${left}s"
   t0=$(date +%s)
-  timeout --kill-after=10 "$left" $PY benchmarks/accuracy/run_accuracy.py "${ENGINE[@]}" \
-    --model "$MODEL" --backend "$BACKEND" ${ENVS[@]+--sparse-env "${ENVS[@]}"} \
-    --lengths $LENGTHS --depths $DEPTHS --samples "$SAMPLES" --tasks $TASKS --max-model-len "$MAX_MODEL_LEN" \
-    --engine-arg "gpu_memory_utilization=$GPU_UTIL" "max_num_seqs=$MAX_NUM_SEQS" \
-    "$STATS_FLAG" --workers "$WORKERS" --sample-cache "$SAMPLE_CACHE" --no-progress \
-    --name "qwen_$n" --method "$LABEL" --out "$OUT/accuracy_qwen_$n.json" \
-    ${EXTRA[@]+"${EXTRA[@]}"} > "$WORK/logs/$n.log" 2>&1
-  rc=$?
+  for attempt in 1 2; do
+    timeout --kill-after=10 "$left" $PY benchmarks/accuracy/run_accuracy.py "${ENGINE[@]}" \
+      --model "$MODEL" --backend "$BACKEND" ${ENVS[@]+--sparse-env "${ENVS[@]}"} \
+      --lengths $LENGTHS --depths $DEPTHS --samples "$SAMPLES" --tasks $TASKS --max-model-len "$MAX_MODEL_LEN" \
+      --engine-arg "gpu_memory_utilization=$GPU_UTIL" "max_num_seqs=$MAX_NUM_SEQS" \
+      "$STATS_FLAG" --workers "$WORKERS" --sample-cache "$SAMPLE_CACHE" --no-progress \
+      --name "qwen_$n" --method "$LABEL" --out "$OUT/accuracy_qwen_$n.json" \
+      ${EXTRA[@]+"${EXTRA[@]}"} > "$WORK/logs/$n.log" 2>&1
+    rc=$?
+    # Engines sharing a GPU (accuracy_queue.sh): vLLM's start-up memory profile fails when
+    # another process frees or takes GPU memory meanwhile (e.g. another run ends). That is
+    # not this config's fault: run it once more, if it never served and time is left.
+    left=$(( DEADLINE_S - $(elapsed) - RESERVE_S ))
+    if [ $rc -ne 0 ] && [ $attempt = 1 ] && [ "$left" -ge "$MIN_CONFIG_S" ] \
+        && ! grep -qE "^length [0-9]+ done" "$WORK/logs/$n.log" \
+        && grep -qE "Error in memory profiling|No available memory for the cache blocks" "$WORK/logs/$n.log"; then
+      mv "$WORK/logs/$n.log" "$WORK/logs/$n.attempt1.log"
+      say "== $c: engine start failed on GPU memory that another process changed (log: $n.attempt1.log); retrying once in ${RETRY_WAIT_S:-20}s"
+      sleep "${RETRY_WAIT_S:-20}"
+      left=$(( DEADLINE_S - $(elapsed) - RESERVE_S ))
+      continue
+    fi
+    break
+  done
   say "== $c: rc=$rc$([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo ' (TIMED OUT)') in $(( $(date +%s) - t0 ))s"
+  [ $rc -eq 0 ] || FAILED=$((FAILED + 1))
   grep -E "^samples:" "$WORK/logs/$n.log" | sed 's/^/   /' | tee -a "$SUMMARY"
   if [ $rc -ne 0 ]; then
     grep -E "^length [0-9]+ done" "$WORK/logs/$n.log" | sed 's/^/   /' | tee -a "$SUMMARY"
@@ -280,3 +301,5 @@ done
 say "== done at +$(elapsed)s; files in \$OUT:"
 tar_logs
 ls -la "$OUT" | tail -n +2 | tee -a "$SUMMARY"
+# the exit status says whether every config ran to the end (accuracy_queue.sh records it)
+[ $FAILED -eq 0 ] || { say "== $FAILED config(s) did not finish (rc above)"; exit 1; }

@@ -515,3 +515,51 @@ def test_accuracy_queue_limits_runs_and_waits_for_each_engine(tmp_path):
     starts = [t for t, k in ev if k == "start"]
     ups = [t for t, k in ev if k == "up"]
     assert all(starts[i + 1] >= ups[i] for i in range(3))  # never during an engine start
+
+
+def _fake_python(tmp_path, first_error: str):
+    """A PY for accuracy_vllm.sh: run_accuracy.py fails once with ``first_error`` and then
+    succeeds (writing nothing); the model precondition check passes; the rest is Python."""
+    count = tmp_path / "engine_starts"
+    fake = tmp_path / "fakepy"
+    fake.write_text(f"""#!/bin/bash
+case " $* " in
+  *run_accuracy.py*)
+    n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}
+    if [ "$n" = 0 ]; then echo "{first_error}"; exit 1; fi
+    echo "samples: 1 in 0.1 s"; exit 0;;
+  " - "*) echo "essays: (fake)"; exit 0;;
+esac
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    return fake, count
+
+
+@pytest.mark.parametrize("error, retried", [
+    ("AssertionError: Error in memory profiling. Initial free memory 25.62 GiB, current free "
+     "memory 41.78 GiB.", True),
+    ("ValueError: No available memory for the cache blocks.", True),
+    ("RuntimeError: CUDA error: an illegal memory access was encountered", False),
+])
+def test_device_script_retries_a_config_once_when_a_shared_gpu_broke_its_start(
+        tmp_path, error, retried):
+    """accuracy_vllm.sh runs a config once more when its engine start failed because another
+    process changed the GPU's memory (runs sharing a GPU), and only then; the exit status
+    says whether every config finished."""
+    script = REPO / "benchmarks" / "device" / "accuracy_vllm.sh"
+    fake, count = _fake_python(tmp_path, error)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), ACC_DRY="1",
+               PY=str(fake), MODEL=str(tmp_path / "model"), RETRY_WAIT_S="0", TAG="t")
+    r = subprocess.run(["bash", str(script), "default"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "out" / "accuracy_summary_t.txt").read_text()
+    assert int(count.read_text()) == (2 if retried else 1), summary
+    assert ("retrying once" in summary) is retried
+    assert r.returncode == (0 if retried else 1), r.stdout + r.stderr
+    if retried:
+        assert (tmp_path / "work" / "logs" / "default.attempt1.log").is_file()
+    else:
+        assert "1 config(s) did not finish" in summary
