@@ -15,8 +15,13 @@ reports microseconds per layer for
     fused into the scoring launch (``fuse_summary=True``), as the backend calls it: rows that
     read every page in a dense-mode launch of ours beside the selection (``decode_overlap``,
     on :func:`~sparse_kernels.pipeline.decode_side_stream`; ``decode_dense_rows="triton"``);
-  * ``topk_auto_fa3rows`` -- those rows attended by FA3 instead (``decode_dense_rows="engine"``,
-    what the vLLM backend then passes), before the other rows' launch;
+  * ``topk_auto_fa3rows`` -- those rows attended by FA3 instead (``decode_dense_rows="engine"``),
+    before the other rows' launch, with FA3's own split heuristic sized by the bound on those
+    rows (the vLLM backend until session 10);
+  * ``topk_auto_fa3rows_aot`` -- the same with what the backend passes since session 10
+    (:mod:`vllm_sparse.full_rows_fa`): the rows' lengths built once per step and FA3's
+    ahead-of-time schedule from them (``get_scheduler_metadata``, ``num_splits`` 32), as
+    vLLM's FLASH_ATTN builder makes it under full CUDA graphs;
   * ``topk_auto_serial`` -- ``decode_overlap`` off: the selection, then one decode launch
     over every row (the path before session 9);
 
@@ -163,20 +168,28 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
 
     side = decode_side_stream(dev)
 
-    def step(method: str, cfg: SparseConfig):
+    def step(method: str, cfg: SparseConfig, aot: bool = False):
+        fr = None
+        if aot:  # once per step in the backend's builder; the lengths here never change
+            fr = _full_rows_schedule(cfg, page, hq, hkv, d, dtype, batch, width * page,
+                                     dev).prepare(seq_lens, qsl, batch, ctx)
+
         def fn():
             for lay in layers:
                 rows = None
                 if fa3 is not None and use_engine_dense_rows(cfg, batch, hkv, dev):
                     def rows(sl, o, max_len, lay=lay):  # what the vLLM backend passes
+                        extra = {} if fr is None else dict(
+                            scheduler_metadata=fr.scheduler_metadata, num_splits=fr.num_splits)
                         fa3(q, k_cache, v_cache, max_seqlen_q=1, cu_seqlens_q=qsl,
                             max_seqlen_k=min(max_len, width * page), seqused_k=sl,
                             block_table=lay.block_table, causal=True, softmax_scale=scale,
-                            out=o, fa_version=3)
+                            out=o, fa_version=3, **extra)
                 decode_attention(method, cfg, q, k_cache, v_cache, lay.summaries,
                                  lay.block_table, seq_lens, out, scale, selected=selected,
                                  workspace=ws, select_workspace=sws, fuse_summary=True,
-                                 side_stream=side, full_rows_attention=rows)
+                                 side_stream=side, full_rows_attention=rows,
+                                 full_rows_seq_lens=None if fr is None else fr.seq_lens)
         return fn
 
     def fa3_step():
@@ -195,6 +208,8 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         plans[f"topk_{p}"] = ("topk", dataclasses.replace(base, decode_select=p))
     if fa3 is not None:  # the rows that read every page attended by FA3 (an option)
         plans["topk_auto_fa3rows"] = ("topk", dataclasses.replace(base, decode_dense_rows="engine"))
+        plans["topk_auto_fa3rows_aot"] = ("topk", dataclasses.replace(base,
+                                                                      decode_dense_rows="engine"))
     # the same selection with every row attended after it (one decode launch, no side stream)
     plans["topk_auto_serial"] = ("topk", dataclasses.replace(base, decode_overlap=False))
     runs = [(name, m, c, None) for name, (m, c) in plans.items()]
@@ -227,7 +242,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     for name, method, cfg, variant in runs:
         ctxm = variant if variant is not None else contextlib.nullcontext()
         with ctxm:
-            fn = step(method, cfg)
+            fn = step(method, cfg, aot=name.startswith("topk_auto_fa3rows_aot"))
             out.fill_(float("nan"))
             t = _graph_time_us(fn, args.iters, flush) / L
             replayed = out.clone()  # what the captured graph (its branches joined) wrote
@@ -248,6 +263,21 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _full_rows_schedule(cfg: SparseConfig, page: int, hq: int, hkv: int, d: int,
+                        dtype: torch.dtype, batch: int, max_model_len: int, dev: torch.device):
+    """The vLLM backend's FullRowsSchedule as under full CUDA graphs on FA3 (vLLM 0.26's
+    default ``flash_attn_max_num_splits_for_cuda_graph``, 32)."""
+    from vllm.vllm_flash_attn import get_scheduler_metadata
+
+    from vllm_sparse.full_rows_fa import FullRowsSchedule
+
+    return FullRowsSchedule(cfg, page_size=page, num_heads_q=hq, num_heads_kv=hkv, head_size=d,
+                            kv_dtype=dtype, max_seqs=batch, max_model_len=max_model_len,
+                            full_cuda_graphs=True, max_cudagraph_size=batch,
+                            max_num_splits_for_cuda_graph=32, device=dev,
+                            get_scheduler_metadata=get_scheduler_metadata)
 
 
 def _row_kind(cfg: SparseConfig, ctx: int, page: int) -> str:

@@ -59,6 +59,7 @@ def decode_attention(
     fuse_summary: bool = False,
     side_stream: torch.cuda.Stream | None = None,
     full_rows_attention: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None,
+    full_rows_seq_lens: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Decode attention of ``q [B, Hq, D]`` into ``out``; returns the page selection (topk).
 
@@ -87,6 +88,8 @@ def decode_attention(
     engine's own dense paged decode for those rows instead of ours (vLLM: FlashAttention). It
     gets ``seq_lens`` with every other row set to 0 and an upper bound of the lengths left,
     and may write every row of ``out``: the other rows' attention is ordered after it.
+    ``full_rows_seq_lens``: those lengths already built (:func:`full_row_seq_lens`, e.g. once
+    per step by an adapter's metadata builder instead of once per layer here).
     """
     if method == "dense":
         sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
@@ -131,8 +134,9 @@ def decode_attention(
         attend(None, "full", full_pages)  # dense mode: reads no selection
     else:
         sel = on_side(select)
-        max_full = full_pages * page_size
-        full_rows_attention(torch.where(seq_lens <= max_full, seq_lens, 0), out, max_full)
+        if full_rows_seq_lens is None:
+            full_rows_seq_lens = full_row_seq_lens(cfg, seq_lens, page_size)
+        full_rows_attention(full_rows_seq_lens, out, full_pages * page_size)
         # the other rows' attention after the engine's launch, which writes every row
         on_side(lambda: attend(sel, "select", full_pages))
     if side is not None:
@@ -144,6 +148,17 @@ def decode_full_pages(cfg: SparseConfig, page_size: int) -> int:
     """Top-k decode reads every page of sequences of at most this many pages: those within the
     budget (their selection lists every page) and the dense rows (:func:`decode_dense_pages`)."""
     return max(decode_budget_pages(cfg, page_size)[0], decode_dense_pages(cfg, page_size))
+
+
+def full_row_seq_lens(cfg: SparseConfig, seq_lens: torch.Tensor, page_size: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``seq_lens`` with the rows that do not read every page (more than
+    :func:`decode_full_pages` pages) set to 0: what ``full_rows_attention`` of
+    :func:`decode_attention` attends; ``out``: a buffer to write it to."""
+    max_full = decode_full_pages(cfg, page_size) * page_size
+    if out is None:
+        return torch.where(seq_lens <= max_full, seq_lens, 0)
+    return torch.mul(seq_lens, seq_lens <= max_full, out=out)
 
 
 def use_engine_dense_rows(cfg: SparseConfig, batch: int, num_kv_heads: int,

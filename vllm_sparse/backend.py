@@ -123,6 +123,9 @@ class SparseAttentionMetadata:
     select_workspace: object | None = None
     # The selection runs on it beside the rows that read every page (SparseConfig.decode_overlap).
     side_stream: torch.cuda.Stream | None = None
+    # This step's inputs of vLLM's FlashAttention for the decode rows that read every page
+    # (decode_dense_rows engine/auto on this batch), else None: ours attends them.
+    full_rows: object | None = None
     # No cascade attention; vLLM's runner reads this.
     use_cascade: bool = False
     causal: bool = True
@@ -303,6 +306,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         from sparse_kernels.pipeline import decode_budget_pages, decode_side_stream
         from sparse_kernels.sparse_decode import DecodeWorkspace
+        from vllm_sparse.full_rows_fa import make_full_rows_schedule
 
         self.cfg = vllm_sparse_config(vllm_config)
         PATH_COUNTERS.write_metrics = _tp_rank() == 0
@@ -330,6 +334,16 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         # made here, before CUDA-graph capture, and shared by every layer
         self.side_stream = (decode_side_stream(torch.device(device))
                             if self.cfg.decode_overlap else None)
+        self.full_rows_schedule = make_full_rows_schedule(
+            self.cfg, vllm_config, page_size=self.block_size, num_heads_q=self.num_heads_q,
+            num_heads_kv=self.num_heads_kv, head_size=self.head_size, max_seqs=max_seqs,
+            device=torch.device(device))
+        if self.full_rows_schedule is not None:
+            logger.info("sparse-serve: decode rows that read every page go to vLLM's "
+                        "FlashAttention (decode_dense_rows=%s), %s", self.cfg.decode_dense_rows,
+                        "with an ahead-of-time FA3 schedule per step"
+                        if self.full_rows_schedule.get_scheduler_metadata is not None
+                        else "with FlashAttention's own split heuristic (no FA3 scheduler)")
 
     def _select_workspace(self, max_pages: int):
         """Selection scratch for every batch of the decode buffers, rows ``max_pages`` wide;
@@ -351,8 +365,16 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         runs: list[PrefillRun] = []
         if num_prefills:
             runs = self._prefill_runs(m, num_decodes)
+        from sparse_kernels.pipeline import use_engine_dense_rows
+
+        full_rows = None
         if num_decodes:
             PATH_COUNTERS.decode_steps += 1
+            schedule = getattr(self, "full_rows_schedule", None)
+            if schedule is not None and use_engine_dense_rows(
+                    self.cfg, num_decodes, self.num_heads_kv, m.seq_lens.device):
+                full_rows = schedule.prepare(m.seq_lens, m.query_start_loc, num_decodes,
+                                             m.max_seq_len)
         PATH_COUNTERS.maybe_report(self.cfg)
         return SparseAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
@@ -360,7 +382,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, prefill_runs=runs,
             selected=self.selected, workspace=self.workspace,
-            select_workspace=self.select_workspace, side_stream=self.side_stream)
+            select_workspace=self.select_workspace, side_stream=self.side_stream,
+            full_rows=full_rows)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> SparseAttentionMetadata:
@@ -613,11 +636,7 @@ class SparseAttentionImpl(AttentionImpl):
             return output.fill_(0)
         from sparse_kernels.page_select import tokens_read
         from sparse_kernels.page_summary import update_page_summaries
-        from sparse_kernels.pipeline import (
-            decode_attention,
-            sparse_prefill_attention,
-            use_engine_dense_rows,
-        )
+        from sparse_kernels.pipeline import decode_attention, sparse_prefill_attention
 
         m = attn_metadata
         prefill_method, decode_method = self._layer_methods(layer)
@@ -640,17 +659,19 @@ class SparseAttentionImpl(AttentionImpl):
         nd = m.num_decodes
         stats = PATH_COUNTERS.sums_for(q.device)
         if nd:
-            full_rows = None
-            if use_engine_dense_rows(self.cfg, nd, self.num_kv_heads, q.device):
+            full_rows, fr = None, m.full_rows
+            if fr is not None:  # the builder chose vLLM's FlashAttention for the full rows
                 full_rows = functools.partial(
                     _dense_decode_rows, q[:nd], key_cache, value_cache,
                     m.query_start_loc[:nd + 1], m.block_table[:nd], self.scale,
-                    self.max_model_len)
+                    self.max_model_len, scheduler_metadata=fr.scheduler_metadata,
+                    num_splits=fr.num_splits)
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
                                    self.scale, selected=m.selected, workspace=m.workspace,
                                    select_workspace=m.select_workspace, fuse_summary=True,
-                                   side_stream=m.side_stream, full_rows_attention=full_rows)
+                                   side_stream=m.side_stream, full_rows_attention=full_rows,
+                                   full_rows_seq_lens=None if fr is None else fr.seq_lens)
             if self._decode_stats:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads
@@ -738,15 +759,18 @@ def _dense_prefill(q, key_cache, value_cache, run: PrefillRun, out, scale: float
 
 
 def _dense_decode_rows(q, key_cache, value_cache, query_start_loc, block_table, scale: float,
-                       max_model_len: int | None, seq_lens, out, max_seq_len: int) -> None:
+                       max_model_len: int | None, seq_lens, out, max_seq_len: int, *,
+                       scheduler_metadata=None, num_splits: int = 0) -> None:
     """Decode rows that read every page, with vLLM's FlashAttention (``full_rows_attention`` of
     :func:`sparse_kernels.pipeline.decode_attention`: rows of length 0 are the others'). No host
     value changes between steps (``max_seq_len`` is the config's bound), so it is captured in
-    the decode CUDA graphs like the rest."""
+    the decode CUDA graphs like the rest. ``scheduler_metadata`` / ``num_splits``: FA3's
+    ahead-of-time schedule of this step (:mod:`vllm_sparse.full_rows_fa`), as vLLM's own
+    FLASH_ATTN backend passes them."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     flash_attn_varlen_func(
         q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=query_start_loc, max_seqlen_q=1,
         seqused_k=seq_lens, max_seqlen_k=min(max_seq_len, max_model_len or max_seq_len),
-        softmax_scale=scale, causal=True,
-        block_table=block_table, fa_version=_fa_version())
+        softmax_scale=scale, causal=True, block_table=block_table,
+        scheduler_metadata=scheduler_metadata, num_splits=num_splits, fa_version=_fa_version())

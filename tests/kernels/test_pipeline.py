@@ -272,6 +272,21 @@ def test_decode_overlap_equals_one_launch(budget, decode_min):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-4)
     assert seen == [([s if -(-s // PAGE) <= full else 0 for s in seq_lens], full * PAGE)]
+    # The lengths built beforehand (an adapter's builder, once per step) are what the engine's
+    # launch gets, the very tensor; the output is the same.
+    from sparse_kernels.pipeline import full_row_seq_lens
+
+    buf = torch.full_like(sl, -1)
+    pre = full_row_seq_lens(cfg, sl, PAGE, out=buf)
+    assert pre.data_ptr() == buf.data_ptr() and pre.cpu().tolist() == seen[0][0]
+    got = []
+    out = torch.full_like(q, float("nan"))
+    decode_attention("topk", cfg, q, k, v, summ.clone(), bt, sl, out, D ** -0.5,
+                     fuse_summary=True, full_rows_seq_lens=pre,
+                     full_rows_attention=lambda s_, o, m: (got.append(s_.data_ptr()),
+                                                           engine_rows(s_, o, m)))
+    assert got == [buf.data_ptr()] and seen[1] == seen[0]
+    torch.testing.assert_close(out, outs[2], rtol=0, atol=0)
     cpu = [x.cpu() for x in (q, k, v, bt, sl)]
     dense = reference.dense_attention(*cpu[:4], torch.arange(len(seq_lens) + 1,
                                                              dtype=torch.int32), cpu[4])

@@ -32,7 +32,30 @@ def _builder(cfg: SparseConfig, max_seqs: int) -> backend.SparseAttentionMetadat
     b.workspace = DecodeWorkspace(max_seqs, HQ, D, device=torch.device("cpu"))
     b.select_workspace = b._select_workspace(64)
     b.side_stream = None  # CPU: the overlapped launches run one after the other
+    b.full_rows_schedule = None
+    if cfg.decode_overlap and cfg.decode_dense_rows != "triton":
+        b.full_rows_schedule = _schedule(cfg, max_seqs)
     return b
+
+
+def _schedule(cfg: SparseConfig, max_seqs: int):
+    """The builder's FullRowsSchedule, as on FA3 with full CUDA graphs, FA3's scheduler
+    replaced by a stand-in that records its arguments (``.calls``)."""
+    from vllm_sparse.full_rows_fa import FullRowsSchedule
+
+    calls = []
+
+    def get_scheduler_metadata(**kw):
+        calls.append(kw)
+        return torch.arange(1 + 4 * ((kw["batch_size"] + 3) // 4), dtype=torch.int32) + 7
+
+    s = FullRowsSchedule(cfg, page_size=PAGE, num_heads_q=HQ, num_heads_kv=HKV, head_size=D,
+                         kv_dtype=torch.float32, max_seqs=max_seqs, max_model_len=4096,
+                         full_cuda_graphs=True, max_cudagraph_size=max_seqs,
+                         max_num_splits_for_cuda_graph=32, device=torch.device("cpu"),
+                         get_scheduler_metadata=get_scheduler_metadata)
+    s.calls = calls
+    return s
 
 
 def _impl(cfg: SparseConfig) -> backend.SparseAttentionImpl:
@@ -58,7 +81,7 @@ def _fake_fa3(monkeypatch):
     monkeypatch.setattr(backend, "_dense_prefill", dense)
 
     def dense_decode_rows(q, key_cache, value_cache, qsl, bt, scale, max_model_len, seq_lens,
-                          out, max_seq_len):
+                          out, max_seq_len, *, scheduler_metadata=None, num_splits=0):
         # as FlashAttention: every row written, the others' (length 0) with what they get;
         # here a large value, so that a sparse row not overwritten after it would show
         assert int(seq_lens.max()) <= max_seq_len
@@ -272,7 +295,8 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     engine_calls = []
     fake_rows = backend._dense_decode_rows
     monkeypatch.setattr(backend, "_dense_decode_rows",
-                        lambda *a: (engine_calls.append(a[7].tolist()), fake_rows(*a)))
+                        lambda *a, **kw: (engine_calls.append((a[7].tolist(), kw)),
+                                          fake_rows(*a, **kw)))
     cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
                        decode_select=select, decode_dense_rows=dense_rows)
     assert cfg.effective_decode_min_seq_len == 128
@@ -298,8 +322,18 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     out = torch.full((2, HQ, D), float("nan"))
     impl.forward(Layer0(), q, None, None, kv_cache, meta, out)
     assert calls == []  # pure decode: the summary update is fused into the scoring launch
-    # the engine's kernel got the dense row only (the sparse one's length zeroed)
-    assert engine_calls == ([[100, 0]] if dense_rows == "engine" else [])
+    # the engine's kernel got the dense row only (the sparse one's length zeroed), with the
+    # schedule the builder made once for the step (FA3's, from those lengths)
+    if dense_rows == "engine":
+        ((lens, kw),) = engine_calls
+        assert lens == [100, 0] and kw["num_splits"] == 32
+        (sched_call,) = builder.full_rows_schedule.calls
+        assert sched_call["cache_seqlens"].tolist() == [100, 0]
+        assert sched_call["batch_size"] == 2 and sched_call["max_seqlen_k"] == 128
+        assert kw["scheduler_metadata"].data_ptr() == builder.full_rows_schedule.sched.data_ptr()
+        assert meta.full_rows.seq_lens.tolist() == [100, 0]
+    else:
+        assert engine_calls == [] and meta.full_rows is None
     want_summ = ref_page_summaries(k_cache, bt, m.seq_lens, before)
     torch.testing.assert_close(impl._summaries, want_summ, rtol=0, atol=0)
     assert not torch.equal(want_summ, before)  # the step's token changed its page's summary
