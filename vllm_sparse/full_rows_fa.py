@@ -77,7 +77,7 @@ class FullRowsSchedule:
                 headdim=self.head_size, cache_seqlens=lens, qkv_dtype=self.kv_dtype,
                 cu_seqlens_q=query_start_loc[:nd + 1], page_size=self.page_size, causal=True,
                 num_splits=num_splits)
-            if self.sched is not None:
+            if meta is not None and self.sched is not None:  # (ROCm's stand-in returns None)
                 n = meta.shape[0]
                 self.sched[:n] = meta
                 self.sched[n:] = 0  # (vLLM: stale entries would let blocks write the output)

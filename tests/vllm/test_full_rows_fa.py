@@ -113,3 +113,14 @@ def test_made_from_the_vllm_config():
     assert fr.seq_lens.tolist() == [90, 0] and fr.num_splits == 16
     if s.get_scheduler_metadata is None:  # no FA3 here
         assert fr.scheduler_metadata is None and s.sched is None
+
+
+def test_a_scheduler_that_returns_nothing_leaves_the_buffer_alone():
+    """vLLM's ROCm fa_utils stands in get_scheduler_metadata with a function returning None."""
+    s = FullRowsSchedule(CFG, page_size=PAGE, num_heads_q=8, num_heads_kv=2, head_size=64,
+                         kv_dtype=torch.bfloat16, max_seqs=8, max_model_len=4096,
+                         full_cuda_graphs=True, max_cudagraph_size=8,
+                         max_num_splits_for_cuda_graph=32, device=torch.device("cpu"),
+                         get_scheduler_metadata=lambda **kw: None)
+    fr = _step(s, [100, 300])
+    assert fr.scheduler_metadata is None and fr.seq_lens.tolist() == [100, 0]
