@@ -161,6 +161,12 @@ def full_row_seq_lens(cfg: SparseConfig, seq_lens: torch.Tensor, page_size: int,
     return torch.mul(seq_lens, seq_lens <= max_full, out=out)
 
 
+def engine_dense_rows_enabled(cfg: SparseConfig) -> bool:
+    """Whether any decode batch may hand its full rows to an engine's dense decode
+    (:func:`use_engine_dense_rows` says which batches do)."""
+    return cfg.decode_overlap and cfg.decode_dense_rows != "triton"
+
+
 def use_engine_dense_rows(cfg: SparseConfig, batch: int, num_kv_heads: int,
                           device: torch.device) -> bool:
     """Whether an adapter with its own dense decode passes it as ``full_rows_attention`` of
@@ -168,7 +174,7 @@ def use_engine_dense_rows(cfg: SparseConfig, batch: int, num_kv_heads: int,
     only, so a CUDA graph captured for a batch size keeps its choice."""
     from sparse_kernels.sparse_decode import _small_grid
 
-    if not cfg.decode_overlap or cfg.decode_dense_rows == "triton":
+    if not engine_dense_rows_enabled(cfg):
         return False
     return cfg.decode_dense_rows == "engine" or not _small_grid(batch, num_kv_heads, device)
 

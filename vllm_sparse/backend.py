@@ -370,7 +370,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         full_rows = None
         if num_decodes:
             PATH_COUNTERS.decode_steps += 1
-            schedule = getattr(self, "full_rows_schedule", None)
+            schedule = self.full_rows_schedule
             if schedule is not None and use_engine_dense_rows(
                     self.cfg, num_decodes, self.num_heads_kv, m.seq_lens.device):
                 full_rows = schedule.prepare(m.seq_lens, m.query_start_loc, num_decodes,

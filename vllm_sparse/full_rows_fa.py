@@ -17,7 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from sparse_kernels.config import SparseConfig
-from sparse_kernels.pipeline import decode_full_pages, full_row_seq_lens
+from sparse_kernels.pipeline import (
+    decode_full_pages,
+    engine_dense_rows_enabled,
+    full_row_seq_lens,
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def make_full_rows_schedule(cfg: SparseConfig, vllm_config, *, page_size: int, n
                             device: torch.device) -> FullRowsSchedule | None:
     """The builder's schedule when some decode rows may go to vLLM's FlashAttention
     (``decode_overlap`` with ``decode_dense_rows`` engine or auto), else ``None``."""
-    if not cfg.decode_overlap or cfg.decode_dense_rows == "triton":
+    if not engine_dense_rows_enabled(cfg):
         return None
     from vllm_sparse.backend import _fa_version
 

@@ -17,6 +17,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
 from sparse_kernels import reference  # noqa: E402
 from sparse_kernels.config import SparseConfig  # noqa: E402
+from sparse_kernels.pipeline import engine_dense_rows_enabled  # noqa: E402
 from sparse_kernels.sparse_decode import DecodeWorkspace  # noqa: E402
 from vllm_sparse import backend  # noqa: E402
 
@@ -33,7 +34,7 @@ def _builder(cfg: SparseConfig, max_seqs: int) -> backend.SparseAttentionMetadat
     b.select_workspace = b._select_workspace(64)
     b.side_stream = None  # CPU: the overlapped launches run one after the other
     b.full_rows_schedule = None
-    if cfg.decode_overlap and cfg.decode_dense_rows != "triton":
+    if engine_dense_rows_enabled(cfg):
         b.full_rows_schedule = _schedule(cfg, max_seqs)
     return b
 
