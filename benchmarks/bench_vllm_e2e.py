@@ -34,6 +34,9 @@ def main() -> None:
                    help="also time a batch of this many --decode-len prompts (decode throughput)")
     p.add_argument("--decode-len", type=int, default=32768)
     p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's max_model_len (default: the longest prompt + output + 8); "
+                        "e.g. 131072 to time short prompts in a long-context engine")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -46,6 +49,10 @@ def main() -> None:
     # The engine process writes its sparse-serve counters here (see engine_stats below).
     os.environ.setdefault("SPARSE_SERVE_METRICS_FILE", f"/tmp/sparse_serve_e2e_{os.getpid()}.json")
     max_len = max(args.lens + [args.decode_len if args.decode_batch else 0]) + args.output_len + 8
+    if args.max_model_len:
+        if args.max_model_len < max_len:
+            sys.exit(f"--max-model-len {args.max_model_len} < {max_len} (prompt + output)")
+        max_len = args.max_model_len
     tp_extra = {}
     if args.tp > 1 and os.environ.get("TP_FUSED_ALLREDUCE", "0") != "1":
         # On hosts without NVLink multicast, vLLM 0.26's TP all-reduce + RMSNorm fusion

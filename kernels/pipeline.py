@@ -90,8 +90,16 @@ def decode_attention(
     and may write every row of ``out``: the other rows' attention is ordered after it.
     ``full_rows_seq_lens``: those lengths already built (:func:`full_row_seq_lens`, e.g. once
     per step by an adapter's metadata builder instead of once per layer here).
+    With method "dense", ``full_rows_attention`` (if given) attends every row: give it only
+    where every row is a full row (an engine whose longest sequence is at most
+    :func:`decode_full_pages` pages, :func:`all_decode_rows_full`), with ``full_rows_seq_lens``
+    (or ``seq_lens``) and an upper bound of the block table's tokens.
     """
     if method == "dense":
+        if full_rows_attention is not None:  # every row read whole by the engine's kernel
+            lens = seq_lens if full_rows_seq_lens is None else full_rows_seq_lens
+            full_rows_attention(lens, out, block_table.shape[1] * k_cache.shape[1])
+            return None
         sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                       workspace=workspace)
         return None
@@ -161,20 +169,29 @@ def full_row_seq_lens(cfg: SparseConfig, seq_lens: torch.Tensor, page_size: int,
     return torch.mul(seq_lens, seq_lens <= max_full, out=out)
 
 
-def engine_dense_rows_enabled(cfg: SparseConfig) -> bool:
+def all_decode_rows_full(cfg: SparseConfig, page_size: int, max_seq_len: int | None) -> bool:
+    """Whether every decode row of an engine whose sequences have at most ``max_seq_len``
+    tokens reads every page (at most :func:`decode_full_pages` pages): top-k decode then
+    never selects, and an adapter runs its decode layers dense (no page selection, no
+    summaries to keep). ``None`` (unknown bound): False."""
+    return bool(max_seq_len) and max_seq_len <= decode_full_pages(cfg, page_size) * page_size
+
+
+def engine_dense_rows_enabled(cfg: SparseConfig, all_full: bool = False) -> bool:
     """Whether any decode batch may hand its full rows to an engine's dense decode
-    (:func:`use_engine_dense_rows` says which batches do)."""
-    return cfg.decode_overlap and cfg.decode_dense_rows != "triton"
+    (:func:`use_engine_dense_rows` says which batches do): with ``decode_overlap`` (the rows
+    beside the selection), or ``all_full`` (:func:`all_decode_rows_full`: every row)."""
+    return (cfg.decode_overlap or all_full) and cfg.decode_dense_rows != "triton"
 
 
 def use_engine_dense_rows(cfg: SparseConfig, batch: int, num_kv_heads: int,
-                          device: torch.device) -> bool:
+                          device: torch.device, all_full: bool = False) -> bool:
     """Whether an adapter with its own dense decode passes it as ``full_rows_attention`` of
     :func:`decode_attention` (``cfg.decode_dense_rows``; "auto": large grids only). Host ints
     only, so a CUDA graph captured for a batch size keeps its choice."""
     from sparse_kernels.sparse_decode import _small_grid
 
-    if not engine_dense_rows_enabled(cfg):
+    if not engine_dense_rows_enabled(cfg, all_full):
         return False
     return cfg.decode_dense_rows == "engine" or not _small_grid(batch, num_kv_heads, device)
 

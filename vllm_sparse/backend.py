@@ -126,6 +126,8 @@ class SparseAttentionMetadata:
     # This step's inputs of vLLM's FlashAttention for the decode rows that read every page
     # (decode_dense_rows engine/auto on this batch), else None: ours attends them.
     full_rows: object | None = None
+    # Every decode row reads every page in this engine (short max_model_len): decode is dense.
+    decode_all_full: bool = False
     # No cascade attention; vLLM's runner reads this.
     use_cascade: bool = False
     causal: bool = True
@@ -304,7 +306,12 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        from sparse_kernels.pipeline import decode_budget_pages, decode_side_stream
+        from sparse_kernels.pipeline import (
+            all_decode_rows_full,
+            decode_budget_pages,
+            decode_full_pages,
+            decode_side_stream,
+        )
         from sparse_kernels.sparse_decode import DecodeWorkspace
         from vllm_sparse.full_rows_fa import make_full_rows_schedule
 
@@ -331,13 +338,24 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         # vLLM pads its block table's width; keep headroom and re-check in build().
         max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
         self.select_workspace = self._select_workspace(max_pages)
+        # An engine whose longest sequence reads every page at decode (max_model_len at most
+        # the decode_min_seq_len threshold or the budget) never selects: its decode is dense.
+        self.decode_all_full = all_decode_rows_full(self.cfg, self.block_size,
+                                                    mc.max_model_len)
+        if self.decode_all_full and "topk" in {self.cfg.decode_method} | {
+                o.decode_method for o in self.cfg.head_overrides}:
+            logger.info(
+                "sparse-serve: max_model_len %d is at most the %d tokens below which top-k "
+                "decode reads every page: decode runs dense in this engine (no page selection); "
+                "raise max_model_len for top-k decode", mc.max_model_len,
+                decode_full_pages(self.cfg, self.block_size) * self.block_size)
         # made here, before CUDA-graph capture, and shared by every layer
         self.side_stream = (decode_side_stream(torch.device(device))
-                            if self.cfg.decode_overlap else None)
+                            if self.cfg.decode_overlap and not self.decode_all_full else None)
         self.full_rows_schedule = make_full_rows_schedule(
             self.cfg, vllm_config, page_size=self.block_size, num_heads_q=self.num_heads_q,
             num_heads_kv=self.num_heads_kv, head_size=self.head_size, max_seqs=max_seqs,
-            device=torch.device(device))
+            device=torch.device(device), all_full=self.decode_all_full)
         if self.full_rows_schedule is not None:
             logger.info("sparse-serve: decode rows that read every page go to vLLM's "
                         "FlashAttention (decode_dense_rows=%s), %s", self.cfg.decode_dense_rows,
@@ -372,7 +390,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             PATH_COUNTERS.decode_steps += 1
             schedule = self.full_rows_schedule
             if schedule is not None and use_engine_dense_rows(
-                    self.cfg, num_decodes, self.num_heads_kv, m.seq_lens.device):
+                    self.cfg, num_decodes, self.num_heads_kv, m.seq_lens.device,
+                    all_full=self.decode_all_full):
                 full_rows = schedule.prepare(m.seq_lens, m.query_start_loc, num_decodes,
                                              m.max_seq_len)
         PATH_COUNTERS.maybe_report(self.cfg)
@@ -383,7 +402,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, prefill_runs=runs,
             selected=self.selected, workspace=self.workspace,
             select_workspace=self.select_workspace, side_stream=self.side_stream,
-            full_rows=full_rows)
+            full_rows=full_rows, decode_all_full=self.decode_all_full)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> SparseAttentionMetadata:
@@ -640,6 +659,8 @@ class SparseAttentionImpl(AttentionImpl):
 
         m = attn_metadata
         prefill_method, decode_method = self._layer_methods(layer)
+        if m.decode_all_full:  # (top-k would read every page of every row: no selection)
+            decode_method = "dense"
         # (B, H, N, 2*D) logical -> K and V views (B, N, H, D), as vLLM's FlashAttention does.
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         summaries = self._get_summaries(key_cache)
@@ -660,7 +681,9 @@ class SparseAttentionImpl(AttentionImpl):
         stats = PATH_COUNTERS.sums_for(q.device)
         if nd:
             full_rows, fr = None, m.full_rows
-            if fr is not None:  # the builder chose vLLM's FlashAttention for the full rows
+            if fr is not None and (decode_method == "topk" or m.decode_all_full):
+                # the builder chose vLLM's FlashAttention for the full rows (here every row,
+                # where every row is full; a dense layer of a longer engine keeps ours)
                 full_rows = functools.partial(
                     _dense_decode_rows, q[:nd], key_cache, value_cache,
                     m.query_start_loc[:nd + 1], m.block_table[:nd], self.scale,
@@ -671,7 +694,8 @@ class SparseAttentionImpl(AttentionImpl):
                                    self.scale, selected=m.selected, workspace=m.workspace,
                                    select_workspace=m.select_workspace, fuse_summary=True,
                                    side_stream=m.side_stream, full_rows_attention=full_rows,
-                                   full_rows_seq_lens=None if fr is None else fr.seq_lens)
+                                   full_rows_seq_lens=None if full_rows is None
+                                   else fr.seq_lens)
             if self._decode_stats:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads

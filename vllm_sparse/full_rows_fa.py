@@ -91,10 +91,12 @@ class FullRowsSchedule:
 
 def make_full_rows_schedule(cfg: SparseConfig, vllm_config, *, page_size: int, num_heads_q: int,
                             num_heads_kv: int, head_size: int, max_seqs: int,
-                            device: torch.device) -> FullRowsSchedule | None:
+                            device: torch.device, all_full: bool = False
+                            ) -> FullRowsSchedule | None:
     """The builder's schedule when some decode rows may go to vLLM's FlashAttention
-    (``decode_overlap`` with ``decode_dense_rows`` engine or auto), else ``None``."""
-    if not engine_dense_rows_enabled(cfg):
+    (``decode_dense_rows`` engine or auto, with ``decode_overlap`` or ``all_full``: see
+    :func:`~sparse_kernels.pipeline.engine_dense_rows_enabled`), else ``None``."""
+    if not engine_dense_rows_enabled(cfg, all_full):
         return None
     from vllm_sparse.backend import _fa_version
 

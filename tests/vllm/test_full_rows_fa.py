@@ -94,6 +94,22 @@ def test_no_schedule_when_ours_attends_the_full_rows(cfg):
                                    head_size=64, max_seqs=8, device=torch.device("cpu")) is None
 
 
+def test_short_engine_makes_a_schedule_without_overlap():
+    """decode_dense_rows=engine in an engine where every row is full (all_full): the schedule
+    exists with decode_overlap off too (the whole decode is dense); "triton" still makes none."""
+    from types import SimpleNamespace as NS
+
+    vc = NS(compilation_config=NS(cudagraph_mode=None, max_cudagraph_capture_size=None),
+            attention_config=None, model_config=NS(dtype=torch.bfloat16, max_model_len=100))
+    kw = dict(page_size=PAGE, num_heads_q=8, num_heads_kv=2, head_size=64, max_seqs=8,
+              device=torch.device("cpu"))
+    cfg = SparseConfig(decode_dense_rows="engine", decode_overlap=False)
+    assert make_full_rows_schedule(cfg, vc, **kw) is None
+    assert make_full_rows_schedule(cfg, vc, all_full=True, **kw) is not None
+    assert make_full_rows_schedule(SparseConfig(decode_dense_rows="triton"), vc, all_full=True,
+                                   **kw) is None
+
+
 def test_made_from_the_vllm_config():
     """make_full_rows_schedule reads vLLM's settings as its FLASH_ATTN builder does: full CUDA
     graphs, the capture size, flash_attn_max_num_splits_for_cuda_graph, the model's dtype and

@@ -24,7 +24,10 @@ from vllm_sparse import backend  # noqa: E402
 HQ, HKV, D, PAGE = 8, 2, 64, 16
 
 
-def _builder(cfg: SparseConfig, max_seqs: int) -> backend.SparseAttentionMetadataBuilder:
+def _builder(cfg: SparseConfig, max_seqs: int,
+             all_full: bool = False) -> backend.SparseAttentionMetadataBuilder:
+    """The builder without a VllmConfig; ``all_full``: an engine whose max_model_len is at
+    most the dense decode threshold (its decode_all_full)."""
     b = object.__new__(backend.SparseAttentionMetadataBuilder)  # no VllmConfig on the CPU
     b.cfg, b.block_size = cfg, PAGE
     b.num_heads_q, b.num_heads_kv, b.head_size = HQ, HKV, D
@@ -33,8 +36,9 @@ def _builder(cfg: SparseConfig, max_seqs: int) -> backend.SparseAttentionMetadat
     b.workspace = DecodeWorkspace(max_seqs, HQ, D, device=torch.device("cpu"))
     b.select_workspace = b._select_workspace(64)
     b.side_stream = None  # CPU: the overlapped launches run one after the other
+    b.decode_all_full = all_full
     b.full_rows_schedule = None
-    if engine_dense_rows_enabled(cfg):
+    if engine_dense_rows_enabled(cfg, all_full):
         b.full_rows_schedule = _schedule(cfg, max_seqs)
     return b
 
@@ -475,3 +479,65 @@ def test_worker_warm_up_resets_the_counts(monkeypatch):
     assert len(warnings) == 1 and "no reset today" in warnings[0]
     monkeypatch.delitem(sys.modules, "vllm.v1.worker.gpu_worker")
     assert not backend.reset_counts_after_warm_up()  # no worker class: nothing to wrap
+
+
+@pytest.mark.parametrize("dense_rows", ["engine", "triton"])
+def test_short_engine_decodes_dense(monkeypatch, dense_rows):
+    """An engine whose max_model_len is at most the dense decode threshold (every decode row
+    would read every page): decode runs dense, with no page selection and no summary
+    maintenance, through the engine's kernel (every row, its whole length, the step's FA3
+    schedule) or ours; the output is dense attention's. With decode_overlap off, the engine's
+    kernel is still used there (no rows beside a selection to overlap with)."""
+    from sparse_kernels import page_select
+    from sparse_kernels import pipeline
+    import sparse_kernels.page_summary as page_summary
+
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
+                       decode_dense_rows=dense_rows, decode_overlap=dense_rows == "triton")
+    # 128 tokens: decode_full_pages * page (dense threshold 2 x budget)
+    assert pipeline.all_decode_rows_full(cfg, PAGE, 128)
+    assert not pipeline.all_decode_rows_full(cfg, PAGE, 129)
+    assert not pipeline.all_decode_rows_full(cfg, PAGE, None)
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    engine_calls, selects, updates = [], [], []
+    fake_rows = backend._dense_decode_rows
+    monkeypatch.setattr(backend, "_dense_decode_rows",
+                        lambda *a, **kw: (engine_calls.append((a[7].tolist(), a[9], kw)),
+                                          fake_rows(*a, **kw)))
+    real_select = page_select.select_pages
+    monkeypatch.setattr(page_select, "select_pages",
+                        lambda *a, **kw: (selects.append(1), real_select(*a, **kw))[1])
+    monkeypatch.setattr(pipeline, "select_pages",
+                        lambda *a, **kw: (selects.append(1), real_select(*a, **kw))[1])
+    real_update = page_summary.update_page_summaries
+    monkeypatch.setattr(page_summary, "update_page_summaries",
+                        lambda *a, **kw: (updates.append(1), real_update(*a, **kw)))
+    seq_lens = [100, 128, 7]
+    k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1, 1], seed=9)
+    builder = _builder(cfg, 4, all_full=True)
+    meta = builder.build(0, m)
+    assert meta.decode_all_full
+    impl = _impl(cfg)
+    q = torch.randn(3, HQ, D)
+    out = torch.full((3, HQ, D), float("nan"))
+    impl.forward(_Layer(), q, None, None, kv_cache, meta, out)
+    dense = reference.dense_attention(q, k_cache, v_cache, bt, m.query_start_loc, m.seq_lens)
+    torch.testing.assert_close(out, dense, atol=2e-4, rtol=2e-4)
+    assert selects == []
+    if dense_rows == "engine":
+        ((lens, bound, kw),) = engine_calls
+        assert lens == seq_lens and bound == bt.shape[1] * PAGE and kw["num_splits"] == 32
+        (sched_call,) = builder.full_rows_schedule.calls
+        assert sched_call["cache_seqlens"].tolist() == seq_lens
+    else:
+        assert engine_calls == [] and builder.full_rows_schedule is None
+    # a mixed batch: the prefill needs no summaries in this engine (no layer ever selects)
+    _, _, kv_cache, bt, m = _batch([100, 40], [1, 40], seed=10)
+    meta = builder.build(0, m)
+    q = torch.randn(41, HQ, D)
+    out = torch.full((41, HQ, D), float("nan"))
+    impl.forward(_Layer(), q, None, None, kv_cache, meta, out)
+    assert updates == [] and selects == []
+    k_cache, v_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
+    want = reference.dense_attention(q, k_cache, v_cache, bt, m.query_start_loc, m.seq_lens)
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
