@@ -111,11 +111,6 @@ VARIANTS = {
     "score_warps4": (ps, dict(SCORE_NUM_WARPS=4)),
     "topk_warps8": (ps, dict(default_topk_warps=lambda *a, **k: 8)),
     "topk_warps4": (ps, dict(default_topk_warps=lambda *a, **k: 4)),
-    # the scoring grid capped at about N programs per SM (each loops over chunks)
-    "score_cap2": (ps, dict(SCORE_PROGRAMS_PER_SM=2)),
-    "score_cap4": (ps, dict(SCORE_PROGRAMS_PER_SM=4)),
-    "score_cap8": (ps, dict(SCORE_PROGRAMS_PER_SM=8)),
-    "score_cap16": (ps, dict(SCORE_PROGRAMS_PER_SM=16)),
     # the decode launch (both row launches of the overlapped plans)
     "min_tiles4": (sd, dict(MIN_SPLIT_TILES=4)),
     "min_tiles8": (sd, dict(MIN_SPLIT_TILES=8)),
@@ -254,12 +249,6 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
             ps._topk_launch(scores, seq_lens, page, k_sel, dense_p, 0, 0, False, selected,
                             "triton", None, None, workspace=sws)
     row["us_per_layer"]["score_only"] = _graph_time_us(score_only, args.iters, flush) / L
-    for v in args.variants:  # (the variants that change the scoring launch matter here)
-        if v.startswith("score_"):
-            mod, consts = VARIANTS[v]
-            with _Variant(v, mod, **consts):
-                row["us_per_layer"][f"score_only+{v}"] = _graph_time_us(
-                    score_only, args.iters, flush) / L
     row["us_per_layer"]["topk_only"] = _graph_time_us(topk_only, args.iters, flush) / L
     decode_select_pages(base, q, k_cache, layers[0].summaries, layers[0].block_table, seq_lens,
                         selected, sws, fuse_summary=True)

@@ -30,15 +30,17 @@ DECODE_METHODS = ("dense", "topk")
 # single-stage top-k (two launches); "fused": scoring and top-k in one launch (the last
 # program of a row selects). Every choice selects the same pages.
 DECODE_SELECTS = ("auto", "single", "fused")
-# Who attends the decode rows that read every page (with decode_overlap): ours ("triton", the
-# default), the engine's dense decode kernel ("engine"; adapters without one use ours), or
-# "auto": the engine's on large decode grids (batch x KV heads above half the SMs), ours on
-# small ones. Measured on H100s (4K prompts): in a 4K engine end to end
-# (benchmarks/results/e2e_vllm_2026-11-23_h100_session9_b/) the batch-16 step took 10.18 ms
-# with "engine", 10.43 ms with "triton" (FLASH_ATTN 9.87), batch-1 TPOT 7.12 / 6.82 ms (6.76);
-# with a 128K engine's block table (decode_engine_2026-11-23_h100_session9/) "engine" was the
-# slower at both batches (batch 16: 120.6 against 114.5 us per layer; batch 1: 28.5 against
-# 15.4), so ours stays the default until a long-context engine run says otherwise.
+# Who attends the decode rows that read every page: ours ("triton"), the engine's dense decode
+# kernel ("engine", beside the selection with decode_overlap; adapters without one use ours),
+# or "auto" (the default): the engine's only in an engine whose every decode row reads every
+# page (max_model_len at most the dense decode threshold: decode is dense there, no selection
+# runs, pipeline.all_decode_rows_full) and only on large decode grids (batch x KV heads above
+# half the SMs); ours everywhere else. Measured on one H100, 4K prompts end to end
+# (benchmarks/results/e2e_vllm_2026-11-23_h100_session11/, FLASH_ATTN on the same machine):
+# in a 4K engine the batch-16 step took 9.55 ms with the engine's FA3 and 9.73 with ours
+# (FLASH_ATTN 9.56), batch-1 TPOT 6.67 ms with ours (6.77); in a 128K engine ours took 9.88
+# ms and FA3 10.12 (FLASH_ATTN 9.61): there FA3 (a persistent kernel) runs before the page
+# selection's launches instead of beside them (decode_engine_2026-11-23_h100_session11/).
 DECODE_DENSE_ROWS = ("triton", "engine", "auto")
 
 # Env vars with the prefix that are not config fields but are ours on purpose:
@@ -87,8 +89,8 @@ class SparseConfig:
     # rows that read every page (within the budget, or dense rows) are attended beside the
     # selection, on another stream, instead of after it (pipeline.decode_attention)
     decode_overlap: bool = True
-    # with decode_overlap, which kernel attends those rows: see DECODE_DENSE_ROWS
-    decode_dense_rows: str = "triton"
+    # which kernel attends those rows (or every row, where all are full): see DECODE_DENSE_ROWS
+    decode_dense_rows: str = "auto"
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # decode reads every page (no scoring, no top-k) of sequences of at most this many

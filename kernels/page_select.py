@@ -550,11 +550,9 @@ def _select_fused_kernel(
     DO_SELECT: tl.constexpr,
     SKIP_TAIL: tl.constexpr,
 ):
-    """Grid ``(programs, batch, num_kv_heads)``; a chunk is ``BLOCK_P * SUB_BLOCKS`` pages.
+    """Grid ``(num_chunks, batch, num_kv_heads)``; a chunk is ``BLOCK_P * SUB_BLOCKS`` pages.
 
-    ``programs`` is the number of chunks of the block table's width, or fewer
-    (:func:`score_grid_programs`): program ``c`` then takes chunks ``c``, ``c + programs``, ...
-    Every program scores its chunks of one (sequence, KV head) row (optionally refreshing the
+    Every program scores its chunk of one (sequence, KV head) row (optionally refreshing the
     summary of the sequence's last page first) and stores the forced scores to the row
     (``-inf`` beyond the sequence). Rows of at most ``skip_pages`` pages (short and dense rows,
     whose top-k reads no score) load no summaries: their valid pages are stored as ``+inf``.
@@ -565,7 +563,7 @@ def _select_fused_kernel(
     pid_c = tl.program_id(0)
     seq_idx = tl.program_id(1)
     kv_head = tl.program_id(2)
-    num_chunks = tl.num_programs(0)  # programs per row (each arrives once under DO_SELECT)
+    num_chunks = tl.num_programs(0)
     num_kv_heads = tl.num_programs(2)
     seq_idx64 = seq_idx.to(tl.int64)
     CHUNK: tl.constexpr = BLOCK_P * SUB_BLOCKS
@@ -573,23 +571,18 @@ def _select_fused_kernel(
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     bt_row = block_table_ptr + seq_idx64 * stride_bt
-    # Program pid_c scores chunks pid_c, pid_c + num_chunks, ... (one chunk each when the grid
-    # covers the row's width; fewer programs than chunks: each loops over several).
     if SKIP_TAIL:
         # The grid covers the block table's width (the engine's longest possible sequence);
         # a chunk past this sequence's pages has nothing to score or refresh, and its reader
         # (the radix top-k) reads no score beyond n_pages.
         if pid_c * CHUNK >= n_pages:
             return
-        row_chunks = (n_pages + CHUNK - 1) // CHUNK
-    else:
-        row_chunks = (max_pages + CHUNK - 1) // CHUNK
 
     if FUSE_SUMMARY:
         # Decode step: this step's token is the last of the sequence; its page's summary is
         # recomputed from the keys (as update_page_summaries would) before it is scored.
         last = n_pages - 1
-        if (seq_len > 0) & ((last // CHUNK) % num_chunks == pid_c):
+        if (seq_len > 0) & (last // CHUNK == pid_c):
             phys_last = tl.load(bt_row + last).to(tl.int64)
             _summarize_page(
                 k_cache_ptr, summ_ptr, phys_last, seq_len - last * PAGE_SIZE, kv_head,
@@ -613,35 +606,34 @@ def _select_fused_kernel(
     q_neg = tl.sum(tl.minimum(q, 0.0), axis=0)
 
     sc_row = scores_ptr + seq_idx64 * stride_sc_b + kv_head * stride_sc_h
-    for chunk in range(pid_c, row_chunks, num_chunks):
-        for sub in tl.static_range(SUB_BLOCKS):
-            offs_p = chunk * CHUNK + sub * BLOCK_P + tl.arange(0, BLOCK_P)
-            valid = offs_p < n_pages
-            load = valid & scored
-            phys = tl.load(bt_row + offs_p, mask=load, other=0)
-            s_ptrs = (
-                summ_ptr
-                + phys.to(tl.int64)[:, None] * stride_s_page
-                + kv_head * stride_s_head
-                + offs_d[None, :] * stride_s_dim
+    for sub in tl.static_range(SUB_BLOCKS):
+        offs_p = pid_c * CHUNK + sub * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = offs_p < n_pages
+        load = valid & scored
+        phys = tl.load(bt_row + offs_p, mask=load, other=0)
+        s_ptrs = (
+            summ_ptr
+            + phys.to(tl.int64)[:, None] * stride_s_page
+            + kv_head * stride_s_head
+            + offs_d[None, :] * stride_s_dim
+        )
+        mask = load[:, None] & mask_d[None, :]
+        k_min = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+        k_max = tl.load(s_ptrs + stride_s_kind, mask=mask, other=0.0).to(tl.float32)
+        score = tl.sum(q_pos[None, :] * k_max + q_neg[None, :] * k_min, axis=1)
+        score = tl.where(valid, score, float("-inf"))
+        in_range = offs_p < max_pages
+        if STORE_RAW:
+            tl.store(
+                raw_ptr + seq_idx64 * stride_raw_b + kv_head * stride_raw_h
+                + offs_p * stride_raw_p,
+                score,
+                mask=in_range,
             )
-            mask = load[:, None] & mask_d[None, :]
-            k_min = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-            k_max = tl.load(s_ptrs + stride_s_kind, mask=mask, other=0.0).to(tl.float32)
-            score = tl.sum(q_pos[None, :] * k_max + q_neg[None, :] * k_min, axis=1)
-            score = tl.where(valid, score, float("-inf"))
-            in_range = offs_p < max_pages
-            if STORE_RAW:
-                tl.store(
-                    raw_ptr + seq_idx64 * stride_raw_b + kv_head * stride_raw_h
-                    + offs_p * stride_raw_p,
-                    score,
-                    mask=in_range,
-                )
-            forced = valid & ((offs_p < sink_pages) | (offs_p >= n_pages - local_pages)
-                              | (n_pages <= skip_pages))
-            score = tl.where(forced, float("inf"), score)
-            tl.store(sc_row + offs_p * stride_sc_p, score, mask=in_range)
+        forced = valid & ((offs_p < sink_pages) | (offs_p >= n_pages - local_pages)
+                          | (n_pages <= skip_pages))
+        score = tl.where(forced, float("inf"), score)
+        tl.store(sc_row + offs_p * stride_sc_p, score, mask=in_range)
 
     if DO_SELECT:
         # Arrive; the last program of the row selects. (bar.sync, then one acq_rel gpu-scope
@@ -708,9 +700,6 @@ class SelectWorkspace:
 # Scoring launch defaults (pages per program, warps).
 SCORE_CHUNK_PAGES = 64
 SCORE_NUM_WARPS = 8
-# Cap on scoring programs (about this many per SM, each looping over chunks); None: one
-# program per chunk of the block table's width (see score_grid_programs).
-SCORE_PROGRAMS_PER_SM: int | None = None
 # Rows up to this many pages are top-k'd from registers (per 8 warps); longer rows loop.
 _IN_REGS_PAGES_PER_8_WARPS = 8192
 _LOOP_BLOCK = 4096
@@ -1140,8 +1129,7 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
     block_p = min(64, chunk)
     assert chunk % block_p == 0 and block_p & (block_p - 1) == 0, chunk
     row_block, in_regs = _row_block(max_pages, num_warps)
-    grid = (score_grid_programs(batch, num_kv_heads, triton.cdiv(max_pages, chunk), q.device),
-            batch, num_kv_heads)
+    grid = (triton.cdiv(max_pages, chunk), batch, num_kv_heads)
     _select_fused_kernel[grid](
         q, summaries, block_table, seq_lens, kc, scores, raw, out, counters,
         sink_pages, local_pages, max_pages, num_select, dense_pages, skip_pages,
@@ -1177,19 +1165,6 @@ def default_chunk_pages(batch: int, num_kv_heads: int, max_pages: int,
     while chunk < 256 and batch * num_kv_heads * triton.cdiv(max_pages, chunk) > 32 * 132:
         chunk *= 2
     return chunk
-
-
-def score_grid_programs(batch: int, num_kv_heads: int, num_chunks: int,
-                        device: torch.device) -> int:
-    """Scoring programs per row: one per chunk of the block table's width, or, with
-    :data:`SCORE_PROGRAMS_PER_SM`, at most about that many per SM over the whole grid (each
-    program then loops over several chunks). The grid is sized by the table's width, not by
-    the rows' lengths (static, for CUDA graphs): in a long-context engine, a batch of short
-    rows launches mostly programs that only exit; a capped grid launches fewer. Host ints."""
-    if SCORE_PROGRAMS_PER_SM is None:
-        return max(1, num_chunks)
-    cap = triton.cdiv(SCORE_PROGRAMS_PER_SM * _sms(device), max(1, batch * num_kv_heads))
-    return max(1, min(num_chunks, cap))
 
 
 def default_topk_warps(max_pages: int) -> int:

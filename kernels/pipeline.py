@@ -179,16 +179,23 @@ def all_decode_rows_full(cfg: SparseConfig, page_size: int, max_seq_len: int | N
 
 def engine_dense_rows_enabled(cfg: SparseConfig, all_full: bool = False) -> bool:
     """Whether any decode batch may hand its full rows to an engine's dense decode
-    (:func:`use_engine_dense_rows` says which batches do): with ``decode_overlap`` (the rows
-    beside the selection), or ``all_full`` (:func:`all_decode_rows_full`: every row)."""
-    return (cfg.decode_overlap or all_full) and cfg.decode_dense_rows != "triton"
+    (:func:`use_engine_dense_rows` says which batches do). ``all_full``: every decode row of
+    the engine reads every page (:func:`all_decode_rows_full`). "engine": with
+    ``decode_overlap`` (the rows beside the selection) or ``all_full``; "auto": ``all_full``
+    only; "triton": never."""
+    if cfg.decode_dense_rows == "triton":
+        return False
+    if cfg.decode_dense_rows == "auto":
+        return all_full
+    return cfg.decode_overlap or all_full
 
 
 def use_engine_dense_rows(cfg: SparseConfig, batch: int, num_kv_heads: int,
                           device: torch.device, all_full: bool = False) -> bool:
     """Whether an adapter with its own dense decode passes it as ``full_rows_attention`` of
-    :func:`decode_attention` (``cfg.decode_dense_rows``; "auto": large grids only). Host ints
-    only, so a CUDA graph captured for a batch size keeps its choice."""
+    :func:`decode_attention` (``cfg.decode_dense_rows``, see
+    :func:`engine_dense_rows_enabled`; "auto": large grids only). Host ints only, so a CUDA
+    graph captured for a batch size keeps its choice."""
     from sparse_kernels.sparse_decode import _small_grid
 
     if not engine_dense_rows_enabled(cfg, all_full):

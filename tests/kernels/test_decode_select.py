@@ -288,49 +288,6 @@ def test_multi_chunk_matches_reference(monkeypatch, chunk_pages, looped, method)
         assert torch.equal(select_pages(*args, **kw).cpu(), want)
 
 
-@pytest.mark.parametrize("per_sm,method", [(1, "triton"), (3, "triton"), (1, "fused"),
-                                           (2, "torch")])
-def test_capped_scoring_grid_loops_over_chunks(monkeypatch, per_sm, method):
-    """SCORE_PROGRAMS_PER_SM caps the scoring grid (4 "SMs" on the CPU): each program loops
-    over several chunks of its row; the selection, the raw scores, the refreshed summary of
-    each row's last page (owned by the program whose loop reaches that chunk) and the fused
-    arrival counters are as with one program per chunk."""
-    monkeypatch.setattr(page_select, "SCORE_PROGRAMS_PER_SM", per_sm)
-    monkeypatch.setattr(page_select, "_sms", lambda device: 4)  # (a GPU too)
-    page, k, sink, local, chunk = 4, 6, 1, 2, 16
-    # the last pages fall in chunks 4, 2, 0 and 1 of 7 (a table of 100 pages)
-    seq_lens = [75 * page - 1, 40 * page, 3, 17 * page]
-    q, _, bt, sl = _setup(seq_lens, 4, 16, page, seed=21)
-    g = torch.Generator().manual_seed(22)
-    kc, _, _ = random_paged_kv(seq_lens, 2, 16, page, torch.float32, generator=g)
-    summ = ref_page_summaries(kc, bt, sl).nan_to_num(0.0)
-    stale = summ.clone()
-    for b, s_len in enumerate(seq_lens):
-        stale[int(bt[b, (s_len - 1) // page])] = 0.0
-    wide = torch.zeros(len(seq_lens), 100, dtype=bt.dtype)
-    wide[:, : bt.shape[1]] = bt
-    programs = page_select.score_grid_programs(len(seq_lens), 2, 7, torch.device(DEVICE))
-    assert programs == -(-per_sm * 4 // 8) < 7  # fewer programs than chunks: they loop
-    raw = torch.full((len(seq_lens), 2, 100), float("nan"), device=DEVICE)
-    stale_d = stale.to(DEVICE)
-    ws = page_select.SelectWorkspace(len(seq_lens), 2, 100, device=DEVICE)
-    sel = select_pages(*_dev(q), stale_d, *_dev(wide, sl), page, k, sink, local,
-                       raw_scores=raw, k_cache=kc.to(DEVICE), chunk_pages=chunk,
-                       method=method, workspace=ws).cpu()
-    torch.testing.assert_close(stale_d.cpu(), summ)
-    want_raw = ref_page_scores(q, summ, wide, sl, page)
-    assert torch.equal(sel, ref_select_from_scores(want_raw, sl, page, k, sink, local))
-    torch.testing.assert_close(raw.cpu(), want_raw, rtol=1e-4, atol=1e-3)
-    assert (ws.counters == 0).all()
-    # without raw scores (the tail of each row skipped) and with dense rows
-    stale_d = stale.to(DEVICE)
-    sel = select_pages(*_dev(q), stale_d, *_dev(wide, sl), page, k, sink, local,
-                       k_cache=kc.to(DEVICE), chunk_pages=chunk, method=method,
-                       dense_pages=20).cpu()
-    torch.testing.assert_close(stale_d.cpu(), summ)
-    assert torch.equal(sel, ref_select_pages(q, summ, bt, sl, page, k, sink, local, 20))
-
-
 def _crafted(n_pages_list, page, head_dim, hot_pages, hot_value=1.0, num_kv_heads=2):
     """Summaries all zero (every page scores 0: ties everywhere) except the ``hot_pages``
     (logical) of every sequence, which score ``hot_value * sum(q+)`` (> 0 for a q > 0)."""

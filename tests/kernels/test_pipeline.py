@@ -298,23 +298,29 @@ def test_decode_overlap_equals_one_launch(budget, decode_min):
 
 
 def test_use_engine_dense_rows(monkeypatch):
-    """decode_dense_rows "auto": the engine's dense decode on large grids (batch x KV heads
-    above half the SMs), ours on small ones; "engine" / "triton" as said; never without
-    decode_overlap (a single launch then attends every row)."""
+    """decode_dense_rows "auto" (the default): the engine's dense decode only in an engine
+    whose every row is full (``all_full``) and there on large grids (batch x KV heads above
+    half the SMs), ours on small ones and in every longer engine; "engine": always, beside the
+    selection with decode_overlap, or where every row is full; "triton": never."""
     from sparse_kernels import sparse_decode as sd
-    from sparse_kernels.pipeline import use_engine_dense_rows
+    from sparse_kernels.pipeline import engine_dense_rows_enabled, use_engine_dense_rows
 
     monkeypatch.setattr(sd, "_device_sms", lambda device: 132)
     dev = torch.device("cpu")
-    assert SparseConfig().decode_dense_rows == "triton"
-    assert not use_engine_dense_rows(SparseConfig(), 16, 8, dev)
-    auto = SparseConfig(decode_dense_rows="auto")
-    assert not use_engine_dense_rows(auto, 1, 8, dev)
-    assert not use_engine_dense_rows(auto, 8, 8, dev)  # 64 rows: at most half of 132
-    assert use_engine_dense_rows(auto, 16, 8, dev)
-    assert not use_engine_dense_rows(auto, 16, 2, dev)  # Qwen2-0.5B's 2 KV heads
+    auto = SparseConfig()
+    assert auto.decode_dense_rows == "auto"
+    for all_full in (False, True):
+        assert not use_engine_dense_rows(auto, 1, 8, dev, all_full=all_full)
+        assert not use_engine_dense_rows(auto, 8, 8, dev, all_full)  # 64 rows: <= 132 / 2
+        assert use_engine_dense_rows(auto, 16, 8, dev, all_full) == all_full
+        assert not use_engine_dense_rows(auto, 16, 2, dev, all_full)  # Qwen2-0.5B's 2 KV heads
+        assert engine_dense_rows_enabled(auto, all_full) == all_full
+    no_overlap = SparseConfig(decode_dense_rows="engine", decode_overlap=False)
     for batch in (1, 16):
         assert use_engine_dense_rows(SparseConfig(decode_dense_rows="engine"), batch, 8, dev)
-        assert not use_engine_dense_rows(SparseConfig(decode_dense_rows="triton"), batch, 8, dev)
-        assert not use_engine_dense_rows(SparseConfig(decode_dense_rows="engine",
-                                                      decode_overlap=False), batch, 8, dev)
+        for all_full in (False, True):
+            assert not use_engine_dense_rows(SparseConfig(decode_dense_rows="triton"), batch,
+                                             8, dev, all_full)
+            # without decode_overlap a single launch attends every row: the engine's kernel
+            # only where every row is full
+            assert use_engine_dense_rows(no_overlap, batch, 8, dev, all_full) == all_full
