@@ -111,6 +111,9 @@ VARIANTS = {
     "score_warps4": (ps, dict(SCORE_NUM_WARPS=4)),
     "topk_warps8": (ps, dict(default_topk_warps=lambda *a, **k: 8)),
     "topk_warps4": (ps, dict(default_topk_warps=lambda *a, **k: 4)),
+    # pages per scoring program fixed (the default grows it with the grid: 256 at batch 16)
+    "score_chunk64": (ps, dict(default_chunk_pages=lambda *a, **k: 64)),
+    "score_chunk256": (ps, dict(default_chunk_pages=lambda *a, **k: 256)),
     # the decode launch (both row launches of the overlapped plans)
     "min_tiles4": (sd, dict(MIN_SPLIT_TILES=4)),
     "min_tiles8": (sd, dict(MIN_SPLIT_TILES=8)),
@@ -236,12 +239,13 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     k_sel, sink_p, local_p = decode_budget_pages(base, page)
     dense_p = decode_dense_pages(base, page)
 
-    def score_only():
+    def score_only(fuse_summary=True):
         for lay in layers:
             scores, _ = sws.views(batch, hkv, width)
             ps._launch_scoring(q, lay.summaries, lay.block_table, seq_lens, page, sink_p,
                                local_p, scores, None, None, None, k_sel, dense_p,
-                               max(k_sel, dense_p), k_cache, None, None, skip_tail=True)
+                               max(k_sel, dense_p), k_cache if fuse_summary else None, None,
+                               None, skip_tail=True)
 
     def topk_only():
         scores, _ = sws.views(batch, hkv, width)
@@ -249,6 +253,15 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
             ps._topk_launch(scores, seq_lens, page, k_sel, dense_p, 0, 0, False, selected,
                             "triton", None, None, workspace=sws)
     row["us_per_layer"]["score_only"] = _graph_time_us(score_only, args.iters, flush) / L
+    # ... without the refresh of the last page's summary (what the refresh costs)
+    row["us_per_layer"]["score_only_no_summary"] = _graph_time_us(
+        lambda: score_only(False), args.iters, flush) / L
+    for v in args.variants:  # the scoring launch under the variants that change it
+        mod, consts = VARIANTS[v]
+        if mod is ps:
+            with _Variant(v, mod, **consts):
+                row["us_per_layer"][f"score_only+{v}"] = _graph_time_us(
+                    score_only, args.iters, flush) / L
     row["us_per_layer"]["topk_only"] = _graph_time_us(topk_only, args.iters, flush) / L
     decode_select_pages(base, q, k_cache, layers[0].summaries, layers[0].block_table, seq_lens,
                         selected, sws, fuse_summary=True)

@@ -42,6 +42,7 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
         assert r["table_pages"] == 24 and r["layers"] == 2
         assert {"dense", "topk_auto", "topk_single", "topk_fused", "select_auto",
                 "attention_only", "topk_auto+max_splits16", "score_only",
+                "score_only_no_summary", "score_only+chunk128",
                 "topk_only"} <= set(r["us_per_layer"])
         # each plan's timed output (every launch, side-stream ones included) is its own
         replay = r["max_abs_diff_replay_vs_eager"]
