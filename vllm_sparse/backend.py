@@ -663,7 +663,9 @@ class SparseAttentionImpl(AttentionImpl):
             decode_method = "dense"
         # (B, H, N, 2*D) logical -> K and V views (B, N, H, D), as vLLM's FlashAttention does.
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        summaries = self._get_summaries(key_cache)
+        # Only top-k decode reads summaries: a layer decoding dense (by config, or in a short
+        # engine) allocates none.
+        summaries = self._get_summaries(key_cache) if decode_method == "topk" else None
         n = m.num_actual_tokens
         if m.prefill_runs and decode_method == "topk":
             # Prefill tokens (and this step's decode tokens, summarized again below: harmless).

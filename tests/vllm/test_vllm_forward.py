@@ -538,6 +538,7 @@ def test_short_engine_decodes_dense(monkeypatch, dense_rows):
     out = torch.full((41, HQ, D), float("nan"))
     impl.forward(_Layer(), q, None, None, kv_cache, meta, out)
     assert updates == [] and selects == []
+    assert impl._summaries is None  # no summary memory in an engine that never selects
     k_cache, v_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
     want = reference.dense_attention(q, k_cache, v_cache, bt, m.query_start_loc, m.seq_lens)
     torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
