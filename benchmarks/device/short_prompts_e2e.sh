@@ -5,24 +5,32 @@
 # setting ("default": the variable unset), one after the other on this GPU (same machine:
 # only same-machine ratios compare).
 #   ENGINES="4k 128k" SETTINGS="default triton" REPEATS=3 bash benchmarks/device/short_prompts_e2e.sh
-# Outputs: $OUT/e2e_<backend>_<engine>[_<setting>].json/.log (e2e_vllm.sh).
+# ROUNDS=N (N > 1) repeats the whole sequence N times, interleaving the backends (FLASH_ATTN,
+# CUSTOM, FLASH_ATTN, CUSTOM, ...): batch-16 steps move by 2-4% between runs of the same code,
+# so a 3% comparison wants several rounds. Outputs: $OUT/e2e_<backend>_<engine>[_<setting>][_rN]
+# .json/.log (e2e_vllm.sh); `python3 benchmarks/compare_e2e.py $OUT` prints the ratios.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}
-for eng in ${ENGINES:-4k 128k}; do
-  case $eng in
-    4k) extra="" ;;
-    128k) extra="--max-model-len 131072" ;;
-    *) echo "unknown engine $eng (4k, 128k)"; exit 2 ;;
-  esac
-  args="--decode-batch 16 --decode-len 4096 $extra"
-  if [ "${SKIP_DENSE:-0}" != 1 ]; then
-    BACKENDS=FLASH_ATTN TAG=$eng LENS=4096 REPEATS=${REPEATS:-3} E2E_ARGS="$args" \
-      bash benchmarks/device/e2e_vllm.sh
-  fi
-  for s in ${SETTINGS:-default}; do
-    if [ "$s" = default ]; then unset SPARSE_DECODE_DENSE_ROWS
-    else export SPARSE_DECODE_DENSE_ROWS=$s; fi
-    BACKENDS=CUSTOM TAG=${eng}_$s LENS=4096 REPEATS=${REPEATS:-3} \
-      E2E_ARGS="$args" bash benchmarks/device/e2e_vllm.sh
+rounds=${ROUNDS:-1}
+for ((r = 1; r <= rounds; r++)); do
+  suffix=""; [ "$rounds" -gt 1 ] && suffix="_r$r"
+  for eng in ${ENGINES:-4k 128k}; do
+    case $eng in
+      4k) extra="" ;;
+      128k) extra="--max-model-len 131072" ;;
+      *) echo "unknown engine $eng (4k, 128k)"; exit 2 ;;
+    esac
+    args="--decode-batch 16 --decode-len 4096 $extra"
+    if [ "${SKIP_DENSE:-0}" != 1 ]; then
+      BACKENDS=FLASH_ATTN TAG=$eng$suffix LENS=4096 REPEATS=${REPEATS:-3} E2E_ARGS="$args" \
+        bash benchmarks/device/e2e_vllm.sh
+    fi
+    for s in ${SETTINGS:-default}; do
+      if [ "$s" = default ]; then unset SPARSE_DECODE_DENSE_ROWS
+      else export SPARSE_DECODE_DENSE_ROWS=$s; fi
+      BACKENDS=CUSTOM TAG=${eng}_$s$suffix LENS=4096 REPEATS=${REPEATS:-3} \
+        E2E_ARGS="$args" bash benchmarks/device/e2e_vllm.sh
+    done
   done
 done
+python3 benchmarks/compare_e2e.py "$OUT" || true
