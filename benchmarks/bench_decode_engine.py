@@ -226,43 +226,33 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         fa3_step()
     # Attribution: the selection alone (each plan), then the attention alone over the
     # selection the default plan left in `selected`.
+    def select_only(cfg=base, fuse_summary=True):
+        for lay in layers:
+            decode_select_pages(cfg, q, k_cache, lay.summaries, lay.block_table, seq_lens,
+                                selected, sws, fuse_summary=fuse_summary)
+
     for p in DECODE_SELECTS:
         cfg = dataclasses.replace(base, decode_select=p)
+        row["us_per_layer"][f"select_{p}"] = _graph_time_us(
+            lambda cfg=cfg: select_only(cfg), args.iters, flush) / L
+    # ... and the default selection's two launches apart: select_pages with its top-k launch
+    # left out (the scoring, with the summary of the last page refreshed in it, or without
+    # that refresh), then with its scoring left out (the top-k over the scores it left).
+    def skipping(launch: str):
+        return _Variant(f"no{launch}", ps, **{launch: lambda *a, **k: None})
 
-        def select_only(cfg=cfg):
-            for lay in layers:
-                decode_select_pages(cfg, q, k_cache, lay.summaries, lay.block_table, seq_lens,
-                                    selected, sws, fuse_summary=True)
-        row["us_per_layer"][f"select_{p}"] = _graph_time_us(select_only, args.iters, flush) / L
-    # ... and the default selection's two launches apart: the scoring (summary of the last
-    # page refreshed in it), then the top-k over the scores it left.
-    k_sel, sink_p, local_p = decode_budget_pages(base, page)
-    dense_p = decode_dense_pages(base, page)
-
-    def score_only(fuse_summary=True):
-        for lay in layers:
-            scores, _ = sws.views(batch, hkv, width)
-            ps._launch_scoring(q, lay.summaries, lay.block_table, seq_lens, page, sink_p,
-                               local_p, scores, None, None, None, k_sel, dense_p,
-                               max(k_sel, dense_p), k_cache if fuse_summary else None, None,
-                               None, skip_tail=True)
-
-    def topk_only():
-        scores, _ = sws.views(batch, hkv, width)
-        for _ in layers:
-            ps._topk_launch(scores, seq_lens, page, k_sel, dense_p, 0, 0, False, selected,
-                            "triton", None, None, workspace=sws)
-    row["us_per_layer"]["score_only"] = _graph_time_us(score_only, args.iters, flush) / L
-    # ... without the refresh of the last page's summary (what the refresh costs)
-    row["us_per_layer"]["score_only_no_summary"] = _graph_time_us(
-        lambda: score_only(False), args.iters, flush) / L
-    for v in args.variants:  # the scoring launch under the variants that change it
-        mod, consts = VARIANTS[v]
-        if mod is ps:
-            with _Variant(v, mod, **consts):
-                row["us_per_layer"][f"score_only+{v}"] = _graph_time_us(
-                    score_only, args.iters, flush) / L
-    row["us_per_layer"]["topk_only"] = _graph_time_us(topk_only, args.iters, flush) / L
+    with skipping("_topk_launch"):
+        row["us_per_layer"]["score_only"] = _graph_time_us(select_only, args.iters, flush) / L
+        row["us_per_layer"]["score_only_no_summary"] = _graph_time_us(
+            lambda: select_only(base, False), args.iters, flush) / L
+        for v in args.variants:  # the scoring launch under the variants that change it
+            mod, consts = VARIANTS[v]
+            if mod is ps:
+                with _Variant(v, mod, **consts):
+                    row["us_per_layer"][f"score_only+{v}"] = _graph_time_us(
+                        select_only, args.iters, flush) / L
+    with skipping("_launch_scoring"):
+        row["us_per_layer"]["topk_only"] = _graph_time_us(select_only, args.iters, flush) / L
     decode_select_pages(base, q, k_cache, layers[0].summaries, layers[0].block_table, seq_lens,
                         selected, sws, fuse_summary=True)
 
