@@ -593,6 +593,11 @@ def _select_fused_kernel(
         tl.debug_barrier()
 
     scored = n_pages > skip_pages  # else no summary loads (short and dense rows)
+    if SKIP_TAIL:
+        # ... and no scores: the radix top-k reads none of such a row (it writes the row's
+        # fixed selection), so its programs end after the summary refresh
+        if n_pages <= skip_pages:
+            return
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
