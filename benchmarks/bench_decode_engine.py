@@ -11,10 +11,12 @@ reports microseconds per layer for
 
   * ``fa3``         -- ``vllm.vllm_flash_attn.flash_attn_varlen_func`` (what FLASH_ATTN runs);
   * ``dense``       -- :func:`sparse_kernels.pipeline.decode_attention` with method "dense";
-  * ``topk_<plan>`` -- the same with method "topk" and ``decode_select=<plan>``, the summary
-    fused into the scoring launch (``fuse_summary=True``), as the backend calls it: rows that
-    read every page in a dense-mode launch of ours beside the selection (``decode_overlap``,
-    on :func:`~sparse_kernels.pipeline.decode_side_stream`; ``decode_dense_rows="triton"``);
+  * ``topk_<plan>`` -- the same with method "topk" and ``decode_select=<plan>``, as the backend
+    calls it (since session 12 the decode token's page summary is refreshed by the KV write,
+    not in the scoring launch: ``fuse_summary=False``; the write is timed apart, below): rows
+    that read every page in a dense-mode launch of ours beside the selection
+    (``decode_overlap``, on :func:`~sparse_kernels.pipeline.decode_side_stream`;
+    ``decode_dense_rows="triton"``);
   * ``topk_auto_fa3rows`` -- those rows attended by FA3 instead (``decode_dense_rows="engine"``),
     before the other rows' launch, with FA3's own split heuristic sized by the bound on those
     rows (the vLLM backend until session 10);
@@ -25,7 +27,11 @@ reports microseconds per layer for
   * ``topk_auto_serial`` -- ``decode_overlap`` off: the selection, then one decode launch
     over every row (the path before session 9);
 
-and, with ``--variants``, the same under a changed launch rule (split merge inside the decode
+the KV write of the step's tokens, ``kv_write_vllm`` (vLLM's ``reshape_and_cache_flash``, what
+FLASH_ATTN runs) and ``kv_write_sparse`` (:func:`sparse_kernels.kv_write.write_kv_and_summaries`,
+what a top-k layer of the backend runs: the write and the decode pages' summaries), whose
+difference a top-k step pays beyond its attention; and, with ``--variants``, the same under a
+changed launch rule (split merge inside the decode
 kernel; a tile of 64 tokens), to find where the time goes. Sequences of at most
 ``2 * budget`` tokens are dense rows of the top-k plans (``decode_min_seq_len`` default), so at
 4K this measures what a short request pays for the sparse backend.
@@ -56,6 +62,7 @@ from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms
 from sparse_kernels import page_select as ps
 from sparse_kernels import sparse_decode as sd
 from sparse_kernels.config import DECODE_SELECTS, SparseConfig
+from sparse_kernels.kv_write import write_kv_and_summaries
 from sparse_kernels.page_select import SelectWorkspace
 from sparse_kernels.page_summary import build_page_summaries
 from sparse_kernels.pipeline import (
@@ -190,7 +197,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
                             out=o, fa_version=3, **extra)
                 decode_attention(method, cfg, q, k_cache, v_cache, lay.summaries,
                                  lay.block_table, seq_lens, out, scale, selected=selected,
-                                 workspace=ws, select_workspace=sws, fuse_summary=True,
+                                 workspace=ws, select_workspace=sws, fuse_summary=False,
                                  side_stream=side, full_rows_attention=rows,
                                  full_rows_seq_lens=None if fr is None else fr.seq_lens)
         return fn
@@ -226,7 +233,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         fa3_step()
     # Attribution: the selection alone (each plan), then the attention alone over the
     # selection the default plan left in `selected`.
-    def select_only(cfg=base, fuse_summary=True):
+    def select_only(cfg=base, fuse_summary=False):
         for lay in layers:
             decode_select_pages(cfg, q, k_cache, lay.summaries, lay.block_table, seq_lens,
                                 selected, sws, fuse_summary=fuse_summary)
@@ -236,15 +243,16 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         row["us_per_layer"][f"select_{p}"] = _graph_time_us(
             lambda cfg=cfg: select_only(cfg), args.iters, flush) / L
     # ... and the default selection's two launches apart: select_pages with its top-k launch
-    # left out (the scoring, with the summary of the last page refreshed in it, or without
-    # that refresh), then with its scoring left out (the top-k over the scores it left).
+    # left out (the scoring as the backend runs it, or with the summary of the last page
+    # refreshed in it, the path before session 12), then with its scoring left out (the
+    # top-k over the scores it left).
     def skipping(launch: str):
         return _Variant(f"no{launch}", ps, **{launch: lambda *a, **k: None})
 
     with skipping("_topk_launch"):
         row["us_per_layer"]["score_only"] = _graph_time_us(select_only, args.iters, flush) / L
-        row["us_per_layer"]["score_only_no_summary"] = _graph_time_us(
-            lambda: select_only(base, False), args.iters, flush) / L
+        row["us_per_layer"]["score_only_fused_summary"] = _graph_time_us(
+            lambda: select_only(base, True), args.iters, flush) / L
         for v in args.variants:  # the scoring launch under the variants that change it
             mod, consts = VARIANTS[v]
             if mod is ps:
@@ -254,7 +262,24 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     with skipping("_launch_scoring"):
         row["us_per_layer"]["topk_only"] = _graph_time_us(select_only, args.iters, flush) / L
     decode_select_pages(base, q, k_cache, layers[0].summaries, layers[0].block_table, seq_lens,
-                        selected, sws, fuse_summary=True)
+                        selected, sws)
+
+    # The step's KV write, one token per sequence into its last page (the values it writes
+    # are the ones already there: the cache does not change).
+    def last_slots(lay):
+        last = (seq_lens.long() - 1)
+        return lay.block_table.long().gather(1, (last // page)[:, None])[:, 0] * page + last % page
+    writes = [(last_slots(lay), lay.summaries) for lay in layers]
+    new_k = k_cache.view(-1, hkv, d)[writes[0][0]].clone()
+    new_v = v_cache.view(-1, hkv, d)[writes[0][0]].clone()
+    row["us_per_layer"]["kv_write_sparse"] = _graph_time_us(
+        lambda: [write_kv_and_summaries(new_k, new_v, k_cache, v_cache, sl, summ)
+                 for sl, summ in writes], args.iters, flush) / L
+    cache_write = _vllm_cache_write()
+    if cache_write is not None:
+        row["us_per_layer"]["kv_write_vllm"] = _graph_time_us(
+            lambda: [cache_write(new_k, new_v, k_cache, v_cache, sl) for sl, _ in writes],
+            args.iters, flush) / L
 
     def attention_only():
         for lay in layers:
@@ -285,6 +310,21 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _vllm_cache_write():
+    """vLLM's KV write of FLASH_ATTN (``reshape_and_cache_flash``, auto dtype), or None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from vllm.v1.attention.backends.fa_utils import reshape_and_cache_flash
+    except Exception:  # noqa: BLE001 - no vLLM
+        return None
+    one = torch.ones((), dtype=torch.float32, device="cuda")
+
+    def write(k, v, k_cache, v_cache, slots):
+        reshape_and_cache_flash(k, v, k_cache, v_cache, slots, "auto", one, one)
+    return write
 
 
 def _full_rows_schedule(cfg: SparseConfig, page: int, hq: int, hkv: int, d: int,

@@ -7,8 +7,10 @@
 
 Page summaries: the tokens of prefill chunks are summarized by the adapter right after the
 engine writes K/V (:func:`sparse_kernels.page_summary.update_page_summaries`); a decode token's
-page is re-summarized inside the top-k scoring launch (``decode_attention(fuse_summary=True)``),
-so a pure-decode step has no separate summary launch.
+page is re-summarized by the KV write itself where the adapter writes K/V with
+:func:`sparse_kernels.kv_write.write_kv_and_summaries` (vLLM), or else inside the top-k scoring
+launch (``decode_attention(fuse_summary=True)``), so a pure-decode step has no separate summary
+launch.
 """
 
 from __future__ import annotations

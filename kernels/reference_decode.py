@@ -38,6 +38,35 @@ def ref_page_summaries(
     return out
 
 
+def ref_write_kv_and_summaries(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    summaries: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_cache, v_cache, summaries) after :func:`sparse_kernels.kv_write.write_kv_and_summaries`
+    (copies): every token with a slot written; the summary of each page that exactly one
+    token of the step writes recomputed over the page's tokens up to that one."""
+    k_cache, v_cache, summaries = k_cache.clone(), v_cache.clone(), summaries.clone()
+    page = k_cache.shape[1]
+    slots = [int(s) for s in slot_mapping.tolist()]
+    writers: dict[int, list[int]] = {}
+    for t, s in enumerate(slots):
+        if s < 0:
+            continue
+        k_cache[s // page, s % page] = key[t].to(k_cache.dtype)
+        v_cache[s // page, s % page] = value[t].to(v_cache.dtype)
+        writers.setdefault(s // page, []).append(t)
+    for p, ts in writers.items():
+        if len(ts) == 1:
+            keys = k_cache[p, : slots[ts[0]] % page + 1]  # [n, H, D]
+            summaries[p, 0] = keys.amin(dim=0)
+            summaries[p, 1] = keys.amax(dim=0)
+    return k_cache, v_cache, summaries
+
+
 def ref_page_scores(
     q: torch.Tensor,
     summaries: torch.Tensor,

@@ -5,15 +5,18 @@ It lives on vLLM's own paged KV cache, in the FlashAttention layout of vLLM 0.26
 buffer per layer: Quest page summaries ``[num_blocks, 2, num_kv_heads, head_size]`` (min and max
 key per page), i.e. ``1 / block_size`` of the layer's KV cache (6.25 % at block size 16).
 
+The KV write (``do_kv_cache_update``, before forward) of a top-k decode layer is our own launch
+(:mod:`sparse_kernels.kv_write`): it writes K/V as vLLM's ``reshape_and_cache_flash`` does and
+re-summarizes each page that one token of the step writes (every decode token's page).
+
 Every forward:
 
 1. when the step has prefill chunks, updates the summaries of the pages this step wrote (vLLM
    wrote K/V just before);
-2. decode requests (the batch is reordered decode-first) run top-k page selection, whose scoring
-   launch also re-summarizes each decode token's page, and split-KV paged decode over the
-   selected pages (every page, unscored, for sequences of at most ``decode_min_seq_len``
-   tokens) -- static shapes, so pure-decode batches run inside vLLM's full CUDA graphs, with
-   no separate summary launch;
+2. decode requests (the batch is reordered decode-first) run top-k page selection and split-KV
+   paged decode over the selected pages (every page, unscored, for sequences of at most
+   ``decode_min_seq_len`` tokens) -- static shapes, so pure-decode batches run inside vLLM's
+   full CUDA graphs, with no separate summary launch;
 3. prefill chunks of sequences of at most ``min_seq_len`` tokens run dense FlashAttention-3 (the
    same kernel as vLLM's FLASH_ATTN backend); longer ones run the configured estimator and the
    block-sparse prefill kernel. Consecutive requests of one kind share one launch.
@@ -639,12 +642,31 @@ class SparseAttentionImpl(AttentionImpl):
 
     # -- KV write (vLLM calls this before forward: forward_includes_kv_cache_update=False) ---
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        from vllm.v1.attention.backends.fa_utils import reshape_and_cache_flash
-
         # (B, H, N, 2*D) -> ((B, N, H, D), (B, N, H, D)); slot_mapping's length bounds the write.
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if self._write_keeps_summaries(layer, key_cache.shape[1]):
+            # The write and, for pages one token of the step writes (decode tokens), their
+            # summaries, in one launch: a decode step has no summary work anywhere else.
+            from sparse_kernels.kv_write import write_kv_and_summaries
+
+            write_kv_and_summaries(key, value, key_cache, value_cache, slot_mapping,
+                                   self._get_summaries(key_cache))
+            return
+        from vllm.v1.attention.backends.fa_utils import reshape_and_cache_flash
+
         reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
                                 self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+
+    def _write_keeps_summaries(self, layer, page_size: int) -> bool:
+        """Whether this layer's KV write refreshes the page summaries of decode tokens: a
+        top-k decode layer of an engine that selects pages, writing its own cache (vLLM
+        calls no KV write for a layer that shares another's). Static per layer, so a CUDA
+        graph keeps the choice; forward refreshes them in the scoring launch otherwise."""
+        from sparse_kernels.pipeline import all_decode_rows_full
+
+        return (self.kv_sharing_target_layer_name is None
+                and self._layer_methods(layer)[1] == "topk"
+                and not all_decode_rows_full(self.cfg, page_size, self.max_model_len))
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: SparseAttentionMetadata,
@@ -668,9 +690,9 @@ class SparseAttentionImpl(AttentionImpl):
         summaries = self._get_summaries(key_cache) if decode_method == "topk" else None
         n = m.num_actual_tokens
         if m.prefill_runs and decode_method == "topk":
-            # Prefill tokens (and this step's decode tokens, summarized again below: harmless).
-            # Decode tokens' pages are summarized in the top-k scoring launch (fuse_summary),
-            # so a pure-decode step (CUDA graph) has no summary launch. Only top-k decode reads
+            # The pages prefill chunks wrote (and decode tokens' pages again: harmless). A
+            # decode token's page was summarized by the KV write (do_kv_cache_update), so a
+            # pure-decode step (CUDA graph) has no summary launch. Only top-k decode reads
             # summaries: a layer decoding dense does not maintain them.
             update_page_summaries(key_cache, summaries, m.block_table, m.query_start_loc,
                                   m.seq_lens, num_tokens=query.shape[0])
@@ -694,7 +716,9 @@ class SparseAttentionImpl(AttentionImpl):
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
                                    self.scale, selected=m.selected, workspace=m.workspace,
-                                   select_workspace=m.select_workspace, fuse_summary=True,
+                                   select_workspace=m.select_workspace,
+                                   fuse_summary=not self._write_keeps_summaries(
+                                       layer, key_cache.shape[1]),
                                    side_stream=m.side_stream, full_rows_attention=full_rows,
                                    full_rows_seq_lens=None if full_rows is None
                                    else fr.seq_lens)

@@ -89,6 +89,7 @@ def main() -> None:
         sel = torch.zeros(batch, hkv, 256, dtype=torch.int32)
         sparse_decode(q, kc, kc, bt, sl, selected=sel, out=torch.zeros_like(q), num_splits=4)
         warm_up_summary_update(kc, summ)
+        kv_write(batch, hkv, group, d, kc, summ)
         # Prefill: every estimator and the block-sparse kernel, through the engine's warm-up
         # (length buckets up to 600 tokens, batches of one and two sequences).
         for method in PREFILL_METHODS:
@@ -97,6 +98,21 @@ def main() -> None:
         for method in ("topk", "dense"):
             warm_up_decode(method, SparseConfig(), q, kc, kc, d ** -0.5)
         serve(q, kc, summ, max_pages)
+
+
+def kv_write(tokens, hkv, group, d, kc, summ, first=0) -> None:
+    """The KV write of a top-k layer (and of a dense one: no summaries) as vLLM calls it: key
+    and value are views into the fused QKV projection of ``tokens`` tokens (from token
+    ``first``: views at any offset)."""
+    from sparse_kernels.kv_write import write_kv_and_summaries
+
+    hq = hkv * group
+    qkv = torch.zeros(first + tokens, (hq + 2 * hkv) * d, dtype=kc.dtype)[first:]
+    key = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
+    value = qkv[:, (hq + hkv) * d:].view(tokens, hkv, d)
+    slots = torch.arange(tokens, dtype=torch.int64)
+    for s in (summ, None):
+        write_kv_and_summaries(key, value, kc, kc, slots, s)
 
 
 def serve(q, kc, summ, max_pages) -> None:
@@ -132,6 +148,7 @@ def serve(q, kc, summ, max_pages) -> None:
                 sparse_prefill_attention(method, cfg, qq, kc, kc, bt, meta, torch.empty_like(qq),
                                          d ** -0.5)
         update_page_summaries(kc, summ, bt, qsl, sl, num_tokens=tokens)
+        kv_write(tokens, hkv, hq // hkv, d, kc, summ, first=start)
     k, _, _ = decode_budget_pages(cfg, kc.shape[1])
     ws = DecodeWorkspace(8, hq, d, MAX_SPLITS, device=torch.device("cpu"))
     for n in (1, 3, 8):

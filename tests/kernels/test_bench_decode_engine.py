@@ -42,8 +42,8 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
         assert r["table_pages"] == 24 and r["layers"] == 2
         assert {"dense", "topk_auto", "topk_single", "topk_fused", "select_auto",
                 "attention_only", "topk_auto+max_splits16", "score_only",
-                "score_only_no_summary", "score_only+chunk128",
-                "topk_only"} <= set(r["us_per_layer"])
+                "score_only_fused_summary", "score_only+chunk128",
+                "topk_only", "kv_write_sparse"} <= set(r["us_per_layer"])
         # each plan's timed output (every launch, side-stream ones included) is its own
         replay = r["max_abs_diff_replay_vs_eager"]
         assert set(replay) >= {"dense", "topk_auto", "topk_auto_serial", "topk_auto+min_tiles4"}

@@ -286,8 +286,9 @@ def test_per_head_methods_follow_the_ranks_kv_heads(monkeypatch):
 def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows):
     """A pure-decode batch: a sequence of at most decode_min_seq_len tokens (above the budget)
     reads every page, unscored (sentinel row), beside a sparse one; no separate summary launch
-    runs, the scoring launch re-summarizes both decode tokens' pages; layer 0's stats count
-    the dense row as fully read. A mixed batch still runs the summary update. The dense row is
+    runs: the KV write (do_kv_cache_update) writes both decode tokens and re-summarizes their
+    pages, and forward does not refresh them again; layer 0's stats count the dense row as
+    fully read. A mixed batch still runs the summary update. The dense row is
     attended by the engine's dense decode (a stand-in for FlashAttention that also writes the
     sparse row, which the sparse launch must overwrite after it) or by ours."""
     from sparse_kernels.page_select import DENSE_ROW
@@ -323,10 +324,28 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     class Layer0:
         layer_name = "model.layers.0.self_attn.attn"
 
+    # The step's KV write: the decode tokens' slots are not written yet (poisoned) when it runs.
+    key, value, slots = _decode_tokens(kv_cache, bt, seq_lens)
+    written = kv_cache.clone()
+    kv_view = kv_cache.transpose(1, 2)
+    for s_ in slots.tolist():
+        kv_view[s_ // PAGE, s_ % PAGE] = 1e4
+    impl.do_kv_cache_update(Layer0(), key, value, kv_cache, slots)
+    assert torch.equal(kv_cache, written)
+    want_summ = ref_page_summaries(k_cache, bt, m.seq_lens, before)
+    torch.testing.assert_close(impl._summaries, want_summ, rtol=0, atol=0)
+    # forward does not refresh them: no summary launch, no refresh in the scoring launch
+    import sparse_kernels.pipeline as pipeline
+
+    fused = []
+    real_decode = pipeline.decode_attention
+    monkeypatch.setattr(pipeline, "decode_attention",
+                        lambda *a, **kw: (fused.append(kw["fuse_summary"]),
+                                          real_decode(*a, **kw))[1])
     q = torch.randn(2, HQ, D)
     out = torch.full((2, HQ, D), float("nan"))
     impl.forward(Layer0(), q, None, None, kv_cache, meta, out)
-    assert calls == []  # pure decode: the summary update is fused into the scoring launch
+    assert calls == [] and fused == [False]
     # the engine's kernel got the dense row only (the sparse one's length zeroed), with the
     # schedule the builder made once for the step (FA3's, from those lengths)
     if dense_rows == "engine":
@@ -339,7 +358,6 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
         assert meta.full_rows.seq_lens.tolist() == [100, 0]
     else:
         assert engine_calls == [] and meta.full_rows is None
-    want_summ = ref_page_summaries(k_cache, bt, m.seq_lens, before)
     torch.testing.assert_close(impl._summaries, want_summ, rtol=0, atol=0)
     assert not torch.equal(want_summ, before)  # the step's token changed its page's summary
     sel = builder.selected[:2]
@@ -362,6 +380,45 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     impl.forward(_Layer(), torch.randn(41, HQ, D), None, None, kv_cache, meta,
                  torch.empty(41, HQ, D))
     assert calls == [1]
+
+
+def _decode_tokens(kv_cache, bt, seq_lens):
+    """(key, value, slot_mapping) of each sequence's last token, as vLLM passes them to
+    do_kv_cache_update (one token per sequence), read from a cache that holds them."""
+    kv_view = kv_cache.transpose(1, 2)  # [B, N, H, 2D]
+    slots = torch.tensor([int(bt[b, (s - 1) // PAGE]) * PAGE + (s - 1) % PAGE
+                          for b, s in enumerate(seq_lens)], dtype=torch.int64)
+    kv = torch.stack([kv_view[s // PAGE, s % PAGE] for s in slots.tolist()])  # [T, H, 2D]
+    return kv[..., :D].clone(), kv[..., D:].clone(), slots
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_decode_summaries_kept_by_the_write_or_the_scoring(monkeypatch, sharing):
+    """Where the layer's KV write keeps the summaries, forward's scoring does not refresh them;
+    a layer that shares another's KV cache (no KV write of its own) refreshes them in its
+    scoring launch. Either way the decode token's page summary is exact after the step."""
+    from sparse_kernels.page_summary import build_page_summaries
+    from sparse_kernels.reference_decode import ref_page_summaries
+
+    seq_lens = [300, 250]  # both selected (19 and 16 pages, budget 4, dense up to 8)
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0)
+    k_cache, _, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=6)
+    meta = _builder(cfg, 4).build(0, m)
+    impl = _impl(cfg)
+    if sharing:
+        impl.kv_sharing_target_layer_name = "model.layers.2.self_attn.attn"
+    impl._summaries = torch.zeros(k_cache.shape[0], 2, HKV, D)
+    build_page_summaries(k_cache, impl._summaries, bt, m.seq_lens - 1)
+    before = impl._summaries.clone()
+    assert impl._write_keeps_summaries(_Layer(), PAGE) is not sharing
+    if not sharing:
+        impl.do_kv_cache_update(_Layer(), *_decode_tokens(kv_cache, bt, seq_lens)[:2], kv_cache,
+                                _decode_tokens(kv_cache, bt, seq_lens)[2])
+    impl.forward(_Layer(), torch.randn(2, HQ, D), None, None, kv_cache, meta,
+                 torch.empty(2, HQ, D))
+    want = ref_page_summaries(k_cache, bt, m.seq_lens, before)
+    assert not torch.equal(want, before)
+    torch.testing.assert_close(impl._summaries, want, rtol=0, atol=0)
 
 
 def test_stats_count_dense_decode_rows_as_fully_read_in_mixed_batches(monkeypatch):
