@@ -52,6 +52,11 @@ MIN_SPLIT_TILES = 1
 ROW_FILTERS = ("all", "full", "select")
 NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
+# Launch options of the dense-mode launch for the rows that read every page (row_filter
+# "full", beside the page selection); None: as every other launch.
+FULL_ROWS_NUM_WARPS: int | None = None
+FULL_ROWS_NUM_STAGES_16BIT: int | None = None
+FULL_ROWS_BLOCK_N: int | None = None
 _ROWS_ALL = 2**31 - 1
 
 
@@ -461,7 +466,8 @@ def sparse_decode(
     assert k_cache.shape[3] == head_dim and v_cache.shape[1:] == k_cache.shape[1:]
     assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
     if block_n is None:
-        block_n = default_block_n(batch, num_kv_heads, q.device)
+        block_n = (FULL_ROWS_BLOCK_N if row_filter == "full" and FULL_ROWS_BLOCK_N
+                   else default_block_n(batch, num_kv_heads, q.device))
     assert block_n >= 16 and block_n & (block_n - 1) == 0, block_n
     group = num_q_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
@@ -507,10 +513,13 @@ def sparse_decode(
         part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
         counters = part_lse
 
+    full = row_filter == "full"
     if num_warps is None:
-        num_warps = NUM_WARPS
+        num_warps = FULL_ROWS_NUM_WARPS if full and FULL_ROWS_NUM_WARPS else NUM_WARPS
     if num_stages is None:
-        num_stages = 2 if k_cache.element_size() >= 4 else NUM_STAGES_16BIT
+        stages16 = (FULL_ROWS_NUM_STAGES_16BIT if full and FULL_ROWS_NUM_STAGES_16BIT
+                    else NUM_STAGES_16BIT)
+        num_stages = 2 if k_cache.element_size() >= 4 else stages16
     upcast = _interpreting() and k_cache.dtype == torch.bfloat16
     # fp32 caches: exact fp32 products (the default would be TF32 on the GPU).
     precision = "ieee" if k_cache.dtype == torch.float32 else None
