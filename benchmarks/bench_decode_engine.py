@@ -130,9 +130,10 @@ VARIANTS = {
     "stages4": (sd, dict(NUM_STAGES_16BIT=4)),
     "warps8": (sd, dict(NUM_WARPS=8)),
     "warps2": (sd, dict(NUM_WARPS=2)),
-    "full_stages2": (sd, dict(FULL_ROWS_NUM_STAGES_16BIT=2)),
+    # the launch of the rows that read every page (large grids): 3 stages (the default before
+    # session 12; now 2), 2 warps
+    "full_stages3": (sd, dict(FULL_ROWS_NUM_STAGES_16BIT=3)),
     "full_warps2": (sd, dict(FULL_ROWS_NUM_WARPS=2)),
-    "full_stages2_warps2": (sd, dict(FULL_ROWS_NUM_STAGES_16BIT=2, FULL_ROWS_NUM_WARPS=2)),
     "full_block_n64": (sd, dict(FULL_ROWS_BLOCK_N=64)),
     "min_tiles8_stages4": (sd, dict(MIN_SPLIT_TILES=8, NUM_STAGES_16BIT=4)),
     "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),

@@ -485,7 +485,7 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
     scratch. Returns the split counts.
     """
     from sparse_kernels.page_select import DENSE_ROW
-    from sparse_kernels.sparse_decode import MAX_SPLITS
+    from sparse_kernels.sparse_decode import MAX_SPLITS, full_rows_num_stages
 
     dev = k_cache.device
     hq, d = q_like.shape[1:]
@@ -499,13 +499,20 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
         selected = torch.full((1, k_cache.shape[2], k), -1, dtype=torch.int32, device=dev)
         selected[:, :, 0] = DENSE_ROW
     workspace = DecodeWorkspace(1, hq, d, MAX_SPLITS, device=dev)
-    # top-k with decode_overlap also runs its full rows in dense mode (another variant)
-    modes = [selected] + ([None] if selected is not None and cfg.decode_overlap else [])
+    # top-k with decode_overlap also runs its full rows in dense mode (another variant), with
+    # their own pipeline depth at large grids (full_rows_num_stages), as dense decode does
+    modes = [(selected, None)]
+    if selected is not None and cfg.decode_overlap:
+        modes.append((None, None))
+    stages = full_rows_num_stages(k_cache)
+    if stages is not None and selected is not None and cfg.decode_overlap:
+        modes.append((None, stages))
     splits, n = [], 1
     while n <= MAX_SPLITS:
-        for sel in modes:
+        for sel, num_stages in modes:
             sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out,
-                          scale=scale, num_splits=n, workspace=workspace)
+                          scale=scale, num_splits=n, workspace=workspace,
+                          num_stages=num_stages)
         splits.append(n)
         n *= 2
     return splits

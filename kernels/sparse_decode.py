@@ -55,7 +55,9 @@ NUM_STAGES_16BIT = 3
 # Launch options of the dense-mode launch for the rows that read every page (row_filter
 # "full", beside the page selection); None: as every other launch.
 FULL_ROWS_NUM_WARPS: int | None = None
-FULL_ROWS_NUM_STAGES_16BIT: int | None = None
+# (16-bit caches, large grids: 2 stages, measured 110.9 against 113.6 us per layer for the
+# top-k step at 4K batch 16 on an H100, decode_engine_2026-11-24_h100_session12)
+FULL_ROWS_NUM_STAGES_16BIT: int | None = 2
 FULL_ROWS_BLOCK_N: int | None = None
 _ROWS_ALL = 2**31 - 1
 
@@ -401,6 +403,16 @@ def default_num_splits(batch: int, num_kv_heads: int, max_slot_tokens: int,
     return max(1, min(splits, max_useful, MAX_SPLITS))
 
 
+def full_rows_num_stages(k_cache: torch.Tensor) -> int | None:
+    """Pipeline stages of the launch for the rows that read every page (``row_filter="full"``)
+    on large grids, where it differs from the other launches (16-bit caches:
+    :data:`FULL_ROWS_NUM_STAGES_16BIT`); ``None``: the same as the others. A compile option:
+    :func:`sparse_kernels.pipeline.warm_up_decode` compiles it before serving."""
+    if k_cache.element_size() >= 4 or not FULL_ROWS_NUM_STAGES_16BIT:
+        return None
+    return FULL_ROWS_NUM_STAGES_16BIT if FULL_ROWS_NUM_STAGES_16BIT != NUM_STAGES_16BIT else None
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -517,9 +529,9 @@ def sparse_decode(
     if num_warps is None:
         num_warps = FULL_ROWS_NUM_WARPS if full and FULL_ROWS_NUM_WARPS else NUM_WARPS
     if num_stages is None:
-        stages16 = (FULL_ROWS_NUM_STAGES_16BIT if full and FULL_ROWS_NUM_STAGES_16BIT
-                    else NUM_STAGES_16BIT)
-        num_stages = 2 if k_cache.element_size() >= 4 else stages16
+        num_stages = 2 if k_cache.element_size() >= 4 else NUM_STAGES_16BIT
+        if full and not _small_grid(batch, num_kv_heads, q.device):
+            num_stages = full_rows_num_stages(k_cache) or num_stages
     upcast = _interpreting() and k_cache.dtype == torch.bfloat16
     # fp32 caches: exact fp32 products (the default would be TF32 on the GPU).
     precision = "ieee" if k_cache.dtype == torch.float32 else None

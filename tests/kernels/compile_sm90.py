@@ -160,6 +160,15 @@ def serve(q, kc, summ, max_pages) -> None:
                               selected=selected, out=torch.empty(n, hq, d, dtype=q.dtype),
                               num_splits=splits, workspace=ws, row_filter=row_filter,
                               full_pages=k + splits, min_split_tiles=splits)
+    # a large grid (rows x KV heads above half the SMs): the full rows' launch has its own
+    # pipeline depth there (full_rows_num_stages), compiled by warm_up_decode
+    big = 40
+    ws_big = DecodeWorkspace(big, hq, d, MAX_SPLITS, device=torch.device("cpu"))
+    for splits in (1, 2, 3, 5, 9, 17, 33, MAX_SPLITS):
+        sparse_decode(q.new_zeros(big, hq, d), kc, kc, torch.zeros(big, max_pages, dtype=i32),
+                      torch.full((big,), 100, dtype=i32),
+                      out=torch.empty(big, hq, d, dtype=q.dtype), num_splits=splits,
+                      workspace=ws_big, row_filter="full", full_pages=2 * k)
     _serving = False
 
 
