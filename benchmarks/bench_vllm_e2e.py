@@ -38,6 +38,12 @@ def main() -> None:
                    help="the engine's max_model_len (default: the longest prompt + output + 8); "
                         "e.g. 131072 to time short prompts in a long-context engine")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--profile-dir", default=None,
+                   help="with --decode-batch: after the timed decode, a torch profile (vLLM's "
+                        "profiler_config) of --profile-steps decode steps of the batch, from "
+                        "the prefix cache, written under this folder by the engine's worker "
+                        "(summarize with benchmarks/profile_summary.py)")
+    p.add_argument("--profile-steps", type=int, default=16)
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -59,6 +65,12 @@ def main() -> None:
         # (FlashInfer "mnnvl" workspace) faults; see benchmarks/device/serve_bench.sh.
         os.environ.setdefault("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm")
         tp_extra["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
+    if args.profile_dir:
+        # kernels only: no Python stacks or shapes (small traces, little overhead)
+        tp_extra["profiler_config"] = {
+            "profiler": "torch", "torch_profiler_dir": os.path.abspath(args.profile_dir),
+            "torch_profiler_with_stack": False, "torch_profiler_record_shapes": False,
+            "ignore_frontend": True}
     t_start = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True,
               attention_backend=args.backend, max_model_len=max_len,
@@ -151,6 +163,16 @@ def main() -> None:
                      "decode_steps": steps, "step_ms": decode_s / steps * 1e3,
                      "decode_tok_per_s": b * steps / decode_s,
                      "sparse_stats": delta(before, engine_stats())}
+        if args.profile_dir:
+            # The same batch from the prefix cache again: the last block's recompute, then
+            # profile_steps - 1 decode steps (the steps of every request run in one batch).
+            prof = SamplingParams(max_tokens=args.profile_steps, ignore_eos=True,
+                                  detokenize=False, temperature=0.0)
+            llm.generate(prs, one, use_tqdm=False)
+            llm.start_profile()
+            llm.generate(prs, prof, use_tqdm=False)
+            llm.stop_profile()
+            batch_row["profile"] = {"dir": args.profile_dir, "steps": args.profile_steps}
         print(f"{args.backend} batch {b} x {n}: prefill {t_prefill:.2f} s, decode step "
               f"{batch_row['step_ms']:.2f} ms, {batch_row['decode_tok_per_s']:.0f} tok/s"
               f"  sparse stats {batch_row['sparse_stats']}",

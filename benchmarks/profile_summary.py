@@ -1,0 +1,138 @@
+"""Summarize torch-profiler traces of vLLM decode steps: GPU time per kernel group and name.
+
+``bench_vllm_e2e.py --decode-batch B --profile-dir DIR`` has the engine's worker write a Chrome
+trace (``*.pt.trace.json[.gz]``) of a few decode steps of the batch. This prints, per trace,
+the GPU time of each kernel group (our decode attention, selection, KV write; FA3; vLLM's KV
+write; GEMMs; the rest) and of the top kernels by name, per step (``--steps``), and the GPU's
+busy time (the union of kernel intervals over every stream) against the traced span. Two
+traces side by side (FLASH_ATTN, CUSTOM) show where a step's time differs.
+
+    python3 benchmarks/profile_summary.py DIR_FLASH DIR_CUSTOM --steps 15 --out prof.json
+
+Not a test: never collected by pytest, never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+
+# First match wins.
+GROUPS = [
+    ("sparse decode attention", r"_sparse_decode_kernel|_merge_splits_kernel"),
+    ("sparse selection", r"_select_fused_kernel|_topk_"),
+    ("sparse KV write + summaries", r"_write_kv_kernel"),
+    ("sparse summaries (prefill)", r"_update_summaries_kernel|_build_summaries_kernel"),
+    ("FA3 (flash attention)", r"flash_fwd|flash::|FlashAttn|prepare_varlen"),
+    ("vLLM KV write", r"reshape_and_cache"),
+    ("GEMM", r"gemm|Gemm|nvjet|cutlass|xmma|cublas|matmul"),
+    ("all-reduce", r"allreduce|all_reduce|AllReduce|nccl"),
+]
+
+
+def load_trace(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def find_traces(arg: str) -> list[Path]:
+    p = Path(arg)
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.name.endswith((".json", ".json.gz"))
+                      and "trace" in q.name)
+    return [p] if p.is_file() else []
+
+
+def group_of(name: str) -> str:
+    for group, pattern in GROUPS:
+        if re.search(pattern, name):
+            return group
+    return "other"
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``[start, end)`` intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(trace: dict, steps: int, top: int = 25) -> dict:
+    events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
+    kernels = [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower()
+               in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not kernels:
+        return {"kernels": 0}
+    by_group: dict[str, list[float]] = {}
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        name, dur = e.get("name", "?"), float(e.get("dur", 0.0))
+        g = by_group.setdefault(group_of(name), [0.0, 0])
+        g[0] += dur
+        g[1] += 1
+        n = by_name.setdefault(name, [0.0, 0])
+        n[0] += dur
+        n[1] += 1
+    spans = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in kernels]
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    streams = sorted({e.get("args", {}).get("stream") for e in kernels}, key=str)
+    per = max(1, steps)
+    return {
+        "kernels": len(kernels),
+        "streams": streams,
+        "span_us_per_step": (end - start) / per,
+        "busy_us_per_step": busy_us(spans) / per,
+        "kernel_sum_us_per_step": sum(v[0] for v in by_group.values()) / per,
+        "groups": {g: {"us_per_step": v[0] / per, "launches_per_step": v[1] / per}
+                   for g, v in sorted(by_group.items(), key=lambda kv: -kv[1][0])},
+        "top_kernels": [{"name": n[:120], "us_per_step": v[0] / per,
+                         "launches_per_step": v[1] / per, "group": group_of(n)}
+                        for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="trace files or folders holding them")
+    p.add_argument("--steps", type=int, default=1,
+                   help="steps in each trace (per-step figures are totals / steps)")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    result = {}
+    for arg in args.paths:
+        for path in find_traces(arg):
+            s = summarize(load_trace(path), args.steps, args.top)
+            result[str(path)] = s
+            print(f"== {path}: {s.get('kernels', 0)} kernels")
+            if not s.get("kernels"):
+                continue
+            print(f"   span {s['span_us_per_step']:.1f} us/step, GPU busy "
+                  f"{s['busy_us_per_step']:.1f}, kernel sum {s['kernel_sum_us_per_step']:.1f}"
+                  f" ({len(s['streams'])} streams)")
+            for g, v in s["groups"].items():
+                print(f"   {g:32s} {v['us_per_step']:9.1f} us/step  "
+                      f"{v['launches_per_step']:7.1f} launches/step")
+            for k in s["top_kernels"][:10]:
+                print(f"     {k['us_per_step']:9.1f} us  x{k['launches_per_step']:<6.1f} {k['name']}")
+    if not result:
+        print("no traces found", file=sys.stderr)
+        return 1
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "steps": args.steps, "traces": result},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
