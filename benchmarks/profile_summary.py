@@ -100,18 +100,68 @@ def summarize(trace: dict, steps: int, top: int = 25) -> dict:
     }
 
 
+def steady_steps(trace: dict, marker: str, skip: int = 2, top: int = 25) -> dict:
+    """Per-step figures from the steps between consecutive kernels matching ``marker`` (e.g.
+    the sampler's, once per step), the first ``skip`` and the last one left out (the
+    profile's first steps recompute the prompt's last block, eagerly): the median step's
+    span and busy time, and each kernel's median time per step and per launch, by name and
+    stream kind (``main``: the stream with the most kernels; ``branch``: any other, e.g. a
+    CUDA graph's parallel branches)."""
+    import statistics
+
+    events = trace.get("traceEvents", [])
+    ks = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "?"),
+                 e.get("args", {}).get("stream"))
+                for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower() == "kernel")
+    marks = [k[0] for k in ks if re.search(marker, k[2])]
+    bounds = list(zip(marks, marks[1:]))[skip:-1]
+    if not bounds:
+        return {"steps": 0}
+    counts: dict = {}
+    for k in ks:
+        counts[k[3]] = counts.get(k[3], 0) + 1
+    main_stream = max(counts, key=counts.get)
+    spans, busies, per = [], [], {}
+    for a, b in bounds:
+        step = [k for k in ks if a < k[0] <= b]
+        spans.append(max(k[1] for k in step) - min(k[0] for k in step))
+        busies.append(busy_us([(k[0], k[1]) for k in step]))
+        seen: dict = {}
+        for k in step:
+            key = (k[2], "main" if k[3] == main_stream else "branch")
+            seen.setdefault(key, []).append(k[1] - k[0])
+        for key, durs in seen.items():
+            per.setdefault(key, []).append(durs)
+    rows = []
+    for (name, kind), steps in per.items():
+        rows.append({"name": name[:120], "stream": kind, "group": group_of(name),
+                     "us_per_step": statistics.median(sum(d) for d in steps),
+                     "launches_per_step": statistics.median(len(d) for d in steps),
+                     "median_us_per_launch": statistics.median(x for d in steps for x in d)})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    groups: dict = {}
+    for r in rows:
+        groups[r["group"]] = groups.get(r["group"], 0.0) + r["us_per_step"]
+    return {"steps": len(bounds), "span_us": statistics.median(spans),
+            "busy_us": statistics.median(busies), "groups_us": groups, "kernels": rows[:top]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="trace files or folders holding them")
     p.add_argument("--steps", type=int, default=1,
                    help="steps in each trace (per-step figures are totals / steps)")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--step-marker", default=r"_gumbel_sample",
+                   help="regex of a kernel that runs once per step (per-step medians)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = {}
     for arg in args.paths:
         for path in find_traces(arg):
-            s = summarize(load_trace(path), args.steps, args.top)
+            trace = load_trace(path)
+            s = summarize(trace, args.steps, args.top)
+            s["steady"] = steady_steps(trace, args.step_marker, top=args.top)
             result[str(path)] = s
             print(f"== {path}: {s.get('kernels', 0)} kernels")
             if not s.get("kernels"):
@@ -124,6 +174,14 @@ def main(argv=None) -> int:
                       f"{v['launches_per_step']:7.1f} launches/step")
             for k in s["top_kernels"][:10]:
                 print(f"     {k['us_per_step']:9.1f} us  x{k['launches_per_step']:<6.1f} {k['name']}")
+            st = s["steady"]
+            if st.get("steps"):
+                print(f"   steady steps ({st['steps']}, medians): span {st['span_us']:.1f} us, "
+                      f"busy {st['busy_us']:.1f}")
+                for k in st["kernels"][:12]:
+                    print(f"     {k['us_per_step']:9.1f} us  x{k['launches_per_step']:<5} "
+                          f"{k['median_us_per_launch']:7.2f} us each  {k['stream']:6s} "
+                          f"{k['name'][:70]}")
     if not result:
         print("no traces found", file=sys.stderr)
         return 1

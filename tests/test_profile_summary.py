@@ -66,3 +66,24 @@ def test_busy_union():
     ps = _load()
     assert ps.busy_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
     assert ps.busy_us([]) == 0
+
+
+def test_steady_steps():
+    """Steps between sampler kernels; the first two and the last left out; the main stream is
+    the busiest, a kernel on another is a branch."""
+    ps = _load()
+    events = []
+    for step in range(6):
+        t = step * 1000.0
+        events += [_k("_write_kv_kernel", t, 3), _k("_select_fused_kernel", t + 4, 5),
+                   _k("_sparse_decode_kernel", t + 4, 100 + step, stream=31),
+                   _k("nvjet_gemm", t + 110, 80), _k("_gumbel_sample_kernel", t + 200, 10)]
+    st = ps.steady_steps({"traceEvents": events}, r"_gumbel_sample")
+    # marks at 200, 1200, ..., 5200: 5 intervals, skip 2 and the last: 2 steps (3 and 4)
+    assert st["steps"] == 2
+    rows = {(r["name"], r["stream"]): r for r in st["kernels"]}
+    assert rows[("_sparse_decode_kernel", "branch")]["us_per_step"] == 103.5  # 103, 104
+    assert rows[("_write_kv_kernel", "main")]["launches_per_step"] == 1
+    assert st["groups_us"]["GEMM"] == 80
+    assert st["span_us"] == 210.0  # from the step's first kernel (write) to the marker's end
+    assert ps.steady_steps({"traceEvents": events[:5]}, r"_gumbel_sample") == {"steps": 0}
