@@ -134,6 +134,10 @@ VARIANTS = {
     # session 12; now 2), 2 warps
     "full_stages3": (sd, dict(FULL_ROWS_NUM_STAGES_16BIT=3)),
     "full_warps2": (sd, dict(FULL_ROWS_NUM_WARPS=2)),
+    # fewer, fuller splits for short full rows (the merge reads only the filled ones)
+    "full_min_tiles8": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=8)),
+    "full_min_tiles16": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=16)),
+    "full_min_tiles32": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=32)),
     "full_block_n64": (sd, dict(FULL_ROWS_BLOCK_N=64)),
     "min_tiles8_stages4": (sd, dict(MIN_SPLIT_TILES=8, NUM_STAGES_16BIT=4)),
     "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),

@@ -4,8 +4,9 @@ One decode token per sequence. Stage 1, grid ``(batch, num_kv_heads, num_splits)
 program takes its share of the selected logical pages of one (sequence, KV head), maps them to
 physical pages through ``block_table``, masks tokens ``>= seq_len``, and runs an online softmax
 for all query heads of the GQA group at once (group padded to 16 rows so ``tl.dot`` applies).
-It writes a normalized partial output and its log-sum-exp (base 2). Stage 2, grid
-``(batch, num_q_heads)``, merges the splits (``merge_in_kernel=True``: the last split of each
+It writes a normalized partial output and its log-sum-exp (base 2); a split that holds no
+tile writes nothing. Stage 2, grid ``(batch, num_q_heads)``, merges the splits that hold tiles
+(it recomputes the row's split layout, :func:`_row_tiles`; ``merge_in_kernel=True``: the last split of each
 (sequence, KV head) merges them inside stage 1 instead; measured slower on an H100, off by
 default). With one split, stage 1 writes ``out`` directly. Tiles are 32 tokens; the split
 count targets four waves of programs at small grids (batch 1) and about 32 at large ones
@@ -59,7 +60,31 @@ FULL_ROWS_NUM_WARPS: int | None = None
 # top-k step at 4K batch 16 on an H100, decode_engine_2026-11-24_h100_session12)
 FULL_ROWS_NUM_STAGES_16BIT: int | None = 2
 FULL_ROWS_BLOCK_N: int | None = None
+# Fewest tiles per split of the full rows' launch on large grids (None: MIN_SPLIT_TILES): short
+# rows then fill fewer, longer splits, and the merge reads only those (not measured yet).
+FULL_ROWS_MIN_SPLIT_TILES: int | None = None
 _ROWS_ALL = 2**31 - 1
+
+
+@triton.jit
+def _row_tiles(seq_len, sel_row, num_select, num_splits, min_split_tiles,
+               PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr):
+    """(slots, first selection entry, dense row?, tiles, tiles per split) of one (sequence, KV
+    head) row: what the main kernel walks and how its splits partition it, which the split
+    merge recomputes to read only the splits that hold data."""
+    n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
+    if DENSE:
+        first = -1
+        row_dense = True
+        n_slots = n_pages
+    else:
+        # A dense row (sentinel in slot 0) reads every page: logical page = slot.
+        first = tl.load(sel_row, mask=num_select > 0, other=-1)
+        row_dense = first == _DENSE_ROW
+        n_slots = tl.where(row_dense, n_pages, tl.minimum(n_pages, num_select))
+    n_tiles = tl.cdiv(n_slots * PAGE_SIZE, BLOCK_N)
+    tiles_per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), min_split_tiles)
+    return n_slots, first, row_dense, n_tiles, tiles_per_split
 
 
 @triton.jit(
@@ -136,17 +161,14 @@ def _sparse_decode_kernel(
     if (n_pages <= rows_above) | (n_pages > rows_upto):
         return  # another launch's row (see sparse_decode(row_filter=...))
     sel_row = selected_ptr + seq_idx64 * stride_sel_b + kv_head * stride_sel_h
-    if DENSE:
-        n_slots = n_pages
-    else:
-        # A dense row (sentinel in slot 0) reads every page: logical page = slot.
-        first = tl.load(sel_row, mask=num_select > 0, other=-1)
-        row_dense = first == _DENSE_ROW
-        n_slots = tl.where(row_dense, n_pages, tl.minimum(n_pages, num_select))
-    n_tiles = tl.cdiv(n_slots * PAGE_SIZE, BLOCK_N)
-    tiles_per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), min_split_tiles)
+    n_slots, first, row_dense, n_tiles, tiles_per_split = _row_tiles(
+        seq_len, sel_row, num_select, num_splits, min_split_tiles, PAGE_SIZE, BLOCK_N, DENSE)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+    if SPLIT:
+        if MERGE_IN_KERNEL == 0:
+            if tile_lo >= tile_hi:
+                return  # an empty split: the merge reads only the splits that hold tiles
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -258,18 +280,19 @@ def _sparse_decode_kernel(
 
 @triton.jit
 def _merge_head(
-    out_ptr, part_out_ptr, part_lse_ptr, seq_idx, q_head, num_splits,
+    out_ptr, part_out_ptr, part_lse_ptr, seq_idx, q_head, n_used,
     stride_o_b, stride_o_h, stride_o_d,
     stride_po_b, stride_po_h, stride_po_s, stride_po_d,
     stride_pl_b, stride_pl_h, stride_pl_s,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
     CG: tl.constexpr,
 ):
-    """LSE-weighted merge of the splits of one (sequence, query head). ``CG``: read the
-    partials through L2 only (written by other programs of the same launch)."""
+    """LSE-weighted merge of the first ``n_used`` splits of one (sequence, query head), the
+    ones that hold tiles (the others wrote nothing). ``CG``: read the partials through L2 only
+    (written by other programs of the same launch)."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_s = offs_s < num_splits
+    mask_s = offs_s < n_used
     mask_d = offs_d < HEAD_DIM
     lse_ptrs = part_lse_ptr + seq_idx * stride_pl_b + q_head * stride_pl_h + offs_s * stride_pl_s
     po_ptrs = (part_out_ptr + seq_idx * stride_po_b + q_head * stride_po_h
@@ -296,18 +319,21 @@ def _merge_head(
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
-        "num_splits", "rows_above", "rows_upto",
+        "num_splits", "rows_above", "rows_upto", "min_split_tiles", "stride_sel_b",
     ],
-    do_not_specialize_on_alignment=["seq_lens_ptr"],
+    do_not_specialize_on_alignment=["seq_lens_ptr", "selected_ptr"],
 )
 def _merge_splits_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
     seq_lens_ptr,
+    selected_ptr,
+    num_select,
     num_splits,
     rows_above,
     rows_upto,
+    min_split_tiles,
     stride_o_b,
     stride_o_h,
     stride_o_d,
@@ -318,18 +344,31 @@ def _merge_splits_kernel(
     stride_pl_b,
     stride_pl_h,
     stride_pl_s,
+    stride_sel_b,
+    stride_sel_h,
     PAGE_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DENSE: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
     seq_idx = tl.program_id(0)
-    n_pages = (tl.load(seq_lens_ptr + seq_idx) + PAGE_SIZE - 1) // PAGE_SIZE
+    q_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     if (n_pages <= rows_above) | (n_pages > rows_upto):
         return  # a row of another launch
+    # the splits the main kernel filled for this row (it wrote no partial for the others)
+    sel_row = (selected_ptr + seq_idx.to(tl.int64) * stride_sel_b
+               + (q_head // GROUP) * stride_sel_h)
+    _, _, _, n_tiles, tiles_per_split = _row_tiles(
+        seq_len, sel_row, num_select, num_splits, min_split_tiles, PAGE_SIZE, BLOCK_N, DENSE)
+    n_used = tl.cdiv(n_tiles, tiles_per_split)
     _merge_head(
-        out_ptr, part_out_ptr, part_lse_ptr, seq_idx.to(tl.int64), tl.program_id(1),
-        num_splits, stride_o_b, stride_o_h, stride_o_d,
+        out_ptr, part_out_ptr, part_lse_ptr, seq_idx.to(tl.int64), q_head,
+        n_used, stride_o_b, stride_o_h, stride_o_d,
         stride_po_b, stride_po_h, stride_po_s, stride_po_d,
         stride_pl_b, stride_pl_h, stride_pl_s,
         HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD, False,
@@ -506,6 +545,9 @@ def sparse_decode(
         rows_above = max(0, full_pages)
     if min_split_tiles is None:
         min_split_tiles = MIN_SPLIT_TILES
+        if (row_filter == "full" and FULL_ROWS_MIN_SPLIT_TILES
+                and not _small_grid(batch, num_kv_heads, q.device)):
+            min_split_tiles = FULL_ROWS_MIN_SPLIT_TILES
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, max_slots * page_size,
                                         q.device, block_n)
@@ -559,11 +601,15 @@ def sparse_decode(
     )
     if split and not merge_in_kernel:
         _merge_splits_kernel[(batch, num_q_heads)](
-            out, part_out, part_lse, seq_lens, num_splits, rows_above, rows_upto,
-            *out.stride(), *part_out.stride(), *part_lse.stride(),
+            out, part_out, part_lse, seq_lens, sel, num_select, num_splits, rows_above,
+            rows_upto, max(1, min_split_tiles),
+            *out.stride(), *part_out.stride(), *part_lse.stride(), *sel_strides[:2],
             PAGE_SIZE=page_size,
+            GROUP=group,
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            BLOCK_N=block_n,
+            DENSE=dense,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
         )

@@ -277,7 +277,48 @@ def test_min_split_tiles(min_split_tiles):
     ws = DecodeWorkspace(4, q.shape[1], 64, max_splits=16, device=DEVICE)
     want = _dense_ref(*[x.cpu() for x in (q, k, v, bt, sl)])
     for in_kernel in (False, True):
+        # NaN partials: the merge must read only the splits that were written (empty splits
+        # write none with the second-launch merge)
+        ws.partial_out.fill_(float("nan"))
+        ws.partial_lse.fill_(float("nan"))
         out = sparse_decode(q, k, v, bt, sl, None, num_splits=8, block_n=16, workspace=ws,
                             min_split_tiles=min_split_tiles, merge_in_kernel=in_kernel)
         _close(out, want, torch.float32)
         assert (ws.counters == 0).all()
+    # sparse mode: list rows (of num_select pages) and dense rows split as their slots say
+    sel = _random_selection(seq_lens, page, 2, 4, seed=23)
+    sel[3] = -1
+    sel[3, :, 0] = DENSE_ROW
+    sel = sel.to(DEVICE)
+    ws.partial_out.fill_(float("nan"))
+    ws.partial_lse.fill_(float("nan"))
+    out = sparse_decode(q, k, v, bt, sl, sel, num_splits=8, block_n=16, workspace=ws,
+                        min_split_tiles=min_split_tiles)
+    _close(out, ref_sparse_decode(*[x.cpu() for x in (q, k, v, bt, sl, sel)]), torch.float32)
+    if min_split_tiles == 100:  # one split per row: the other seven wrote nothing
+        assert torch.isnan(ws.partial_lse[:, :, 1:]).all()
+
+
+def test_full_rows_min_split_tiles_on_large_grids(monkeypatch):
+    """FULL_ROWS_MIN_SPLIT_TILES: the full rows' launch on a large grid (the CPU counts 4 SMs)
+    fills fewer, longer splits; rows of the other kind and a small grid are unchanged."""
+    from sparse_kernels import sparse_decode as sd
+
+    page = 16
+    seq_lens = [300, 17, 0, 129, 64, 400]  # the last: 25 pages, not a full row
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, torch.float32, "NHD", seed=24)
+    q, k, v, bt, sl = _dev(q, k, v, bt, sl)
+    ws = DecodeWorkspace(len(seq_lens), q.shape[1], 64, max_splits=16, device=DEVICE)
+    monkeypatch.setattr(sd, "FULL_ROWS_MIN_SPLIT_TILES", 6)
+    ws.partial_out.fill_(float("nan"))
+    ws.partial_lse.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    sparse_decode(q, k, v, bt, sl, None, out=out, num_splits=8, block_n=16, workspace=ws,
+                  row_filter="full", full_pages=20)
+    full = torch.tensor([-(-s // page) <= 20 for s in seq_lens], device=DEVICE)
+    want = _dense_ref(*[x.cpu() for x in (q, k, v, bt, sl)])
+    _close(out[full], want[full.cpu()].to(out.device), torch.float32)
+    assert torch.isnan(out[~full]).all()
+    # 300 tokens = 19 tiles of 16: splits of at least 6 tiles -> 4 of the 8 written
+    assert not torch.isnan(ws.partial_lse[0, :, :4]).any()
+    assert torch.isnan(ws.partial_lse[0, :, 4:]).all()
