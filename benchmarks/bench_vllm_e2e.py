@@ -59,15 +59,15 @@ def main() -> None:
         if args.max_model_len < max_len:
             sys.exit(f"--max-model-len {args.max_model_len} < {max_len} (prompt + output)")
         max_len = args.max_model_len
-    tp_extra = {}
+    engine_extra = {}
     if args.tp > 1 and os.environ.get("TP_FUSED_ALLREDUCE", "0") != "1":
         # On hosts without NVLink multicast, vLLM 0.26's TP all-reduce + RMSNorm fusion
         # (FlashInfer "mnnvl" workspace) faults; see benchmarks/device/serve_bench.sh.
         os.environ.setdefault("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm")
-        tp_extra["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
+        engine_extra["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
     if args.profile_dir:
         # kernels only: no Python stacks or shapes (small traces, little overhead)
-        tp_extra["profiler_config"] = {
+        engine_extra["profiler_config"] = {
             "profiler": "torch", "torch_profiler_dir": os.path.abspath(args.profile_dir),
             "torch_profiler_with_stack": False, "torch_profiler_record_shapes": False,
             "ignore_frontend": True}
@@ -75,7 +75,7 @@ def main() -> None:
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True,
               attention_backend=args.backend, max_model_len=max_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=True,
-              max_num_batched_tokens=16384, tensor_parallel_size=args.tp, **tp_extra,
+              max_num_batched_tokens=16384, tensor_parallel_size=args.tp, **engine_extra,
               **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     startup_s = time.perf_counter() - t_start
     rng = random.Random(0)

@@ -66,10 +66,14 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(trace: dict, steps: int, top: int = 25) -> dict:
+def gpu_events(trace: dict, cats=("kernel", "gpu_memcpy", "gpu_memset")) -> list[dict]:
+    """The trace's complete GPU events of the given categories (kernels, copies, sets)."""
     events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
-    kernels = [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower()
-               in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower() in cats]
+
+
+def summarize(trace: dict, steps: int, top: int = 25) -> dict:
+    kernels = gpu_events(trace)
     if not kernels:
         return {"kernels": 0}
     by_group: dict[str, list[float]] = {}
@@ -109,10 +113,8 @@ def steady_steps(trace: dict, marker: str, skip: int = 2, top: int = 25) -> dict
     CUDA graph's parallel branches)."""
     import statistics
 
-    events = trace.get("traceEvents", [])
     ks = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "?"),
-                 e.get("args", {}).get("stream"))
-                for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower() == "kernel")
+                 e.get("args", {}).get("stream")) for e in gpu_events(trace, ("kernel",)))
     marks = [k[0] for k in ks if re.search(marker, k[2])]
     bounds = list(zip(marks, marks[1:]))[skip:-1]
     if not bounds:

@@ -516,8 +516,11 @@ def sparse_decode(
     _, page_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape[3] == head_dim and v_cache.shape[1:] == k_cache.shape[1:]
     assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
+    # the full rows' launch has launch options of its own (FULL_ROWS_*; some on large grids)
+    full = row_filter == "full"
+    full_large = full and not _small_grid(batch, num_kv_heads, q.device)
     if block_n is None:
-        block_n = (FULL_ROWS_BLOCK_N if row_filter == "full" and FULL_ROWS_BLOCK_N
+        block_n = (FULL_ROWS_BLOCK_N if full and FULL_ROWS_BLOCK_N
                    else default_block_n(batch, num_kv_heads, q.device))
     assert block_n >= 16 and block_n & (block_n - 1) == 0, block_n
     group = num_q_heads // num_kv_heads
@@ -545,8 +548,7 @@ def sparse_decode(
         rows_above = max(0, full_pages)
     if min_split_tiles is None:
         min_split_tiles = MIN_SPLIT_TILES
-        if (row_filter == "full" and FULL_ROWS_MIN_SPLIT_TILES
-                and not _small_grid(batch, num_kv_heads, q.device)):
+        if full_large and FULL_ROWS_MIN_SPLIT_TILES:
             min_split_tiles = FULL_ROWS_MIN_SPLIT_TILES
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, max_slots * page_size,
@@ -567,12 +569,11 @@ def sparse_decode(
         part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
         counters = part_lse
 
-    full = row_filter == "full"
     if num_warps is None:
         num_warps = FULL_ROWS_NUM_WARPS if full and FULL_ROWS_NUM_WARPS else NUM_WARPS
     if num_stages is None:
         num_stages = 2 if k_cache.element_size() >= 4 else NUM_STAGES_16BIT
-        if full and not _small_grid(batch, num_kv_heads, q.device):
+        if full_large:
             num_stages = full_rows_num_stages(k_cache) or num_stages
     upcast = _interpreting() and k_cache.dtype == torch.bfloat16
     # fp32 caches: exact fp32 products (the default would be TF32 on the GPU).

@@ -339,6 +339,18 @@ def test_fused_ties_straddling_chunk_boundary():
     assert torch.equal(sel, ref_select_pages(q, summ, bt, sl, page, k, 0, 0))
 
 
+def _stale_last_pages(seq_lens, bt, sl, head_dim, page, seed):
+    """(k_cache, its true summaries, the summaries before this decode step's refresh: each
+    sequence's last page, where the step's token was written, zeroed)."""
+    g = torch.Generator().manual_seed(seed)
+    k, _, _ = random_paged_kv(seq_lens, 2, head_dim, page, torch.float32, generator=g)
+    summ = ref_page_summaries(k, bt, sl).nan_to_num(0.0)
+    stale = summ.clone()
+    for b, s in enumerate(seq_lens):
+        stale[int(bt[b, (s - 1) // page])] = 0.0  # the step's page: not yet summarized
+    return k, summ, stale
+
+
 @pytest.mark.parametrize("page,chunk,method,local,dense", [(16, 16, "fused", 1, 0),
                                                          (4, 32, "triton", 1, 0),
                                                          (4, 16, "triton", 0, 20),
@@ -351,12 +363,7 @@ def test_fused_summary_refresh(page, chunk, method, local, dense):
     # partial last page, full last page, one page, a dense row (with dense=20)
     seq_lens = [40 * page + 3, 16 * page, 5, 20 * page - 1]
     q, summ, bt, sl = _setup(seq_lens, 4, 64, page, seed=12)
-    g = torch.Generator().manual_seed(13)
-    k, _, _ = random_paged_kv(seq_lens, 2, 64, page, torch.float32, generator=g)
-    summ = ref_page_summaries(k, bt, sl).nan_to_num(0.0)
-    stale = summ.clone()
-    for b, s in enumerate(seq_lens):
-        stale[int(bt[b, (s - 1) // page])] = 0.0  # the step's page: not yet summarized
+    k, summ, stale = _stale_last_pages(seq_lens, bt, sl, 64, page, seed=13)
     raw = torch.empty(len(seq_lens), 2, bt.shape[1], device=DEVICE)
     num_select, sink = 6, 1
     stale_d = stale.clone().to(DEVICE)
@@ -441,12 +448,7 @@ def test_short_and_dense_rows_store_no_scores_but_refresh_summaries(topk_method)
     page, num_select, sink, local, dense = 4, 8, 1, 2, 20
     seq_lens = [40 * page + 1, 15 * page + 3, 5 * page]  # sparse, dense, short
     q, _, bt, sl = _setup(seq_lens, 4, 16, page, seed=31)
-    g = torch.Generator().manual_seed(32)
-    kc, _, _ = random_paged_kv(seq_lens, 2, 16, page, torch.float32, generator=g)
-    summ = ref_page_summaries(kc, bt, sl).nan_to_num(0.0)
-    stale = summ.clone()
-    for b, s_len in enumerate(seq_lens):
-        stale[int(bt[b, (s_len - 1) // page])] = 0.0
+    kc, summ, stale = _stale_last_pages(seq_lens, bt, sl, 16, page, seed=32)
     ws = page_select.SelectWorkspace(len(seq_lens), 2, bt.shape[1], torch.device(DEVICE),
                                      counters=False)
     scores, _ = ws.views(len(seq_lens), 2, bt.shape[1])
