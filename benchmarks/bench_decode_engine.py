@@ -24,6 +24,10 @@ reports microseconds per layer for
     (:mod:`vllm_sparse.full_rows_fa`): the rows' lengths built once per step and FA3's
     ahead-of-time schedule from them (``get_scheduler_metadata``, ``num_splits`` 32), as
     vLLM's FLASH_ATTN builder makes it under full CUDA graphs;
+  * ``topk_auto_fa3rows_masked`` -- FA3 for those rows called with ``seqused_q`` (1 for a
+    full row, 0 for the others: :func:`vllm_sparse.full_rows_fa.fa3_decode_rows`), so that it
+    writes only those rows and runs beside the selection and the other rows' attention
+    instead of before them (session 13); the same ahead-of-time schedule, with ``seqused_q``;
   * ``topk_auto_serial`` -- ``decode_overlap`` off: the selection, then one decode launch
     over every row (the path before session 9);
 
@@ -60,6 +64,7 @@ import triton
 
 from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms
 from sparse_kernels import page_select as ps
+from sparse_kernels import pipeline as pl
 from sparse_kernels import sparse_decode as sd
 from sparse_kernels.config import DECODE_SELECTS, SparseConfig
 from sparse_kernels.kv_write import write_kv_and_summaries
@@ -139,6 +144,9 @@ VARIANTS = {
     "full_min_tiles16": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=16)),
     "full_min_tiles32": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=32)),
     "full_block_n64": (sd, dict(FULL_ROWS_BLOCK_N=64)),
+    # the side stream (selection, the other rows) at the highest priority: its programs start
+    # as SMs free up beside the full rows' launch, not after that launch's last wave
+    "side_prio_high": (pl, dict(SIDE_STREAM_PRIORITY=-100)),
     "min_tiles8_stages4": (sd, dict(MIN_SPLIT_TILES=8, NUM_STAGES_16BIT=4)),
     "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),
 }
@@ -186,30 +194,43 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     ws = DecodeWorkspace(batch, hq, d, device=dev)
     sws = SelectWorkspace(batch, hkv, width, device=dev, counters=True)
 
-    side = decode_side_stream(dev)
+    masked_ops = _fa3_masked_ops() if fa3 is not None else None
 
-    def step(method: str, cfg: SparseConfig, aot: bool = False):
+    def step(method: str, cfg: SparseConfig, schedule: str | None = None):
+        """``schedule``: None (FA3's own heuristic), "aot" (the ahead-of-time schedule) or
+        "masked" (that schedule and FA3 writing only the full rows, beside the others)."""
         fr = None
-        if aot:  # once per step in the backend's builder; the lengths here never change
+        side = decode_side_stream(dev)  # (a variant may change its priority)
+        masked = schedule == "masked"
+        if schedule is not None:  # once per step in the backend's builder; lengths are fixed
             fr = _full_rows_schedule(cfg, page, hq, hkv, d, dtype, batch, width * page,
-                                     dev).prepare(seq_lens, qsl, batch, ctx)
+                                     dev, masked_ops if masked else None
+                                     ).prepare(seq_lens, qsl, batch, ctx)
 
         def fn():
             for lay in layers:
                 rows = None
                 if fa3 is not None and use_engine_dense_rows(cfg, batch, hkv, dev):
                     def rows(sl, o, max_len, lay=lay):  # what the vLLM backend passes
+                        max_k = min(max_len, width * page)
+                        if masked:
+                            fa3_decode_rows(masked_ops[0], q, k_cache, v_cache, o, qsl,
+                                            fr.q_lens, sl, max_k, lay.block_table, scale,
+                                            scheduler_metadata=fr.scheduler_metadata,
+                                            num_splits=fr.num_splits)
+                            return
                         extra = {} if fr is None else dict(
                             scheduler_metadata=fr.scheduler_metadata, num_splits=fr.num_splits)
                         fa3(q, k_cache, v_cache, max_seqlen_q=1, cu_seqlens_q=qsl,
-                            max_seqlen_k=min(max_len, width * page), seqused_k=sl,
+                            max_seqlen_k=max_k, seqused_k=sl,
                             block_table=lay.block_table, causal=True, softmax_scale=scale,
                             out=o, fa_version=3, **extra)
                 decode_attention(method, cfg, q, k_cache, v_cache, lay.summaries,
                                  lay.block_table, seq_lens, out, scale, selected=selected,
                                  workspace=ws, select_workspace=sws, fuse_summary=False,
                                  side_stream=side, full_rows_attention=rows,
-                                 full_rows_seq_lens=None if fr is None else fr.seq_lens)
+                                 full_rows_seq_lens=None if fr is None else fr.seq_lens,
+                                 full_rows_disjoint=masked)
         return fn
 
     def fa3_step():
@@ -230,6 +251,9 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         plans["topk_auto_fa3rows"] = ("topk", dataclasses.replace(base, decode_dense_rows="engine"))
         plans["topk_auto_fa3rows_aot"] = ("topk", dataclasses.replace(base,
                                                                       decode_dense_rows="engine"))
+        if masked_ops is not None:
+            plans["topk_auto_fa3rows_masked"] = ("topk", dataclasses.replace(
+                base, decode_dense_rows="engine"))
     # the same selection with every row attended after it (one decode launch, no side stream)
     plans["topk_auto_serial"] = ("topk", dataclasses.replace(base, decode_overlap=False))
     runs = [(name, m, c, None) for name, (m, c) in plans.items()]
@@ -241,6 +265,15 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     if fa3 is not None:
         row["us_per_layer"]["fa3"] = _graph_time_us(fa3_step, args.iters, flush) / L
         fa3_step()
+    if masked_ops is not None:  # FA3 with seqused_q: even rows attended, odd rows untouched
+        q_lens = (torch.arange(batch, device=dev) % 2 == 0).to(torch.int32)
+        out.fill_(float("nan"))
+        fa3_decode_rows(masked_ops[0], q, k_cache, v_cache, out, qsl, q_lens, seq_lens * q_lens,
+                        ctx, layers[-1].block_table, scale)
+        even, odd = out[0::2].float(), out[1::2].float()
+        row["fa3_masked_check"] = {
+            "attended_rows_max_abs_diff_vs_fa3": (even - ref[0::2].float()).abs().max().item(),
+            "other_rows_untouched": bool(odd.isnan().all().item()) if batch > 1 else None}
     # Attribution: the selection alone (each plan), then the attention alone over the
     # selection the default plan left in `selected`.
     def select_only(cfg=base, fuse_summary=False):
@@ -299,7 +332,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     for name, method, cfg, variant in runs:
         ctxm = variant if variant is not None else contextlib.nullcontext()
         with ctxm:
-            fn = step(method, cfg, aot=name.startswith("topk_auto_fa3rows_aot"))
+            fn = step(method, cfg, schedule=_schedule_of(name))
             out.fill_(float("nan"))
             t = _graph_time_us(fn, args.iters, flush) / L
             replayed = out.clone()  # what the captured graph (its branches joined) wrote
@@ -337,19 +370,48 @@ def _vllm_cache_write():
     return write
 
 
+def _schedule_of(plan: str) -> str | None:
+    """The FA3 schedule a plan's full rows get (see ``step`` in :func:`run_config`)."""
+    for suffix in ("aot", "masked"):
+        if plan.split("+")[0].endswith(f"fa3rows_{suffix}"):
+            return suffix
+    return None
+
+
+def _fa3_masked_ops():
+    """vLLM's FA3 ops called with ``seqused_q`` (vllm_sparse.full_rows_fa), or None."""
+    try:
+        from vllm_sparse.full_rows_fa import fa3_masked_ops
+    except Exception:  # noqa: BLE001 - no vLLM
+        return None
+    return fa3_masked_ops()
+
+
+def fa3_decode_rows(*args, **kwargs):
+    from vllm_sparse.full_rows_fa import fa3_decode_rows as run
+
+    run(*args, **kwargs)
+
+
 def _full_rows_schedule(cfg: SparseConfig, page: int, hq: int, hkv: int, d: int,
-                        dtype: torch.dtype, batch: int, max_model_len: int, dev: torch.device):
+                        dtype: torch.dtype, batch: int, max_model_len: int, dev: torch.device,
+                        masked_ops=None):
     """The vLLM backend's FullRowsSchedule as under full CUDA graphs on FA3 (vLLM 0.26's
-    default ``flash_attn_max_num_splits_for_cuda_graph``, 32)."""
+    default ``flash_attn_max_num_splits_for_cuda_graph``, 32); ``masked_ops``
+    (:func:`vllm_sparse.full_rows_fa.fa3_masked_ops`): the schedule of FA3 with
+    ``seqused_q``."""
     from vllm.vllm_flash_attn import get_scheduler_metadata
 
-    from vllm_sparse.full_rows_fa import FullRowsSchedule
+    from vllm_sparse.full_rows_fa import FullRowsSchedule, fa3_masked_scheduler_metadata
 
+    if masked_ops is not None:
+        get_scheduler_metadata = fa3_masked_scheduler_metadata(masked_ops[1])
     return FullRowsSchedule(cfg, page_size=page, num_heads_q=hq, num_heads_kv=hkv, head_size=d,
                             kv_dtype=dtype, max_seqs=batch, max_model_len=max_model_len,
                             full_cuda_graphs=True, max_cudagraph_size=batch,
                             max_num_splits_for_cuda_graph=32, device=dev,
-                            get_scheduler_metadata=get_scheduler_metadata)
+                            get_scheduler_metadata=get_scheduler_metadata,
+                            masked=masked_ops is not None)
 
 
 def _row_kind(cfg: SparseConfig, ctx: int, page: int) -> str:

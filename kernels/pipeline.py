@@ -62,6 +62,7 @@ def decode_attention(
     side_stream: torch.cuda.Stream | None = None,
     full_rows_attention: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None,
     full_rows_seq_lens: torch.Tensor | None = None,
+    full_rows_disjoint: bool = False,
 ) -> torch.Tensor | None:
     """Decode attention of ``q [B, Hq, D]`` into ``out``; returns the page selection (topk).
 
@@ -89,7 +90,10 @@ def decode_attention(
     ``full_rows_attention(seq_lens_full, out, max_seq_len_full)`` (with ``decode_overlap``): an
     engine's own dense paged decode for those rows instead of ours (vLLM: FlashAttention). It
     gets ``seq_lens`` with every other row set to 0 and an upper bound of the lengths left,
-    and may write every row of ``out``: the other rows' attention is ordered after it.
+    and may write every row of ``out``: the other rows' attention is ordered after it, unless
+    ``full_rows_disjoint``: it writes only the rows of at most :func:`decode_full_pages` pages,
+    empty (padding) rows included, as our own dense-mode launch does; then it runs beside the
+    selection and the other rows' attention.
     ``full_rows_seq_lens``: those lengths already built (:func:`full_row_seq_lens`, e.g. once
     per step by an adapter's metadata builder instead of once per layer here).
     With method "dense", ``full_rows_attention`` (if given) attends every row: give it only
@@ -134,18 +138,21 @@ def decode_attention(
         with torch.cuda.stream(side):
             return fn()
 
-    if full_rows_attention is None:
+    if full_rows_attention is not None and full_rows_seq_lens is None:
+        full_rows_seq_lens = full_row_seq_lens(cfg, seq_lens, page_size)
+    if full_rows_attention is None or full_rows_disjoint:
         def select_and_attend() -> torch.Tensor:
             sel = select()
             attend(sel, "select", full_pages)
             return sel
 
         sel = on_side(select_and_attend)
-        attend(None, "full", full_pages)  # dense mode: reads no selection
+        if full_rows_attention is None:
+            attend(None, "full", full_pages)  # dense mode: reads no selection
+        else:  # the engine's kernel, writing only the full rows
+            full_rows_attention(full_rows_seq_lens, out, full_pages * page_size)
     else:
         sel = on_side(select)
-        if full_rows_seq_lens is None:
-            full_rows_seq_lens = full_row_seq_lens(cfg, seq_lens, page_size)
         full_rows_attention(full_rows_seq_lens, out, full_pages * page_size)
         # the other rows' attention after the engine's launch, which writes every row
         on_side(lambda: attend(sel, "select", full_pages))
@@ -205,18 +212,29 @@ def use_engine_dense_rows(cfg: SparseConfig, batch: int, num_kv_heads: int,
     return cfg.decode_dense_rows == "engine" or not _small_grid(batch, num_kv_heads, device)
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
+# Priority of the side stream (torch: lower is higher; 0 is every stream's default). A higher
+# one lets the selection's programs start as soon as SMs free up beside a dense launch that
+# fills the GPU, instead of after its last wave. CUDA graphs keep the priority of the stream
+# each kernel was captured on (PyTorch instantiates them with UseNodePriority).
+SIDE_STREAM_PRIORITY = 0
 
 
-def decode_side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream :func:`decode_attention` runs the selection on (one per device, made once:
-    call it before CUDA-graph capture); ``None`` off CUDA."""
+def decode_side_stream(device: torch.device, priority: int | None = None
+                       ) -> torch.cuda.Stream | None:
+    """The stream :func:`decode_attention` runs the selection on (one per device and
+    priority, made once: call it before CUDA-graph capture); ``None`` off CUDA.
+    ``priority``: default :data:`SIDE_STREAM_PRIORITY`, clamped to the device's range."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
+    if priority is None:
+        priority = SIDE_STREAM_PRIORITY
+    low, high = torch.cuda.Stream.priority_range()  # (lowest, highest): e.g. (0, -5)
+    priority = max(high, min(low, priority))
+    if (index, priority) not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index, priority] = torch.cuda.Stream(device=index, priority=priority)
+    return _SIDE_STREAMS[index, priority]
 
 
 def decode_select_pages(

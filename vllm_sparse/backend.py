@@ -712,7 +712,7 @@ class SparseAttentionImpl(AttentionImpl):
                     _dense_decode_rows, q[:nd], key_cache, value_cache,
                     m.query_start_loc[:nd + 1], m.block_table[:nd], self.scale,
                     self.max_model_len, scheduler_metadata=fr.scheduler_metadata,
-                    num_splits=fr.num_splits)
+                    num_splits=fr.num_splits, q_lens=fr.q_lens)
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
                                    self.scale, selected=m.selected, workspace=m.workspace,
@@ -721,7 +721,9 @@ class SparseAttentionImpl(AttentionImpl):
                                        layer, key_cache.shape[1]),
                                    side_stream=m.side_stream, full_rows_attention=full_rows,
                                    full_rows_seq_lens=None if full_rows is None
-                                   else fr.seq_lens)
+                                   else fr.seq_lens,
+                                   full_rows_disjoint=full_rows is not None
+                                   and fr.q_lens is not None)
             if self._decode_stats:
                 seq = m.seq_lens[:nd]
                 total = seq.sum(dtype=torch.float64) * self.num_kv_heads
@@ -810,17 +812,27 @@ def _dense_prefill(q, key_cache, value_cache, run: PrefillRun, out, scale: float
 
 def _dense_decode_rows(q, key_cache, value_cache, query_start_loc, block_table, scale: float,
                        max_model_len: int | None, seq_lens, out, max_seq_len: int, *,
-                       scheduler_metadata=None, num_splits: int = 0) -> None:
+                       scheduler_metadata=None, num_splits: int = 0, q_lens=None) -> None:
     """Decode rows that read every page, with vLLM's FlashAttention (``full_rows_attention`` of
     :func:`sparse_kernels.pipeline.decode_attention`: rows of length 0 are the others'). No host
     value changes between steps (``max_seq_len`` is the config's bound), so it is captured in
     the decode CUDA graphs like the rest. ``scheduler_metadata`` / ``num_splits``: FA3's
     ahead-of-time schedule of this step (:mod:`vllm_sparse.full_rows_fa`), as vLLM's own
-    FLASH_ATTN backend passes them."""
+    FLASH_ATTN backend passes them. ``q_lens`` (FA3 with ``seqused_q``): 1 for those rows, 0
+    for the others, which FA3 then leaves unwritten
+    (:func:`vllm_sparse.full_rows_fa.fa3_decode_rows`)."""
+    max_k = min(max_seq_len, max_model_len or max_seq_len)
+    if q_lens is not None:
+        from vllm_sparse.full_rows_fa import fa3_decode_rows, fa3_masked_ops
+
+        fa3_decode_rows(fa3_masked_ops()[0], q, key_cache, value_cache, out, query_start_loc,
+                        q_lens, seq_lens, max_k, block_table, scale,
+                        scheduler_metadata=scheduler_metadata, num_splits=num_splits)
+        return
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     flash_attn_varlen_func(
         q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=query_start_loc, max_seqlen_q=1,
-        seqused_k=seq_lens, max_seqlen_k=min(max_seq_len, max_model_len or max_seq_len),
+        seqused_k=seq_lens, max_seqlen_k=max_k,
         softmax_scale=scale, causal=True, block_table=block_table,
         scheduler_metadata=scheduler_metadata, num_splits=num_splits, fa_version=_fa_version())

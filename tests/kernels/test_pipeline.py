@@ -287,6 +287,38 @@ def test_decode_overlap_equals_one_launch(budget, decode_min):
                                                            engine_rows(s_, o, m)))
     assert got == [buf.data_ptr()] and seen[1] == seen[0]
     torch.testing.assert_close(out, outs[2], rtol=0, atol=0)
+    # An engine kernel that writes only the rows it attends (FA3 with seqused_q), with
+    # full_rows_disjoint: it runs beside the other rows' attention, not before it (without a
+    # side stream, after it: its launch then must not touch their rows); the same output.
+    import sparse_kernels.pipeline as pipeline
+
+    order = []
+
+    def own_rows(seq_lens_full, out, max_len):
+        order.append("engine")
+        mine = -(-sl // PAGE) <= full  # the full rows, empty (padding) rows included
+        tmp = torch.empty_like(out)
+        engine_rows(seq_lens_full, tmp, max_len)
+        out[mine] = tmp[mine]
+
+    real = pipeline.sparse_decode
+
+    def spy(*a, **kw):
+        order.append(kw["row_filter"])
+        return real(*a, **kw)
+
+    pipeline.sparse_decode = spy
+    try:
+        for disjoint in (True, False):
+            out = torch.full_like(q, float("nan"))
+            decode_attention("topk", cfg, q, k, v, summ.clone(), bt, sl, out, D ** -0.5,
+                             fuse_summary=True, full_rows_attention=own_rows,
+                             full_rows_disjoint=disjoint)
+            torch.testing.assert_close(out, outs[2], rtol=0, atol=0)
+    finally:
+        pipeline.sparse_decode = real
+    if DEVICE == "cpu":  # (one stream: the order of the calls is the order of the launches)
+        assert order == ["select", "engine", "engine", "select"]
     cpu = [x.cpu() for x in (q, k, v, bt, sl)]
     dense = reference.dense_attention(*cpu[:4], torch.arange(len(seq_lens) + 1,
                                                              dtype=torch.int32), cpu[4])

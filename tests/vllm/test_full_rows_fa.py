@@ -15,7 +15,8 @@ PAGE = 16
 CFG = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, decode_dense_rows="engine")
 
 
-def _schedule(full_cuda_graphs=True, capture=8, scheduler=True, max_model_len=4096):
+def _schedule(full_cuda_graphs=True, capture=8, scheduler=True, max_model_len=4096,
+              masked=False):
     calls = []
 
     def get_scheduler_metadata(**kw):
@@ -26,7 +27,8 @@ def _schedule(full_cuda_graphs=True, capture=8, scheduler=True, max_model_len=40
                          kv_dtype=torch.bfloat16, max_seqs=8, max_model_len=max_model_len,
                          full_cuda_graphs=full_cuda_graphs, max_cudagraph_size=capture,
                          max_num_splits_for_cuda_graph=32, device=torch.device("cpu"),
-                         get_scheduler_metadata=get_scheduler_metadata if scheduler else None)
+                         get_scheduler_metadata=get_scheduler_metadata if scheduler else None,
+                         masked=masked)
     return s, calls
 
 
@@ -140,3 +142,115 @@ def test_a_scheduler_that_returns_nothing_leaves_the_buffer_alone():
                          get_scheduler_metadata=lambda **kw: None)
     fr = _step(s, [100, 300])
     assert fr.scheduler_metadata is None and fr.seq_lens.tolist() == [100, 0]
+
+
+def test_masked_schedule_gives_fa3_one_query_per_full_or_empty_row():
+    """With FA3's seqused_q (masked): 1 query for a full row and for an empty (padding) row,
+    none for the others, in the builder's buffer, and the scheduler gets the same tensor."""
+    s, calls = _schedule(masked=True)
+    fr = _step(s, [100, 300, 0, 128, 129])
+    assert fr.seq_lens.tolist() == [100, 0, 0, 128, 0]
+    assert fr.q_lens.tolist() == [1, 0, 1, 1, 0]
+    assert fr.q_lens.data_ptr() == s.q_lens.data_ptr()
+    assert calls[0]["seqused_q"].data_ptr() == fr.q_lens.data_ptr()
+    s, calls = _schedule()  # unmasked: no q_lens, the scheduler gets no seqused_q
+    fr = _step(s, [100, 300])
+    assert fr.q_lens is None and "seqused_q" not in calls[0]
+
+
+class _Op:
+    """A stand-in torch op: a schema of (name, optional?) arguments; records its call."""
+
+    def __init__(self, *args):
+        from types import SimpleNamespace as NS
+
+        opt, req = torch.OptionalType(torch.TensorType.get()), torch.IntType.get()
+        self.default = NS(_schema=NS(arguments=[NS(name=n, type=opt if o else req)
+                                                for n, o in args]))
+        self.got = None
+
+    def __call__(self, **kw):
+        self.got = kw
+        return "result"
+
+
+def test_schema_call_fills_arguments_by_name():
+    from vllm_sparse.full_rows_fa import _schema_call
+
+    op = _Op(("q", False), ("k_new", True), ("softcap", False), ("seqused_q", True))
+    assert _schema_call(op, dict(q=1, seqused_q=2)) == "result"
+    assert op.got == dict(q=1, k_new=None, softcap=0.0, seqused_q=2)
+    with pytest.raises(TypeError, match="new_required"):  # a signature it does not know
+        _schema_call(_Op(("q", False), ("new_required", False)), dict(q=1))
+
+
+def test_masked_scheduler_metadata_maps_vllm_names_to_the_op():
+    from vllm_sparse.full_rows_fa import fa3_masked_scheduler_metadata
+
+    names = ["batch_size", "max_seqlen_q", "max_seqlen_k", "num_heads", "num_heads_k",
+             "headdim", "headdim_v", "qkv_dtype", "seqused_k", "cu_seqlens_q", "seqused_q",
+             "page_size", "max_seqlen_k_new", "is_causal", "window_size_left", "num_splits",
+             "pack_gqa"]
+    op = _Op(*[(n, n in ("seqused_q", "pack_gqa", "cu_seqlens_q")) for n in names])
+    s, _ = _schedule(masked=True)
+    s.get_scheduler_metadata = fa3_masked_scheduler_metadata(op)
+    s.sched = None
+    fr = _step(s, [100, 300])
+    got = op.got
+    assert (got["num_heads"], got["num_heads_k"], got["headdim"], got["headdim_v"]) == (
+        8, 2, 64, 64)
+    assert got["seqused_k"].tolist() == [100, 0] and got["seqused_q"].tolist() == [1, 0]
+    assert got["is_causal"] is True and got["window_size_left"] == -1
+    assert got["max_seqlen_q"] == 1 and got["num_splits"] == 32 and got["pack_gqa"] is None
+    assert fr.scheduler_metadata == "result"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FA3 needs a GPU")
+@pytest.mark.parametrize("aot", [False, True])
+@pytest.mark.parametrize("others_keep_lengths", [False, True])
+def test_fa3_with_seqused_q_writes_only_its_rows(aot, others_keep_lengths):
+    """On a GPU: FA3 called with seqused_q attends the rows with 1 (to dense attention's
+    bf16 tolerance; an empty row gets zeros) and leaves the rows with 0 untouched, with or
+    without the ahead-of-time schedule, whether those rows' seqused_k is 0 (as the backend
+    passes) or their real length."""
+    from sparse_kernels import reference
+    from vllm_sparse.full_rows_fa import fa3_decode_rows, fa3_masked_ops
+
+    ops = fa3_masked_ops()
+    if ops is None:
+        pytest.skip("this vLLM's FA3 ops take no seqused_q")
+    hq, hkv, d, page = 32, 8, 128, 16
+    lens = [300, 5000, 4096, 50, 0, 2000, 1, 777]
+    q_lens = [1, 0, 1, 0, 1, 1, 1, 0]
+    k, v, bt = reference.random_paged_kv(lens, hkv, d, page,
+                                         generator=torch.Generator().manual_seed(0))
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(1))
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    ql = torch.tensor(q_lens, dtype=torch.int32)
+    ref = reference.dense_attention(q, k, v, bt, qsl, sl, d ** -0.5)
+    dev = "cuda"
+    qg, kg, vg = (x.to(dev, torch.bfloat16) for x in (q, k, v))
+    btg, qslg, qlg = bt.to(dev), qsl.to(dev), ql.to(dev)
+    slg = (sl if others_keep_lengths else sl * ql).to(dev)
+    meta, splits = None, 0
+    if aot:
+        from vllm_sparse.full_rows_fa import fa3_masked_scheduler_metadata
+
+        splits = 32
+        meta = fa3_masked_scheduler_metadata(ops[1])(
+            batch_size=len(lens), max_seqlen_q=1, max_seqlen_k=max(lens), num_heads_q=hq,
+            num_heads_kv=hkv, headdim=d, cache_seqlens=slg, qkv_dtype=torch.bfloat16,
+            cu_seqlens_q=qslg, page_size=page, causal=True, num_splits=splits, seqused_q=qlg)
+    out = torch.full_like(qg, float("nan"))
+    fa3_decode_rows(ops[0], qg, kg, vg, out, qslg, qlg, slg, max(lens), btg, d ** -0.5,
+                    scheduler_metadata=meta, num_splits=splits)
+    torch.cuda.synchronize()
+    out = out.float().cpu()
+    for b, (n, used) in enumerate(zip(lens, q_lens)):
+        if not used:
+            assert out[b].isnan().all(), b
+        elif n == 0:
+            assert out[b].eq(0).all(), b
+        else:
+            torch.testing.assert_close(out[b], ref[b], rtol=2e-2, atol=2e-2)

@@ -24,10 +24,11 @@ from vllm_sparse import backend  # noqa: E402
 HQ, HKV, D, PAGE = 8, 2, 64, 16
 
 
-def _builder(cfg: SparseConfig, max_seqs: int,
-             all_full: bool = False) -> backend.SparseAttentionMetadataBuilder:
+def _builder(cfg: SparseConfig, max_seqs: int, all_full: bool = False,
+             masked: bool = False) -> backend.SparseAttentionMetadataBuilder:
     """The builder without a VllmConfig; ``all_full``: an engine whose max_model_len is at
-    most the dense decode threshold (its decode_all_full)."""
+    most the dense decode threshold (its decode_all_full); ``masked``: FA3 takes seqused_q
+    (vllm_sparse.full_rows_fa.fa3_masked_ops)."""
     b = object.__new__(backend.SparseAttentionMetadataBuilder)  # no VllmConfig on the CPU
     b.cfg, b.block_size = cfg, PAGE
     b.num_heads_q, b.num_heads_kv, b.head_size = HQ, HKV, D
@@ -39,11 +40,11 @@ def _builder(cfg: SparseConfig, max_seqs: int,
     b.decode_all_full = all_full
     b.full_rows_schedule = None
     if engine_dense_rows_enabled(cfg, all_full):
-        b.full_rows_schedule = _schedule(cfg, max_seqs)
+        b.full_rows_schedule = _schedule(cfg, max_seqs, masked)
     return b
 
 
-def _schedule(cfg: SparseConfig, max_seqs: int):
+def _schedule(cfg: SparseConfig, max_seqs: int, masked: bool = False):
     """The builder's FullRowsSchedule, as on FA3 with full CUDA graphs, FA3's scheduler
     replaced by a stand-in that records its arguments (``.calls``)."""
     from vllm_sparse.full_rows_fa import FullRowsSchedule
@@ -58,7 +59,7 @@ def _schedule(cfg: SparseConfig, max_seqs: int):
                          kv_dtype=torch.float32, max_seqs=max_seqs, max_model_len=4096,
                          full_cuda_graphs=True, max_cudagraph_size=max_seqs,
                          max_num_splits_for_cuda_graph=32, device=torch.device("cpu"),
-                         get_scheduler_metadata=get_scheduler_metadata)
+                         get_scheduler_metadata=get_scheduler_metadata, masked=masked)
     s.calls = calls
     return s
 
@@ -86,13 +87,19 @@ def _fake_fa3(monkeypatch):
     monkeypatch.setattr(backend, "_dense_prefill", dense)
 
     def dense_decode_rows(q, key_cache, value_cache, qsl, bt, scale, max_model_len, seq_lens,
-                          out, max_seq_len, *, scheduler_metadata=None, num_splits=0):
+                          out, max_seq_len, *, scheduler_metadata=None, num_splits=0,
+                          q_lens=None):
         # as FlashAttention: every row written, the others' (length 0) with what they get;
-        # here a large value, so that a sparse row not overwritten after it would show
+        # here a large value, so that a sparse row not overwritten after it would show. With
+        # q_lens (FA3's seqused_q) only the rows with 1 are written.
         assert int(seq_lens.max()) <= max_seq_len
         ref = reference.dense_attention(q, key_cache, value_cache, bt, qsl, seq_lens, scale)
         ref[seq_lens == 0] = 1e4  # (rows of an empty sequence too: the tests have none)
-        out.copy_(ref.to(out.dtype))
+        if q_lens is None:
+            out.copy_(ref.to(out.dtype))
+        else:
+            mine = q_lens == 1
+            out[mine] = ref[mine].to(out.dtype)
     monkeypatch.setattr(backend, "_dense_decode_rows", dense_decode_rows)
 
 
@@ -282,7 +289,7 @@ def test_per_head_methods_follow_the_ranks_kv_heads(monkeypatch):
 
 
 @pytest.mark.parametrize("select,dense_rows", [("auto", "engine"), ("fused", "engine"),
-                                               ("auto", "triton")])
+                                               ("auto", "engine_masked"), ("auto", "triton")])
 def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows):
     """A pure-decode batch: a sequence of at most decode_min_seq_len tokens (above the budget)
     reads every page, unscored (sentinel row), beside a sparse one; no separate summary launch
@@ -290,7 +297,9 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     pages, and forward does not refresh them again; layer 0's stats count the dense row as
     fully read. A mixed batch still runs the summary update. The dense row is
     attended by the engine's dense decode (a stand-in for FlashAttention that also writes the
-    sparse row, which the sparse launch must overwrite after it) or by ours."""
+    sparse row, which the sparse launch must overwrite after it; or, "engine_masked", FA3
+    with seqused_q, which writes only the dense row and runs beside the sparse launch) or by
+    ours."""
     from sparse_kernels.page_select import DENSE_ROW
     from sparse_kernels.page_summary import build_page_summaries
     from sparse_kernels.reference_decode import ref_page_summaries, ref_sparse_decode
@@ -304,10 +313,11 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
                         lambda *a, **kw: (engine_calls.append((a[7].tolist(), kw)),
                                           fake_rows(*a, **kw)))
     cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
-                       decode_select=select, decode_dense_rows=dense_rows)
+                       decode_select=select,
+                       decode_dense_rows=dense_rows.replace("_masked", ""))
     assert cfg.effective_decode_min_seq_len == 128
     k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=3)
-    builder = _builder(cfg, 4)
+    builder = _builder(cfg, 4, masked=dense_rows == "engine_masked")
     meta = builder.build(0, m)
     impl = _impl(cfg)
     # Summaries as after the previous step: this step's token not summarized yet.
@@ -337,20 +347,25 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     # forward does not refresh them: no summary launch, no refresh in the scoring launch
     import sparse_kernels.pipeline as pipeline
 
-    fused = []
+    fused, disjoint = [], []
     real_decode = pipeline.decode_attention
     monkeypatch.setattr(pipeline, "decode_attention",
                         lambda *a, **kw: (fused.append(kw["fuse_summary"]),
-                                          real_decode(*a, **kw))[1])
+                                          disjoint.append(kw["full_rows_disjoint"]),
+                                          real_decode(*a, **kw))[2])
     q = torch.randn(2, HQ, D)
     out = torch.full((2, HQ, D), float("nan"))
     impl.forward(Layer0(), q, None, None, kv_cache, meta, out)
     assert calls == [] and fused == [False]
     # the engine's kernel got the dense row only (the sparse one's length zeroed), with the
     # schedule the builder made once for the step (FA3's, from those lengths)
-    if dense_rows == "engine":
+    assert disjoint == [dense_rows == "engine_masked"]
+    if dense_rows.startswith("engine"):
         ((lens, kw),) = engine_calls
         assert lens == [100, 0] and kw["num_splits"] == 32
+        masked = dense_rows == "engine_masked"
+        assert (kw["q_lens"].tolist() if masked else kw["q_lens"]) == ([1, 0] if masked
+                                                                       else None)
         (sched_call,) = builder.full_rows_schedule.calls
         assert sched_call["cache_seqlens"].tolist() == [100, 0]
         assert sched_call["batch_size"] == 2 and sched_call["max_seqlen_k"] == 128
