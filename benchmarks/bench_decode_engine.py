@@ -106,6 +106,10 @@ class _Variant:
         self.name, self.module, self.consts, self.saved = name, module, consts, {}
 
     def __enter__(self):
+        if isinstance(self.module, str):  # imported on use (vLLM's modules)
+            import importlib
+
+            self.module = importlib.import_module(self.module)
         for k, v in self.consts.items():
             self.saved[k] = getattr(self.module, k)
             setattr(self.module, k, v)
@@ -143,10 +147,19 @@ VARIANTS = {
     "full_min_tiles8": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=8)),
     "full_min_tiles16": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=16)),
     "full_min_tiles32": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=32)),
+    "full_min_tiles4": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=4)),
+    "full_min_tiles6": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=6)),
+    "full_min_tiles10": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=10)),
+    "full_min_tiles12": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=12)),
+    "full_min_tiles24": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=24)),
+    "full_min_tiles8_stages3": (sd, dict(FULL_ROWS_MIN_SPLIT_TILES=8,
+                                         FULL_ROWS_NUM_STAGES_16BIT=3)),
     "full_block_n64": (sd, dict(FULL_ROWS_BLOCK_N=64)),
     # the side stream (selection, the other rows) at the highest priority: its programs start
     # as SMs free up beside the full rows' launch, not after that launch's last wave
     "side_prio_high": (pl, dict(SIDE_STREAM_PRIORITY=-100)),
+    # FA3 for the full rows (masked plan) leaving SMs free for the selection beside it
+    **{f"fa3_margin{n}": ("vllm_sparse.full_rows_fa", dict(SM_MARGIN=n)) for n in (4, 8, 16)},
     "min_tiles8_stages4": (sd, dict(MIN_SPLIT_TILES=8, NUM_STAGES_16BIT=4)),
     "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),
 }

@@ -38,10 +38,13 @@ class FullRowsFA:
     q_lens: torch.Tensor | None = None
 
 
+# SMs FA3's persistent launch for the full rows leaves free (FA3's sm_margin), so that the
+# selection beside it finds some; 0: as FLASH_ATTN.
+SM_MARGIN = 0
 # Arguments of FA3's ops that the masked-rows call leaves at what vLLM's own wrapper passes
 # (``vllm.vllm_flash_attn.flash_attn_varlen_func``, decode without rotary, softcap or sinks).
 _FA3_FIXED = dict(softcap=0.0, is_causal=True, window_size_left=-1, window_size_right=-1,
-                  is_rotary_interleaved=True, sm_margin=0, cp_world_size=1, cp_rank=0,
+                  is_rotary_interleaved=True, cp_world_size=1, cp_rank=0,
                   has_softcap=False, pack_gqa=None)
 
 
@@ -87,7 +90,7 @@ def fa3_decode_rows(fwd, q, key_cache, value_cache, out, cu_seqlens_q, q_lens, s
         q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_seqlens_q,
         seqused_q=q_lens, seqused_k=seq_lens, max_seqlen_q=1, max_seqlen_k=max_seqlen_k,
         page_table=block_table, softmax_scale=scale, scheduler_metadata=scheduler_metadata,
-        num_splits=num_splits))
+        num_splits=num_splits, sm_margin=SM_MARGIN))
 
 
 def fa3_masked_scheduler_metadata(meta_op):
@@ -101,7 +104,7 @@ def fa3_masked_scheduler_metadata(meta_op):
             num_heads=num_heads_q, num_heads_k=num_heads_kv, headdim=headdim,
             headdim_v=headdim, qkv_dtype=qkv_dtype, seqused_k=cache_seqlens,
             cu_seqlens_q=cu_seqlens_q, seqused_q=seqused_q, page_size=page_size,
-            max_seqlen_k_new=0, is_causal=causal, num_splits=num_splits))
+            max_seqlen_k_new=0, is_causal=causal, num_splits=num_splits, sm_margin=SM_MARGIN))
     return get
 
 

@@ -300,10 +300,12 @@ def test_min_split_tiles(min_split_tiles):
 
 
 def test_full_rows_min_split_tiles_on_large_grids(monkeypatch):
-    """FULL_ROWS_MIN_SPLIT_TILES: the full rows' launch on a large grid (the CPU counts 4 SMs)
-    fills fewer, longer splits; rows of the other kind and a small grid are unchanged."""
+    """FULL_ROWS_MIN_SPLIT_TILES: the full rows' launch on a large grid (4 SMs counted, as on
+    the CPU, on a GPU too) fills fewer, longer splits; rows of the other kind and a small grid
+    are unchanged."""
     from sparse_kernels import sparse_decode as sd
 
+    monkeypatch.setattr(sd, "_device_sms", lambda device: 4)
     page = 16
     seq_lens = [300, 17, 0, 129, 64, 400]  # the last: 25 pages, not a full row
     q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, torch.float32, "NHD", seed=24)

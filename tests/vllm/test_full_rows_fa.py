@@ -32,9 +32,9 @@ def _schedule(full_cuda_graphs=True, capture=8, scheduler=True, max_model_len=40
     return s, calls
 
 
-def _step(s, lens, max_seq_len=None):
-    seq = torch.tensor(lens, dtype=torch.int32)
-    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+def _step(s, lens, max_seq_len=None, device="cpu"):
+    seq = torch.tensor(lens, dtype=torch.int32, device=device)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
     return s.prepare(seq, qsl, len(lens), max(lens) if max_seq_len is None else max_seq_len)
 
 
@@ -115,22 +115,26 @@ def test_short_engine_makes_a_schedule_without_overlap():
 def test_made_from_the_vllm_config():
     """make_full_rows_schedule reads vLLM's settings as its FLASH_ATTN builder does: full CUDA
     graphs, the capture size, flash_attn_max_num_splits_for_cuda_graph, the model's dtype and
-    length (on the CPU there is no FA3 scheduler: lengths only)."""
+    length (on the CPU there is no FA3 scheduler: lengths only; on a GPU, FA3's own)."""
     from types import SimpleNamespace as NS
 
     mode = NS(has_full_cudagraphs=lambda: True)
     vc = NS(compilation_config=NS(cudagraph_mode=mode, max_cudagraph_capture_size=6),
             attention_config=NS(flash_attn_max_num_splits_for_cuda_graph=16),
             model_config=NS(dtype=torch.bfloat16, max_model_len=100))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     s = make_full_rows_schedule(CFG, vc, page_size=PAGE, num_heads_q=8, num_heads_kv=2,
-                                head_size=64, max_seqs=8, device=torch.device("cpu"))
+                                head_size=64, max_seqs=8, device=torch.device(dev))
     assert s.full_cuda_graphs and s.max_cudagraph_size == 6
     assert s.max_num_splits_for_cuda_graph == 16 and s.bound == 100
     assert s.kv_dtype == torch.bfloat16 and s.lens.shape == (8,)
-    fr = _step(s, [90, 300], max_seq_len=300)
+    fr = _step(s, [90, 300], max_seq_len=300, device=dev)
     assert fr.seq_lens.tolist() == [90, 0] and fr.num_splits == 16
     if s.get_scheduler_metadata is None:  # no FA3 here
         assert fr.scheduler_metadata is None and s.sched is None
+    else:  # FA3's scheduler; with seqused_q where its ops take it (vLLM 0.26)
+        assert fr.scheduler_metadata.data_ptr() == s.sched.data_ptr()
+        assert fr.q_lens is None or fr.q_lens.tolist() == [1, 0]
 
 
 def test_a_scheduler_that_returns_nothing_leaves_the_buffer_alone():
