@@ -160,6 +160,8 @@ VARIANTS = {
     "side_prio_high": (pl, dict(SIDE_STREAM_PRIORITY=-100)),
     # FA3 for the full rows (masked plan) leaving SMs free for the selection beside it
     **{f"fa3_margin{n}": ("vllm_sparse.full_rows_fa", dict(SM_MARGIN=n)) for n in (4, 8, 16)},
+    # split partial outputs stored in bf16 (half the bytes the merge reads)
+    "partials_bf16": (sd, dict(PARTIAL_DTYPE=torch.bfloat16)),
     "min_tiles8_stages4": (sd, dict(MIN_SPLIT_TILES=8, NUM_STAGES_16BIT=4)),
     "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),
 }
@@ -204,7 +206,12 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     base.check_model(head_size=d, page_size=page, num_kv_heads=hkv)
     k_sel, _, _ = decode_budget_pages(base, page)
     selected = torch.full((batch, hkv, k_sel), -1, dtype=torch.int32, device=dev)
-    ws = DecodeWorkspace(batch, hq, d, device=dev)
+    workspaces = {}
+
+    def workspace() -> DecodeWorkspace:  # (a variant may change the partials' dtype)
+        if sd.PARTIAL_DTYPE not in workspaces:
+            workspaces[sd.PARTIAL_DTYPE] = DecodeWorkspace(batch, hq, d, device=dev)
+        return workspaces[sd.PARTIAL_DTYPE]
     sws = SelectWorkspace(batch, hkv, width, device=dev, counters=True)
 
     masked_ops = _fa3_masked_ops() if fa3 is not None else None
@@ -215,6 +222,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         fr = None
         side = decode_side_stream(dev)  # (a variant may change its priority)
         masked = schedule == "masked"
+        ws = workspace()
         if schedule is not None:  # once per step in the backend's builder; lengths are fixed
             fr = _full_rows_schedule(cfg, page, hq, hkv, d, dtype, batch, width * page,
                                      dev, masked_ops if masked else None
@@ -338,6 +346,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
             args.iters, flush) / L
 
     def attention_only():
+        ws = workspace()
         for lay in layers:
             sd.sparse_decode(q, k_cache, v_cache, lay.block_table, seq_lens, selected, out=out,
                              scale=scale, workspace=ws)

@@ -64,6 +64,8 @@ FULL_ROWS_BLOCK_N: int | None = None
 # rows then fill fewer, longer splits, and the merge reads only those (not measured yet).
 FULL_ROWS_MIN_SPLIT_TILES: int | None = None
 _ROWS_ALL = 2**31 - 1
+# dtype of the split partial outputs (the log-sum-exps stay fp32): a DecodeWorkspace's default
+PARTIAL_DTYPE = torch.float32
 
 
 @triton.jit
@@ -246,7 +248,7 @@ def _sparse_decode_kernel(
             part_out_ptr + seq_idx64 * stride_po_b + q_heads[:, None] * stride_po_h
             + split * stride_po_s + offs_d[None, :] * stride_po_d
         )
-        tl.store(po_ptrs, o, mask=o_mask)
+        tl.store(po_ptrs, o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(
             part_lse_ptr + seq_idx64 * stride_pl_b + q_heads * stride_pl_h + split * stride_pl_s,
@@ -304,6 +306,7 @@ def _merge_head(
     else:
         lse = tl.load(lse_ptrs, mask=mask_s, other=float("-inf"))
         po = tl.load(po_ptrs, mask=po_mask, other=0.0)
+    po = po.to(tl.float32)
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)  # 0 for empty / masked splits
@@ -378,17 +381,19 @@ def _merge_splits_kernel(
 class DecodeWorkspace:
     """Allocate-once split-KV scratch (CUDA-graph friendly).
 
-    ``partial_out`` fp32 ``[max_batch, num_q_heads, max_splits, head_dim]``,
+    ``partial_out`` ``[max_batch, num_q_heads, max_splits, head_dim]`` (``partial_dtype``,
+    default :data:`PARTIAL_DTYPE`: fp32),
     ``partial_lse`` fp32 ``[max_batch, num_q_heads, max_splits]`` and ``counters`` int32
     (in-kernel split merge).
     """
 
     def __init__(self, max_batch: int, num_q_heads: int, head_dim: int,
-                 max_splits: int = MAX_SPLITS, device: torch.device | str | None = None):
+                 max_splits: int = MAX_SPLITS, device: torch.device | str | None = None,
+                 partial_dtype: torch.dtype | None = None):
         self.max_batch = max_batch
         self.max_splits = max_splits
         self.partial_out = torch.empty((max_batch, num_q_heads, max_splits, head_dim),
-                                       dtype=torch.float32, device=device)
+                                       dtype=partial_dtype or PARTIAL_DTYPE, device=device)
         self.partial_lse = torch.empty((max_batch, num_q_heads, max_splits),
                                        dtype=torch.float32, device=device)
         # per-(sequence, KV head) arrival counters of the in-kernel merge; zero between

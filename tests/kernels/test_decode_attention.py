@@ -299,6 +299,23 @@ def test_min_split_tiles(min_split_tiles):
         assert torch.isnan(ws.partial_lse[:, :, 1:]).all()
 
 
+@pytest.mark.parametrize("in_kernel", [False, True])
+def test_bf16_partials_match_dense(in_kernel):
+    """Split partial outputs stored in bf16 (a workspace's partial_dtype): a bf16 cache's
+    decode over many splits still matches dense attention to bf16 tolerance."""
+    page = 16
+    seq_lens = [700, 33, 0, 1000]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, page, torch.bfloat16, "NHD", seed=26)
+    q, k, v, bt, sl = _dev(q, k, v, bt, sl)
+    ws = DecodeWorkspace(4, q.shape[1], 64, max_splits=16, device=DEVICE,
+                         partial_dtype=torch.bfloat16)
+    assert ws.partial_out.dtype == torch.bfloat16 and ws.partial_lse.dtype == torch.float32
+    ws.partial_out.fill_(float("nan"))
+    out = sparse_decode(q, k, v, bt, sl, None, num_splits=16, block_n=16, workspace=ws,
+                        merge_in_kernel=in_kernel)
+    _close(out, _dense_ref(*[x.cpu() for x in (q, k, v, bt, sl)]), torch.bfloat16)
+
+
 def test_full_rows_min_split_tiles_on_large_grids(monkeypatch):
     """FULL_ROWS_MIN_SPLIT_TILES: the full rows' launch on a large grid (4 SMs counted, as on
     the CPU, on a GPU too) fills fewer, longer splits; rows of the other kind and a small grid
