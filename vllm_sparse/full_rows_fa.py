@@ -65,21 +65,40 @@ def _schema_call(op, given: dict):
     return op(**kwargs)
 
 
+# The arguments fa3_decode_rows and fa3_masked_scheduler_metadata give FA3's two ops by name.
+_FWD_GIVEN = {"q", "k", "v", "out", "cu_seqlens_q", "seqused_q", "seqused_k", "max_seqlen_q",
+              "max_seqlen_k", "page_table", "softmax_scale", "scheduler_metadata", "num_splits",
+              "sm_margin"}
+_META_GIVEN = {"batch_size", "max_seqlen_q", "max_seqlen_k", "num_heads", "num_heads_k",
+               "headdim", "headdim_v", "qkv_dtype", "seqused_k", "cu_seqlens_q", "seqused_q",
+               "page_size", "max_seqlen_k_new", "is_causal", "num_splits", "sm_margin"}
+
+
+def _schema_fits(op, given: set[str]) -> bool:
+    """Whether :func:`_schema_call` can call ``op`` with ``given`` (checked once, at start-up,
+    so that a changed signature falls back instead of failing in a forward)."""
+    args = op.default._schema.arguments
+    names = {a.name for a in args}
+    return {"seqused_q", "seqused_k"} <= names and all(
+        a.name in given or a.name in _FA3_FIXED or isinstance(a.type, torch.OptionalType)
+        for a in args)
+
+
 @functools.cache
 def fa3_masked_ops():
-    """vLLM's FA3 forward and scheduler ops where both take ``seqused_q`` by name (vLLM 0.26's
-    ``_vllm_fa3_C``), else ``None``: FA3 for the full rows then writes every row."""
+    """vLLM's FA3 forward and scheduler ops where both take ``seqused_q`` and every argument
+    they require is one :func:`fa3_decode_rows` and :func:`fa3_masked_scheduler_metadata`
+    give (vLLM 0.26's ``_vllm_fa3_C``), else ``None``: FA3 for the full rows then writes every
+    row, through vLLM's own wrapper."""
     try:
         import vllm.vllm_flash_attn  # noqa: F401  (loads the ops)
 
         fwd = torch.ops._vllm_fa3_C.fwd
         meta = torch.ops._vllm_fa3_C.get_scheduler_metadata
-        names = [{a.name for a in op.default._schema.arguments} for op in (fwd, meta)]
+        fits = _schema_fits(fwd, _FWD_GIVEN) and _schema_fits(meta, _META_GIVEN)
     except (ImportError, AttributeError, RuntimeError):
         return None
-    if not all({"seqused_q", "seqused_k"} <= n for n in names):
-        return None
-    return fwd, meta
+    return (fwd, meta) if fits else None
 
 
 def fa3_decode_rows(fwd, q, key_cache, value_cache, out, cu_seqlens_q, q_lens, seq_lens,
@@ -189,7 +208,9 @@ def make_full_rows_schedule(cfg: SparseConfig, vllm_config, *, page_size: int, n
 
     get_meta, masked = None, False
     if _fa_version() == 3:
-        ops = fa3_masked_ops()
+        # seqused_q only where FA3 runs beside the selection; an engine whose every row is
+        # full runs FA3 as FLASH_ATTN does (vLLM's wrapper), over every row
+        ops = None if all_full else fa3_masked_ops()
         if ops is not None:
             get_meta, masked = fa3_masked_scheduler_metadata(ops[1]), True
         else:
