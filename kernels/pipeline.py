@@ -220,18 +220,15 @@ _SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 SIDE_STREAM_PRIORITY = 0
 
 
-def decode_side_stream(device: torch.device, priority: int | None = None
-                       ) -> torch.cuda.Stream | None:
+def decode_side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The stream :func:`decode_attention` runs the selection on (one per device and
-    priority, made once: call it before CUDA-graph capture); ``None`` off CUDA.
-    ``priority``: default :data:`SIDE_STREAM_PRIORITY`, clamped to the device's range."""
+    :data:`SIDE_STREAM_PRIORITY`, clamped to the device's range; made once: call it before
+    CUDA-graph capture); ``None`` off CUDA."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if priority is None:
-        priority = SIDE_STREAM_PRIORITY
     low, high = torch.cuda.Stream.priority_range()  # (lowest, highest): e.g. (0, -5)
-    priority = max(high, min(low, priority))
+    priority = max(high, min(low, SIDE_STREAM_PRIORITY))
     if (index, priority) not in _SIDE_STREAMS:
         _SIDE_STREAMS[index, priority] = torch.cuda.Stream(device=index, priority=priority)
     return _SIDE_STREAMS[index, priority]

@@ -148,9 +148,9 @@ class FullRowsSchedule:
         self.page_size = page_size
         self.num_heads_q, self.num_heads_kv, self.head_size = num_heads_q, num_heads_kv, head_size
         self.kv_dtype = kv_dtype
-        self.bound = min(decode_full_pages(cfg, page_size) * page_size, max_model_len)
+        self.max_full = decode_full_pages(cfg, page_size) * page_size  # longest full row
+        self.bound = min(self.max_full, max_model_len)
         self.lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self.max_full = decode_full_pages(cfg, page_size) * page_size
         self.q_lens = (torch.zeros(max_seqs, dtype=torch.int32, device=device) if masked
                        else None)
         self.q_full = (torch.zeros(max_seqs, dtype=torch.bool, device=device) if masked
