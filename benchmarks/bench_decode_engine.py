@@ -63,6 +63,7 @@ import torch
 import triton
 
 from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms
+from sparse_kernels import balanced_decode as bd
 from sparse_kernels import page_select as ps
 from sparse_kernels import pipeline as pl
 from sparse_kernels import sparse_decode as sd
@@ -164,7 +165,46 @@ VARIANTS = {
     "partials_bf16": (sd, dict(PARTIAL_DTYPE=torch.bfloat16)),
     "min_tiles8_stages4": (sd, dict(MIN_SPLIT_TILES=8, NUM_STAGES_16BIT=4)),
     "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),
+    # our dense-mode launches (method "dense"; top-k's full rows) balanced over a fixed number
+    # of programs (sparse_kernels.balanced_decode), and its launch options
+    "balanced": (pl, dict(DENSE_DECODE_KERNEL="balanced")),
+    **{f"balanced_p{n}": [(pl, dict(DENSE_DECODE_KERNEL="balanced")),
+                          (bd, dict(PROGRAMS_PER_SM=n))] for n in (1, 3, 4, 6, 8)},
+    **{f"balanced_{name}": [(pl, dict(DENSE_DECODE_KERNEL="balanced")), (bd, consts)]
+       for name, consts in (("bn64", dict(BLOCK_N=64)), ("stages2", dict(NUM_STAGES_16BIT=2)),
+                            ("stages4", dict(NUM_STAGES_16BIT=4)), ("warps8", dict(NUM_WARPS=8)),
+                            ("p4_bn64", dict(PROGRAMS_PER_SM=4, BLOCK_N=64)),
+                            ("p1_stages4", dict(PROGRAMS_PER_SM=1, NUM_STAGES_16BIT=4)))},
+    "balanced_bf16": [(pl, dict(DENSE_DECODE_KERNEL="balanced")),
+                      (sd, dict(PARTIAL_DTYPE=torch.bfloat16))],
 }
+
+
+class _Variants:
+    """Several :class:`_Variant` at once (constants of several modules), set on entry."""
+
+    def __init__(self, parts: list[_Variant]):
+        self.parts, self.stack = parts, None
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        for part in self.parts:
+            self.stack.enter_context(part)
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+
+def _variant(name: str) -> _Variants:
+    """The (not yet entered) context of a variant of :data:`VARIANTS`."""
+    spec = VARIANTS[name]
+    return _Variants([_Variant(name, mod, **consts)
+                      for mod, consts in (spec if isinstance(spec, list) else [spec])])
+
+
+def _variant_modules(name: str) -> list:
+    spec = VARIANTS[name]
+    return [mod for mod, _ in (spec if isinstance(spec, list) else [spec])]
 
 
 def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
@@ -210,7 +250,9 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
 
     def workspace() -> DecodeWorkspace:  # (a variant may change the partials' dtype)
         if sd.PARTIAL_DTYPE not in workspaces:
-            workspaces[sd.PARTIAL_DTYPE] = DecodeWorkspace(batch, hq, d, device=dev)
+            workspaces[sd.PARTIAL_DTYPE] = DecodeWorkspace(
+                batch, hq, d, device=dev,  # room for up to 8 balanced programs per SM
+                segments=batch + 4 * bd.default_programs(hkv, dev))
         return workspaces[sd.PARTIAL_DTYPE]
     sws = SelectWorkspace(batch, hkv, width, device=dev, counters=True)
 
@@ -281,8 +323,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     for v in args.variants:
         for name in args.variant_plans:
             m, c = plans[name]
-            mod, consts = VARIANTS[v]
-            runs.append((f"{name}+{v}", m, c, _Variant(v, mod, **consts)))
+            runs.append((f"{name}+{v}", m, c, _variant(v)))
     if fa3 is not None:
         row["us_per_layer"]["fa3"] = _graph_time_us(fa3_step, args.iters, flush) / L
         fa3_step()
@@ -318,9 +359,8 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         row["us_per_layer"]["score_only_fused_summary"] = _graph_time_us(
             lambda: select_only(base, True), args.iters, flush) / L
         for v in args.variants:  # the scoring launch under the variants that change it
-            mod, consts = VARIANTS[v]
-            if mod is ps:
-                with _Variant(v, mod, **consts):
+            if ps in _variant_modules(v):
+                with _variant(v):
                     row["us_per_layer"][f"score_only+{v}"] = _graph_time_us(
                         select_only, args.iters, flush) / L
     with skipping("_launch_scoring"):

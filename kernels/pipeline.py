@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from sparse_kernels.balanced_decode import balanced_decode
 from sparse_kernels.block_sparse_prefill import (
     PrefillBlockLists,
     PrefillBlockMeta,
@@ -29,6 +30,13 @@ from sparse_kernels.block_sparse_prefill import (
 from sparse_kernels.config import SparseConfig
 from sparse_kernels.page_select import SelectWorkspace, select_pages
 from sparse_kernels.sparse_decode import DecodeWorkspace, sparse_decode
+
+# Our dense-mode decode launches (method "dense", and top-k's rows that read every page):
+# "split", :func:`~sparse_kernels.sparse_decode.sparse_decode` (a fixed split count per row);
+# "balanced", :func:`~sparse_kernels.balanced_decode.balanced_decode` (the batch's tiles cut
+# evenly over a fixed number of programs).
+DENSE_DECODE_KERNELS = ("split", "balanced")
+DENSE_DECODE_KERNEL = "split"
 
 
 def decode_budget_pages(cfg: SparseConfig, page_size: int) -> tuple[int, int, int]:
@@ -106,8 +114,12 @@ def decode_attention(
             lens = seq_lens if full_rows_seq_lens is None else full_rows_seq_lens
             full_rows_attention(lens, out, block_table.shape[1] * k_cache.shape[1])
             return None
-        sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
-                      workspace=workspace)
+        if DENSE_DECODE_KERNEL == "balanced":
+            balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                            workspace=workspace)
+        else:
+            sparse_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                          workspace=workspace)
         return None
     if method != "topk":
         raise ValueError(f"unknown decode method {method!r}")
@@ -118,6 +130,10 @@ def decode_attention(
                                    fuse_summary=fuse_summary)
 
     def attend(sel: torch.Tensor | None, row_filter: str, full_pages: int = 0) -> None:
+        if sel is None and row_filter == "full" and DENSE_DECODE_KERNEL == "balanced":
+            balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                            workspace=workspace, full_pages=full_pages)
+            return
         sparse_decode(q, k_cache, v_cache, block_table, seq_lens, selected=sel, out=out,
                       scale=scale, workspace=workspace, row_filter=row_filter,
                       full_pages=full_pages)
@@ -530,4 +546,8 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
                           num_stages=num_stages)
         splits.append(n)
         n *= 2
+    if DENSE_DECODE_KERNEL == "balanced" and (selected is None or cfg.decode_overlap):
+        # one variant whatever the batch and lengths (its grid is (programs, KV heads))
+        balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                        full_pages=None if selected is None else 1)
     return splits

@@ -384,16 +384,26 @@ class DecodeWorkspace:
     ``partial_out`` ``[max_batch, num_q_heads, max_splits, head_dim]`` (``partial_dtype``,
     default :data:`PARTIAL_DTYPE`: fp32),
     ``partial_lse`` fp32 ``[max_batch, num_q_heads, max_splits]`` and ``counters`` int32
-    (in-kernel split merge).
+    (in-kernel split merge). ``segments`` > 0: also ``segment_out`` ``[segments, num_q_heads,
+    head_dim]`` and ``segment_lse``, the partials of
+    :func:`sparse_kernels.balanced_decode.balanced_decode`, apart from the split partials so
+    that it may run beside a ``sparse_decode`` launch on the same workspace.
     """
 
     def __init__(self, max_batch: int, num_q_heads: int, head_dim: int,
                  max_splits: int = MAX_SPLITS, device: torch.device | str | None = None,
-                 partial_dtype: torch.dtype | None = None):
+                 partial_dtype: torch.dtype | None = None, segments: int = 0):
         self.max_batch = max_batch
         self.max_splits = max_splits
+        dtype = partial_dtype or PARTIAL_DTYPE
         self.partial_out = torch.empty((max_batch, num_q_heads, max_splits, head_dim),
-                                       dtype=partial_dtype or PARTIAL_DTYPE, device=device)
+                                       dtype=dtype, device=device)
+        self.segment_out = self.segment_lse = None
+        if segments > 0:
+            self.segment_out = torch.empty((segments, num_q_heads, head_dim), dtype=dtype,
+                                           device=device)
+            self.segment_lse = torch.empty((segments, num_q_heads), dtype=torch.float32,
+                                           device=device)
         self.partial_lse = torch.empty((max_batch, num_q_heads, max_splits),
                                        dtype=torch.float32, device=device)
         # per-(sequence, KV head) arrival counters of the in-kernel merge; zero between

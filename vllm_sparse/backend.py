@@ -315,6 +315,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             decode_full_pages,
             decode_side_stream,
         )
+        from sparse_kernels.balanced_decode import workspace_segments
+        from sparse_kernels.pipeline import DENSE_DECODE_KERNEL
         from sparse_kernels.sparse_decode import DecodeWorkspace
         from vllm_sparse.full_rows_fa import make_full_rows_schedule
 
@@ -336,8 +338,10 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         k, _, _ = decode_budget_pages(self.cfg, self.block_size)
         self.selected = torch.full((max_seqs, self.num_heads_kv, k), -1, dtype=torch.int32,
                                    device=device)
-        self.workspace = DecodeWorkspace(max_seqs, self.num_heads_q, self.head_size,
-                                         device=device)
+        self.workspace = DecodeWorkspace(
+            max_seqs, self.num_heads_q, self.head_size, device=device,
+            segments=(workspace_segments(max_seqs, self.num_heads_kv, torch.device(device))
+                      if DENSE_DECODE_KERNEL == "balanced" else 0))
         # vLLM pads its block table's width; keep headroom and re-check in build().
         max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
         self.select_workspace = self._select_workspace(max_pages)

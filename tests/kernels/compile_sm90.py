@@ -71,6 +71,7 @@ def main() -> None:
     from sparse_kernels import page_select as ps
     from sparse_kernels.config import PREFILL_METHODS, SparseConfig
     from sparse_kernels.pipeline import warm_up_decode, warm_up_prefill, warm_up_summary_update
+    from sparse_kernels.balanced_decode import balanced_decode
     from sparse_kernels.sparse_decode import sparse_decode
 
     cpu = torch.device("cpu")
@@ -88,6 +89,7 @@ def main() -> None:
                             dense_pages=512, topk_method=topk_method)
         sel = torch.zeros(batch, hkv, 256, dtype=torch.int32)
         sparse_decode(q, kc, kc, bt, sl, selected=sel, out=torch.zeros_like(q), num_splits=4)
+        balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)
         warm_up_summary_update(kc, summ)
         kv_write(batch, hkv, group, d, kc, summ)
         # Prefill: every estimator and the block-sparse kernel, through the engine's warm-up
@@ -125,6 +127,7 @@ def serve(q, kc, summ, max_pages) -> None:
     from sparse_kernels.config import PREFILL_METHODS, SparseConfig
     from sparse_kernels.page_summary import update_page_summaries
     from sparse_kernels.pipeline import decode_budget_pages, sparse_prefill_attention
+    from sparse_kernels.balanced_decode import balanced_decode
     from sparse_kernels.sparse_decode import DecodeWorkspace, MAX_SPLITS, sparse_decode
 
     _serving = True
@@ -160,6 +163,12 @@ def serve(q, kc, summ, max_pages) -> None:
                               selected=selected, out=torch.empty(n, hq, d, dtype=q.dtype),
                               num_splits=splits, workspace=ws, row_filter=row_filter,
                               full_pages=k + splits, min_split_tiles=splits)
+        # the balanced dense-mode launch: every batch, filter and workspace, one variant
+        for full_pages, segments in ((None, 0), (k + n, 64 + n)):
+            wsb = DecodeWorkspace(n, hq, d, 1, device=torch.device("cpu"), segments=segments)
+            balanced_decode(q.new_zeros(n, hq, d), kc, kc, table[1:1 + n], lens[1:1 + n],
+                            out=torch.empty(n, hq, d, dtype=q.dtype), workspace=wsb,
+                            full_pages=full_pages, programs=n + 2)
     # a large grid (rows x KV heads above half the SMs): the full rows' launch has its own
     # pipeline depth there (full_rows_num_stages), compiled by warm_up_decode
     big = 40

@@ -33,7 +33,8 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
     bench.main(["--contexts", "40", "100", "300", "--batches", "2", "--budget", "64",
                 "--sink-tokens", "16", "--local-tokens", "16", "--table-pages", "24", "--layers", "2", "--num-q-heads", "4",
                 "--num-kv-heads", "2", "--head-dim", "64", "--iters", "1",
-                "--variants", "max_splits16", "min_tiles4", "chunk128", "--out", str(out)])
+                "--variants", "max_splits16", "min_tiles4", "chunk128", "balanced_p4",
+                "balanced_bf16", "--variant-plans", "dense", "topk_auto", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["context"] for r in rows] == [40, 100, 300]
     kinds = [r["row_kind"].split()[0] for r in rows]
@@ -46,7 +47,9 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
                 "topk_only", "kv_write_sparse"} <= set(r["us_per_layer"])
         # each plan's timed output (every launch, side-stream ones included) is its own
         replay = r["max_abs_diff_replay_vs_eager"]
-        assert set(replay) >= {"dense", "topk_auto", "topk_auto_serial", "topk_auto+min_tiles4"}
+        assert set(replay) >= {"dense", "topk_auto", "topk_auto_serial", "topk_auto+min_tiles4",
+                               "dense+balanced_p4", "topk_auto+balanced_p4",
+                               "topk_auto+balanced_bf16"}
         assert all(v == 0 for v in replay.values()), replay
         diffs = r["max_abs_diff_vs_dense"]
         if r["row_kind"].startswith(("short", "dense")):

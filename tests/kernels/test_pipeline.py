@@ -329,6 +329,50 @@ def test_decode_overlap_equals_one_launch(budget, decode_min):
     assert (outs[1][long].cpu() - dense[long]).abs().max() > 1e-3  # those were sparse
 
 
+@pytest.mark.parametrize("method", ["topk", "dense"])
+def test_balanced_dense_mode_launch(monkeypatch, method):
+    """DENSE_DECODE_KERNEL "balanced": our dense-mode launch (method "dense"; top-k's rows that
+    read every page, beside the selection) is balanced_decode; the selection and the output
+    equal the "split" launch's, and warm_up_decode compiles it (it is called)."""
+    import dataclasses
+
+    import sparse_kernels.pipeline as pipeline
+    from sparse_kernels.page_summary import allocate_page_summaries, build_page_summaries
+    from sparse_kernels.pipeline import decode_attention, warm_up_decode
+    from sparse_kernels.sparse_decode import DecodeWorkspace
+
+    cfg = dataclasses.replace(SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16,
+                                           decode_min_seq_len=160), decode_overlap=True)
+    seq_lens = [40, 150, 700, 0, 64, 1000]
+    k, v, bt = reference.random_paged_kv(seq_lens, HKV, D, PAGE,
+                                         generator=torch.Generator().manual_seed(40))
+    q = torch.randn(len(seq_lens), HQ, D, generator=torch.Generator().manual_seed(41))
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    q, k, v, bt, sl = _dev(q, k, v, bt, sl)
+    summ = allocate_page_summaries(k)
+    build_page_summaries(k, summ, bt, sl)
+    ws = DecodeWorkspace(len(seq_lens), HQ, D, device=DEVICE, segments=len(seq_lens) + 8)
+    calls = []
+    real = pipeline.balanced_decode
+    monkeypatch.setattr(pipeline, "balanced_decode",
+                        lambda *a, **kw: (calls.append(kw.get("full_pages")), real(*a, **kw)))
+    outs, sels = [], []
+    for kernel in pipeline.DENSE_DECODE_KERNELS:
+        monkeypatch.setattr(pipeline, "DENSE_DECODE_KERNEL", kernel)
+        out = torch.full_like(q, float("nan"))
+        sels.append(decode_attention(method, cfg, q, k, v, summ, bt, sl, out, D ** -0.5,
+                                     workspace=ws))
+        outs.append(out)
+    full = pipeline.decode_full_pages(cfg, PAGE)
+    assert calls == [full if method == "topk" else None]
+    if method == "topk":
+        assert torch.equal(sels[0], sels[1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    calls.clear()
+    warm_up_decode(method, cfg, q, k, v, D ** -0.5)
+    assert calls == [1 if method == "topk" else None]
+
+
 def test_use_engine_dense_rows(monkeypatch):
     """decode_dense_rows "auto" (the default): the engine's dense decode only in an engine
     whose every row is full (``all_full``) and there on large grids (batch x KV heads above

@@ -1,0 +1,346 @@
+"""Dense paged decode with the work balanced over a fixed number of programs (stream-K).
+
+One decode token per sequence; every page of each served sequence is read. Where
+:mod:`sparse_kernels.sparse_decode` gives each (sequence, KV head) row a fixed number of splits,
+here the tiles of all served rows of a KV head are laid end to end and cut into ``programs``
+equal ranges, one per program, whatever the lengths in the batch: a program may finish one
+row, attend a few short ones whole and start another. Grid ``(programs, num_kv_heads)``.
+
+* A row a program attends whole is written to ``out`` directly.
+* A row cut between programs leaves one normalized partial output and its log-sum-exp (base
+  2) per program that attended part of it, at segment ``program + row`` (unique: both grow
+  along the tiles). Then :func:`_merge_segments_kernel`, grid ``(batch, num_kv_heads)``, merges
+  them; it recomputes which programs hold the row from the same tile counts.
+
+So the partials are at most ``programs + batch`` segments, not ``batch x splits``, and no
+program waits on a long row while others idle. Each program finds its first row by a prefix
+sum of the tile counts (``seq_lens`` read in chunks of :data:`SCAN_BLOCK`): no host work, no
+metadata built per step, static grid, so it runs inside CUDA graphs.
+
+``rows_upto``: only sequences of at most that many pages are served (the others get no tiles
+and their rows of ``out`` are not written): the rows a top-k decode reads whole, beside the
+page selection (:func:`sparse_kernels.pipeline.decode_attention`). Empty rows (``seq_len``
+0, padding) that pass the filter are written as zeros, as by ``sparse_decode``.
+
+Reference: :func:`sparse_kernels.reference.dense_attention` (one query per sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_kernels.sparse_decode import (
+    _LOG2E,
+    DecodeWorkspace,
+    _device_sms,
+    _interpreting,
+)
+
+# Programs per SM (times the SMs, over the KV heads: the grid's first dimension). Fewer than a
+# full SM's worth, so that a selection launched beside this one finds room.
+PROGRAMS_PER_SM = 2
+BLOCK_N = 32
+NUM_WARPS = 4
+NUM_STAGES_16BIT = 3
+SCAN_BLOCK = 128
+_ROWS_ALL = 2**31 - 1
+
+
+@triton.jit
+def _tile_counts(seq_lens, rows_upto, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tiles of each sequence served (of at most ``rows_upto`` pages), else 0."""
+    n_pages = (seq_lens + PAGE_SIZE - 1) // PAGE_SIZE
+    return tl.where(n_pages <= rows_upto, (seq_lens + BLOCK_N - 1) // BLOCK_N, 0)
+
+
+@triton.jit
+def _scan_rows(seq_lens_ptr, batch, rows_upto, target, PAGE_SIZE: tl.constexpr,
+               BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+    """(total tiles, rows whose tiles all lie before tile ``target``, first tile of the row
+    after them): the row holding tile ``target`` and where it starts."""
+    offs = tl.arange(0, SCAN)
+    total = tl.zeros([], dtype=tl.int64)
+    rows_before = tl.zeros([], dtype=tl.int32)
+    start = tl.zeros([], dtype=tl.int64)
+    for b0 in range(0, batch, SCAN):
+        ok = b0 + offs < batch
+        lens = tl.load(seq_lens_ptr + b0 + offs, mask=ok, other=0)
+        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N).to(tl.int64)
+        ends = tl.cumsum(tiles, 0) + total
+        before = (ends <= target) & ok
+        rows_before += tl.sum(before.to(tl.int32), 0)
+        start = tl.maximum(start, tl.max(tl.where(before, ends, 0), 0))
+        total += tl.sum(tiles, 0)
+    return total, rows_before, start
+
+
+@triton.jit
+def _first_program(tile, programs, total):
+    """The program whose range ``[p * total // programs, (p + 1) * total // programs)`` holds
+    ``tile``."""
+    return ((tile + 1) * programs - 1) // total
+
+
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=["batch", "rows_upto", "programs", "stride_bt"],
+    do_not_specialize_on_alignment=["block_table_ptr", "seq_lens_ptr"],
+)
+def _balanced_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, batch, rows_upto, programs,
+    stride_q_b, stride_q_h, stride_q_d,
+    stride_k_page, stride_k_tok, stride_k_head, stride_k_dim,
+    stride_v_page, stride_v_tok, stride_v_head, stride_v_dim,
+    stride_bt,
+    stride_o_b, stride_o_h, stride_o_d,
+    stride_po_s, stride_po_h, stride_po_d,
+    stride_pl_s, stride_pl_h,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    total, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, PAGE_SIZE, BLOCK_N, SCAN)
+    lo = pid.to(tl.int64) * total // programs
+    hi = (pid.to(tl.int64) + 1) * total // programs
+    if lo >= hi:
+        return  # more programs than tiles
+    _, row, row_start = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, PAGE_SIZE, BLOCK_N,
+                                   SCAN)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    o_mask = mask_g[:, None] & mask_d[None, :]
+    q_heads = kv_head * GROUP + offs_g
+    k_base = k_cache_ptr + kv_head * stride_k_head
+    v_base = v_cache_ptr + kv_head * stride_v_head
+
+    t = lo
+    while t < hi:
+        row64 = row.to(tl.int64)
+        seq_len = tl.load(seq_lens_ptr + row)
+        n_row = _tile_counts(seq_len, rows_upto, PAGE_SIZE, BLOCK_N).to(tl.int64)
+        row_end = row_start + n_row
+        seg_lo = (t - row_start).to(tl.int32)
+        seg_hi = (tl.minimum(hi, row_end) - row_start).to(tl.int32)
+        if seg_hi > seg_lo:
+            q = tl.load(
+                q_ptr + row64 * stride_q_b + q_heads[:, None] * stride_q_h
+                + offs_d[None, :] * stride_q_d,
+                mask=o_mask, other=0.0,
+            )
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
+            m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+            bt_row = block_table_ptr + row64 * stride_bt
+            for tile in range(seg_lo, seg_hi):
+                offs_t = tile * BLOCK_N + offs_n  # token index in the sequence
+                tok_ok = offs_t < seq_len
+                page = offs_t // PAGE_SIZE
+                in_page = offs_t % PAGE_SIZE
+                phys = tl.load(bt_row + page, mask=tok_ok, other=0).to(tl.int64)
+                k = tl.load(
+                    k_base + (phys * stride_k_page + in_page.to(tl.int64) * stride_k_tok)[None, :]
+                    + offs_d[:, None] * stride_k_dim,
+                    mask=tok_ok[None, :] & mask_d[:, None], other=0.0,
+                )  # [HEAD_DIM_PAD, BLOCK_N]
+                v = tl.load(
+                    v_base + (phys * stride_v_page + in_page.to(tl.int64) * stride_v_tok)[:, None]
+                    + offs_d[None, :] * stride_v_dim,
+                    mask=tok_ok[:, None] & mask_d[None, :], other=0.0,
+                )  # [BLOCK_N, HEAD_DIM_PAD]
+                if UPCAST_DOT:
+                    k = k.to(tl.float32)
+                qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+                qk = tl.where(tok_ok[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(qk - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None]
+                if UPCAST_DOT:
+                    v = v.to(tl.float32)
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+                m_i = m_new
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            o = acc / l_safe[:, None]
+            if (seg_lo == 0) & (seg_hi == n_row):  # the whole row: no merge
+                tl.store(out_ptr + row64 * stride_o_b + q_heads[:, None] * stride_o_h
+                         + offs_d[None, :] * stride_o_d,
+                         o.to(out_ptr.dtype.element_ty), mask=o_mask)
+            else:
+                seg = pid.to(tl.int64) + row64
+                tl.store(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
+                         + offs_d[None, :] * stride_po_d,
+                         o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
+                lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+                tl.store(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h, lse,
+                         mask=mask_g)
+        t = tl.maximum(t, row_end)
+        row_start = row_end
+        row += 1
+
+
+@triton.jit(
+    do_not_specialize=["batch", "rows_upto", "programs"],
+    do_not_specialize_on_alignment=["seq_lens_ptr"],
+)
+def _merge_segments_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr,
+    batch, rows_upto, programs,
+    stride_o_b, stride_o_h, stride_o_d,
+    stride_po_s, stride_po_h, stride_po_d,
+    stride_pl_s, stride_pl_h,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + row)
+    if (seq_len + PAGE_SIZE - 1) // PAGE_SIZE > rows_upto:
+        return  # not a row of this launch
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_g = offs_g < GROUP
+    o_mask = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q_heads = kv_head * GROUP + offs_g
+    o_ptrs = (out_ptr + row.to(tl.int64) * stride_o_b + q_heads[:, None] * stride_o_h
+              + offs_d[None, :] * stride_o_d)
+    n_row = _tile_counts(seq_len, rows_upto, PAGE_SIZE, BLOCK_N)
+    if n_row == 0:  # an empty (padding) row
+        tl.store(o_ptrs, tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=out_ptr.dtype.element_ty),
+                 mask=o_mask)
+        return
+    # the row's first tile: the tiles of the rows before it (one scan chunk at a time)
+    offs = tl.arange(0, SCAN)
+    start = tl.zeros([], dtype=tl.int64)
+    total = tl.zeros([], dtype=tl.int64)
+    for b0 in range(0, batch, SCAN):
+        ok = b0 + offs < batch
+        lens = tl.load(seq_lens_ptr + b0 + offs, mask=ok, other=0)
+        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N).to(tl.int64)
+        start += tl.sum(tl.where(b0 + offs < row, tiles, 0), 0)
+        total += tl.sum(tiles, 0)
+    p0 = _first_program(start, programs, total)
+    p1 = _first_program(start + n_row - 1, programs, total)
+    if p0 == p1:
+        return  # one program attended it whole and wrote it
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    for p in range(p0, p1 + 1):
+        seg = p + row.to(tl.int64)
+        # with more programs than tiles, some programs in between hold none (wrote nothing)
+        wrote = (p * total // programs) < ((p + 1) * total // programs)
+        lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
+                      mask=mask_g & wrote, other=float("-inf"))
+        po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
+                     + offs_d[None, :] * stride_po_d, mask=o_mask & wrote,
+                     other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)
+        w_sum = w_sum * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * po
+        m = m_new
+    o = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def default_programs(num_kv_heads: int, device: torch.device) -> int:
+    """Programs per KV head: :data:`PROGRAMS_PER_SM` times the SMs, over the KV heads."""
+    return max(1, triton.cdiv(PROGRAMS_PER_SM * _device_sms(device), num_kv_heads))
+
+
+def workspace_segments(max_batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Segments a :class:`DecodeWorkspace` needs for batches of up to ``max_batch`` rows at
+    the default program count (``DecodeWorkspace(segments=...)``)."""
+    return max_batch + default_programs(num_kv_heads, device)
+
+
+def balanced_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor | None = None,
+    scale: float | None = None,
+    workspace: DecodeWorkspace | None = None,
+    full_pages: int | None = None,
+    programs: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Dense paged decode of one token per sequence, the tiles balanced over the programs.
+
+    Args as :func:`sparse_kernels.sparse_decode.sparse_decode` (dense mode), and:
+        full_pages: serve only sequences of at most this many pages (the other rows of
+            ``out`` are not written); ``None``: every sequence.
+        programs: programs per KV head (static; default :func:`default_programs`).
+        workspace: scratch for the partials of rows cut between programs: its
+            ``segment_out`` / ``segment_lse`` (``programs + batch`` segments, see
+            ``DecodeWorkspace(segments=...)``); allocated per call if absent or too small.
+
+    Returns ``out``.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    assert k_cache.shape[3] == head_dim and v_cache.shape[1:] == k_cache.shape[1:]
+    assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
+    group = num_q_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    block_n = block_n or BLOCK_N
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, block_n
+    programs = programs or default_programs(num_kv_heads, q.device)
+    rows_upto = _ROWS_ALL if full_pages is None else max(0, full_pages)
+    segments = programs + batch
+    if (workspace is None or workspace.segment_out is None
+            or workspace.segment_out.shape[0] < segments
+            or tuple(workspace.segment_out.shape[1:]) != (num_q_heads, head_dim)):
+        workspace = DecodeWorkspace(0, num_q_heads, head_dim, 1, q.device, segments=segments)
+    part_out, part_lse = workspace.segment_out, workspace.segment_lse
+    if num_warps is None:
+        num_warps = NUM_WARPS
+    if num_stages is None:
+        num_stages = 2 if k_cache.element_size() >= 4 else NUM_STAGES_16BIT
+    upcast = _interpreting() and k_cache.dtype == torch.bfloat16
+    precision = "ieee" if k_cache.dtype == torch.float32 else None
+    common = dict(PAGE_SIZE=page_size, GROUP=group,
+                  GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+                  BLOCK_N=block_n, SCAN=SCAN_BLOCK)
+    _balanced_decode_kernel[(programs, num_kv_heads)](
+        q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
+        scale * _LOG2E, batch, rows_upto, programs,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
+        *out.stride(), *part_out.stride(), *part_lse.stride(),
+        UPCAST_DOT=upcast, DOT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    _merge_segments_kernel[(batch, num_kv_heads)](
+        out, part_out, part_lse, seq_lens, batch, rows_upto, programs,
+        *out.stride(), *part_out.stride(), *part_lse.stride(),
+        num_warps=4, **common,
+    )
+    return out
+
+
+__all__ = ["balanced_decode", "default_programs", "workspace_segments"]
