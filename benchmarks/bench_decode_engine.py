@@ -107,6 +107,8 @@ class _Variant:
         self.name, self.module, self.consts, self.saved = name, module, consts, {}
 
     def __enter__(self):
+        if self.module == _CFG:  # applied to the plan's config (variant_config)
+            return
         if isinstance(self.module, str):  # imported on use (vLLM's modules)
             import importlib
 
@@ -119,6 +121,9 @@ class _Variant:
         for k, v in self.saved.items():
             setattr(self.module, k, v)
 
+
+# a variant part that changes the plan's SparseConfig fields instead of module constants
+_CFG = "cfg"
 
 VARIANTS = {
     "merge_in_kernel": (sd, dict(MERGE_IN_KERNEL_DEFAULT=True)),
@@ -167,15 +172,15 @@ VARIANTS = {
     "min_tiles16_warps8": (sd, dict(MIN_SPLIT_TILES=16, NUM_WARPS=8)),
     # our dense-mode launches (method "dense"; top-k's full rows) balanced over a fixed number
     # of programs (sparse_kernels.balanced_decode), and its launch options
-    "balanced": (pl, dict(DENSE_DECODE_KERNEL="balanced")),
-    **{f"balanced_p{n}": [(pl, dict(DENSE_DECODE_KERNEL="balanced")),
+    "balanced": (_CFG, dict(decode_dense_kernel="balanced")),
+    **{f"balanced_p{n}": [(_CFG, dict(decode_dense_kernel="balanced")),
                           (bd, dict(PROGRAMS_PER_SM=n))] for n in (1, 3, 4, 6, 8)},
-    **{f"balanced_{name}": [(pl, dict(DENSE_DECODE_KERNEL="balanced")), (bd, consts)]
+    **{f"balanced_{name}": [(_CFG, dict(decode_dense_kernel="balanced")), (bd, consts)]
        for name, consts in (("bn64", dict(BLOCK_N=64)), ("stages2", dict(NUM_STAGES_16BIT=2)),
                             ("stages4", dict(NUM_STAGES_16BIT=4)), ("warps8", dict(NUM_WARPS=8)),
                             ("p4_bn64", dict(PROGRAMS_PER_SM=4, BLOCK_N=64)),
                             ("p1_stages4", dict(PROGRAMS_PER_SM=1, NUM_STAGES_16BIT=4)))},
-    "balanced_bf16": [(pl, dict(DENSE_DECODE_KERNEL="balanced")),
+    "balanced_bf16": [(_CFG, dict(decode_dense_kernel="balanced")),
                       (sd, dict(PARTIAL_DTYPE=torch.bfloat16))],
 }
 
@@ -200,6 +205,15 @@ def _variant(name: str) -> _Variants:
     spec = VARIANTS[name]
     return _Variants([_Variant(name, mod, **consts)
                       for mod, consts in (spec if isinstance(spec, list) else [spec])])
+
+
+def variant_config(name: str, cfg: SparseConfig) -> SparseConfig:
+    """``cfg`` with the config fields a variant of :data:`VARIANTS` sets."""
+    spec = VARIANTS[name]
+    for mod, consts in (spec if isinstance(spec, list) else [spec]):
+        if mod == _CFG:
+            cfg = dataclasses.replace(cfg, **consts)
+    return cfg
 
 
 def _variant_modules(name: str) -> list:
@@ -323,7 +337,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     for v in args.variants:
         for name in args.variant_plans:
             m, c = plans[name]
-            runs.append((f"{name}+{v}", m, c, _variant(v)))
+            runs.append((f"{name}+{v}", m, variant_config(v, c), _variant(v)))
     if fa3 is not None:
         row["us_per_layer"]["fa3"] = _graph_time_us(fa3_step, args.iters, flush) / L
         fa3_step()

@@ -42,6 +42,10 @@ DECODE_SELECTS = ("auto", "single", "fused")
 # ms and FA3 10.12 (FLASH_ATTN 9.61): there FA3 (a persistent kernel) runs before the page
 # selection's launches instead of beside them (decode_engine_2026-11-23_h100_session11/).
 DECODE_DENSE_ROWS = ("triton", "engine", "auto")
+# Our dense-mode decode kernel (method "dense"; the rows top-k reads whole, where ours attends
+# them): "split", a fixed split count per (sequence, KV head) row (sparse_decode);
+# "balanced", the batch's tiles cut evenly over a fixed number of programs (balanced_decode).
+DECODE_DENSE_KERNELS = ("split", "balanced")
 
 # Env vars with the prefix that are not config fields but are ours on purpose:
 # SPARSE_ATTN switches the plugins' env-only mode (see vllm_sparse.env_switch), and
@@ -91,6 +95,8 @@ class SparseConfig:
     decode_overlap: bool = True
     # which kernel attends those rows (or every row, where all are full): see DECODE_DENSE_ROWS
     decode_dense_rows: str = "auto"
+    # which of our kernels, where ours attends them: see DECODE_DENSE_KERNELS
+    decode_dense_kernel: str = "split"
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # decode reads every page (no scoring, no top-k) of sequences of at most this many
@@ -161,6 +167,7 @@ class SparseConfig:
         _check_choice("decode_method", self.decode_method, DECODE_METHODS)
         _check_choice("decode_select", self.decode_select, DECODE_SELECTS)
         _check_choice("decode_dense_rows", self.decode_dense_rows, DECODE_DENSE_ROWS)
+        _check_choice("decode_dense_kernel", self.decode_dense_kernel, DECODE_DENSE_KERNELS)
         for name in ("token_budget", "block_size", "xattn_stride", "vs_last_q",
                      "selection_reuse"):
             if getattr(self, name) < 1:

@@ -31,13 +31,6 @@ from sparse_kernels.config import SparseConfig
 from sparse_kernels.page_select import SelectWorkspace, select_pages
 from sparse_kernels.sparse_decode import DecodeWorkspace, sparse_decode
 
-# Our dense-mode decode launches (method "dense", and top-k's rows that read every page):
-# "split", :func:`~sparse_kernels.sparse_decode.sparse_decode` (a fixed split count per row);
-# "balanced", :func:`~sparse_kernels.balanced_decode.balanced_decode` (the batch's tiles cut
-# evenly over a fixed number of programs).
-DENSE_DECODE_KERNELS = ("split", "balanced")
-DENSE_DECODE_KERNEL = "split"
-
 
 def decode_budget_pages(cfg: SparseConfig, page_size: int) -> tuple[int, int, int]:
     """(pages selected, sink pages, local pages) for a page size; cfg.check_model validated it."""
@@ -114,7 +107,7 @@ def decode_attention(
             lens = seq_lens if full_rows_seq_lens is None else full_rows_seq_lens
             full_rows_attention(lens, out, block_table.shape[1] * k_cache.shape[1])
             return None
-        if DENSE_DECODE_KERNEL == "balanced":
+        if cfg.decode_dense_kernel == "balanced":
             balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                             workspace=workspace)
         else:
@@ -130,7 +123,7 @@ def decode_attention(
                                    fuse_summary=fuse_summary)
 
     def attend(sel: torch.Tensor | None, row_filter: str, full_pages: int = 0) -> None:
-        if sel is None and row_filter == "full" and DENSE_DECODE_KERNEL == "balanced":
+        if sel is None and row_filter == "full" and cfg.decode_dense_kernel == "balanced":
             balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                             workspace=workspace, full_pages=full_pages)
             return
@@ -546,7 +539,7 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
                           num_stages=num_stages)
         splits.append(n)
         n *= 2
-    if DENSE_DECODE_KERNEL == "balanced" and (selected is None or cfg.decode_overlap):
+    if cfg.decode_dense_kernel == "balanced" and (selected is None or cfg.decode_overlap):
         # one variant whatever the batch and lengths (its grid is (programs, KV heads))
         balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                         full_pages=None if selected is None else 1)

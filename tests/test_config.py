@@ -67,6 +67,7 @@ def test_overrides_beat_env():
     ({"SPARSE_DECODE_METHOD": "quest2"}, None, "unknown decode_method"),
     ({"SPARSE_DECODE_SELECT": "two_stage"}, None, "unknown decode_select"),
     ({"SPARSE_DECODE_DENSE_ROWS": "fa3"}, None, "unknown decode_dense_rows"),
+    ({"SPARSE_DECODE_DENSE_KERNEL": "streamk"}, None, "unknown decode_dense_kernel"),
     ({"SPARSE_DECODE_OVERLAP": "maybe"}, None, "cannot read 'maybe' as bool"),
     ({}, {"decode_overlap": 2}, "cannot read 2 as bool"),
     ({"SPARSE_TOKEN_BUDGET": "lots"}, None, "SPARSE_TOKEN_BUDGET: cannot read 'lots' as int"),

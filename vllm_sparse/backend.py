@@ -315,9 +315,6 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             decode_full_pages,
             decode_side_stream,
         )
-        from sparse_kernels.balanced_decode import workspace_segments
-        from sparse_kernels.pipeline import DENSE_DECODE_KERNEL
-        from sparse_kernels.sparse_decode import DecodeWorkspace
         from vllm_sparse.full_rows_fa import make_full_rows_schedule
 
         self.cfg = vllm_sparse_config(vllm_config)
@@ -338,10 +335,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         k, _, _ = decode_budget_pages(self.cfg, self.block_size)
         self.selected = torch.full((max_seqs, self.num_heads_kv, k), -1, dtype=torch.int32,
                                    device=device)
-        self.workspace = DecodeWorkspace(
-            max_seqs, self.num_heads_q, self.head_size, device=device,
-            segments=(workspace_segments(max_seqs, self.num_heads_kv, torch.device(device))
-                      if DENSE_DECODE_KERNEL == "balanced" else 0))
+        self.workspace = self._decode_workspace(max_seqs, torch.device(device))
         # vLLM pads its block table's width; keep headroom and re-check in build().
         max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
         self.select_workspace = self._select_workspace(max_pages)
@@ -369,6 +363,18 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                         "with an ahead-of-time FA3 schedule per step"
                         if self.full_rows_schedule.get_scheduler_metadata is not None
                         else "with FlashAttention's own split heuristic (no FA3 scheduler)")
+
+    def _decode_workspace(self, max_seqs: int, device: torch.device):
+        """Split-KV scratch for decode batches of up to ``max_seqs`` sequences, and the
+        balanced kernel's segments where it is ours (``decode_dense_kernel="balanced"``)."""
+        from sparse_kernels.balanced_decode import workspace_segments
+        from sparse_kernels.sparse_decode import DecodeWorkspace
+
+        segments = 0
+        if self.cfg.decode_dense_kernel == "balanced":
+            segments = workspace_segments(max_seqs, self.num_heads_kv, device)
+        return DecodeWorkspace(max_seqs, self.num_heads_q, self.head_size, device=device,
+                               segments=segments)
 
     def _select_workspace(self, max_pages: int):
         """Selection scratch for every batch of the decode buffers, rows ``max_pages`` wide;

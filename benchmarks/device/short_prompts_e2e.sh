@@ -1,9 +1,9 @@
 #!/bin/bash
 # Short prompts end to end: 4K prompts, TPOT at batch 1 and the decode step at batch 16, in a
 # 4K engine and in a 128K engine (max_model_len 131072, where the block table is as wide as a
-# long-context deployment's), FLASH_ATTN then CUSTOM under each SPARSE_DECODE_DENSE_ROWS
-# setting ("default": the variable unset), one after the other on this GPU (same machine:
-# only same-machine ratios compare).
+# long-context deployment's), FLASH_ATTN then CUSTOM under each setting, one after the other
+# on this GPU (same machine: only same-machine ratios compare): "default" (no variable set),
+# "split" / "balanced" (SPARSE_DECODE_DENSE_KERNEL), else a SPARSE_DECODE_DENSE_ROWS value.
 #   ENGINES="4k 128k" SETTINGS="default triton" REPEATS=3 bash benchmarks/device/short_prompts_e2e.sh
 # ROUNDS=N (N > 1) repeats the whole sequence N times, interleaving the backends (FLASH_ATTN,
 # CUSTOM, FLASH_ATTN, CUSTOM, ...): batch-16 steps move by 2-4% between runs of the same code,
@@ -26,8 +26,12 @@ for ((r = 1; r <= rounds; r++)); do
         bash benchmarks/device/e2e_vllm.sh
     fi
     for s in ${SETTINGS:-default}; do
-      if [ "$s" = default ]; then unset SPARSE_DECODE_DENSE_ROWS
-      else export SPARSE_DECODE_DENSE_ROWS=$s; fi
+      unset SPARSE_DECODE_DENSE_ROWS SPARSE_DECODE_DENSE_KERNEL
+      case $s in
+        default) ;;
+        split|balanced) export SPARSE_DECODE_DENSE_KERNEL=$s ;;
+        *) export SPARSE_DECODE_DENSE_ROWS=$s ;;
+      esac
       BACKENDS=CUSTOM TAG=${eng}_$s$suffix LENS=4096 REPEATS=${REPEATS:-3} \
         E2E_ARGS="$args" bash benchmarks/device/e2e_vllm.sh
     done

@@ -331,12 +331,13 @@ def test_decode_overlap_equals_one_launch(budget, decode_min):
 
 @pytest.mark.parametrize("method", ["topk", "dense"])
 def test_balanced_dense_mode_launch(monkeypatch, method):
-    """DENSE_DECODE_KERNEL "balanced": our dense-mode launch (method "dense"; top-k's rows that
+    """decode_dense_kernel "balanced": our dense-mode launch (method "dense"; top-k's rows that
     read every page, beside the selection) is balanced_decode; the selection and the output
     equal the "split" launch's, and warm_up_decode compiles it (it is called)."""
     import dataclasses
 
     import sparse_kernels.pipeline as pipeline
+    from sparse_kernels.config import DECODE_DENSE_KERNELS
     from sparse_kernels.page_summary import allocate_page_summaries, build_page_summaries
     from sparse_kernels.pipeline import decode_attention, warm_up_decode
     from sparse_kernels.sparse_decode import DecodeWorkspace
@@ -357,12 +358,13 @@ def test_balanced_dense_mode_launch(monkeypatch, method):
     monkeypatch.setattr(pipeline, "balanced_decode",
                         lambda *a, **kw: (calls.append(kw.get("full_pages")), real(*a, **kw)))
     outs, sels = [], []
-    for kernel in pipeline.DENSE_DECODE_KERNELS:
-        monkeypatch.setattr(pipeline, "DENSE_DECODE_KERNEL", kernel)
+    for kernel in DECODE_DENSE_KERNELS:
+        c = dataclasses.replace(cfg, decode_dense_kernel=kernel)
         out = torch.full_like(q, float("nan"))
-        sels.append(decode_attention(method, cfg, q, k, v, summ, bt, sl, out, D ** -0.5,
+        sels.append(decode_attention(method, c, q, k, v, summ, bt, sl, out, D ** -0.5,
                                      workspace=ws))
         outs.append(out)
+    cfg = c
     full = pipeline.decode_full_pages(cfg, PAGE)
     assert calls == [full if method == "topk" else None]
     if method == "topk":

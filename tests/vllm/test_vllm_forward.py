@@ -41,7 +41,7 @@ def _builder(cfg: SparseConfig, max_seqs: int, all_full: bool = False,
     b.num_heads_q, b.num_heads_kv, b.head_size = HQ, HKV, D
     k = cfg.token_budget // PAGE
     b.selected = torch.full((max_seqs, HKV, k), -1, dtype=torch.int32)
-    b.workspace = DecodeWorkspace(max_seqs, HQ, D, device=torch.device("cpu"))
+    b.workspace = b._decode_workspace(max_seqs, torch.device("cpu"))
     b.select_workspace = b._select_workspace(64)
     b.side_stream = None  # CPU: the overlapped launches run one after the other
     b.decode_all_full = all_full
@@ -296,7 +296,8 @@ def test_per_head_methods_follow_the_ranks_kv_heads(monkeypatch):
 
 
 @pytest.mark.parametrize("select,dense_rows", [("auto", "engine"), ("fused", "engine"),
-                                               ("auto", "engine_masked"), ("auto", "triton")])
+                                               ("auto", "engine_masked"), ("auto", "triton"),
+                                               ("auto", "triton_balanced")])
 def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows):
     """A pure-decode batch: a sequence of at most decode_min_seq_len tokens (above the budget)
     reads every page, unscored (sentinel row), beside a sparse one; no separate summary launch
@@ -306,7 +307,8 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     attended by the engine's dense decode (a stand-in for FlashAttention that also writes the
     sparse row, which the sparse launch must overwrite after it; or, "engine_masked", FA3
     with seqused_q, which writes only the dense row and runs beside the sparse launch) or by
-    ours."""
+    ours ("triton_balanced": our balanced dense-mode kernel, its segments in the builder's
+    workspace)."""
     from sparse_kernels.page_select import DENSE_ROW
     from sparse_kernels.page_summary import build_page_summaries
     from sparse_kernels.reference_decode import ref_page_summaries, ref_sparse_decode
@@ -321,10 +323,14 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
                                           fake_rows(*a, **kw)))
     cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
                        decode_select=select,
-                       decode_dense_rows=dense_rows.replace("_masked", ""))
+                       decode_dense_rows=dense_rows.split("_")[0],
+                       decode_dense_kernel="balanced" if "balanced" in dense_rows else "split")
     assert cfg.effective_decode_min_seq_len == 128
     k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=3)
     builder = _builder(cfg, 4, masked=dense_rows == "engine_masked")
+    assert (builder.workspace.segment_out is not None) == ("balanced" in dense_rows)
+    if builder.workspace.segment_out is not None:
+        builder.workspace.segment_out.fill_(float("nan"))  # read only where written
     meta = builder.build(0, m)
     impl = _impl(cfg)
     # Summaries as after the previous step: this step's token not summarized yet.
