@@ -174,11 +174,16 @@ VARIANTS = {
     # of programs (sparse_kernels.balanced_decode), and its launch options
     "balanced": (_CFG, dict(decode_dense_kernel="balanced")),
     **{f"balanced_p{n}": [(_CFG, dict(decode_dense_kernel="balanced")),
-                          (bd, dict(PROGRAMS_PER_SM=n))] for n in (1, 3, 4, 6, 8)},
+                          (bd, dict(PROGRAMS_PER_SM=n))] for n in (1, 3, 4, 5, 6, 8)},
+    **{f"balanced_p{n}_bn{b}": [(_CFG, dict(decode_dense_kernel="balanced")),
+                                (bd, dict(PROGRAMS_PER_SM=n, BLOCK_N=b))]
+       for n in (1, 2, 3, 4, 5) for b in (16, 64, 128)},
+    **{f"balanced_p{n}_stages{st}": [(_CFG, dict(decode_dense_kernel="balanced")),
+                                     (bd, dict(PROGRAMS_PER_SM=n, NUM_STAGES_16BIT=st))]
+       for n in (2, 4, 5) for st in (2, 4)},
     **{f"balanced_{name}": [(_CFG, dict(decode_dense_kernel="balanced")), (bd, consts)]
        for name, consts in (("bn64", dict(BLOCK_N=64)), ("stages2", dict(NUM_STAGES_16BIT=2)),
                             ("stages4", dict(NUM_STAGES_16BIT=4)), ("warps8", dict(NUM_WARPS=8)),
-                            ("p4_bn64", dict(PROGRAMS_PER_SM=4, BLOCK_N=64)),
                             ("p1_stages4", dict(PROGRAMS_PER_SM=1, NUM_STAGES_16BIT=4)))},
     "balanced_bf16": [(_CFG, dict(decode_dense_kernel="balanced")),
                       (sd, dict(PARTIAL_DTYPE=torch.bfloat16))],

@@ -27,6 +27,8 @@ Reference: :func:`sparse_kernels.reference.dense_attention` (one query per seque
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,26 @@ NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
 SCAN_BLOCK = 128
 _ROWS_ALL = 2**31 - 1
+# Benchmarking only (the SPARSE_SERVE_ prefix is left to tooling): launch constants for an
+# end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
+_TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
+_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT")
+
+
+def _apply_tooling_env(value: str | None) -> dict[str, int]:
+    """Set the launch constants named in ``value`` ("NAME=INT,..."); unknown names raise."""
+    got = {}
+    for item in filter(None, (value or "").split(",")):
+        name, _, num = item.partition("=")
+        name = name.strip().upper()
+        if name not in _TUNABLE:
+            raise ValueError(f"{_TOOLING_ENV}: unknown constant {name!r} (one of {_TUNABLE})")
+        got[name] = int(num)
+    globals().update(got)
+    return got
+
+
+_apply_tooling_env(os.environ.get(_TOOLING_ENV))
 
 
 @triton.jit
@@ -61,13 +83,13 @@ def _scan_rows(seq_lens_ptr, batch, rows_upto, target, PAGE_SIZE: tl.constexpr,
     """(total tiles, rows whose tiles all lie before tile ``target``, first tile of the row
     after them): the row holding tile ``target`` and where it starts."""
     offs = tl.arange(0, SCAN)
-    total = tl.zeros([], dtype=tl.int64)
+    total = tl.zeros([], dtype=tl.int32)
     rows_before = tl.zeros([], dtype=tl.int32)
-    start = tl.zeros([], dtype=tl.int64)
+    start = tl.zeros([], dtype=tl.int32)
     for b0 in range(0, batch, SCAN):
         ok = b0 + offs < batch
         lens = tl.load(seq_lens_ptr + b0 + offs, mask=ok, other=0)
-        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N).to(tl.int64)
+        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N)
         ends = tl.cumsum(tiles, 0) + total
         before = (ends <= target) & ok
         rows_before += tl.sum(before.to(tl.int32), 0)
@@ -106,8 +128,9 @@ def _balanced_decode_kernel(
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     total, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, PAGE_SIZE, BLOCK_N, SCAN)
-    lo = pid.to(tl.int64) * total // programs
-    hi = (pid.to(tl.int64) + 1) * total // programs
+    # (tile counts fit int32; their products with program ids may not)
+    lo = (pid.to(tl.int64) * total // programs).to(tl.int32)
+    hi = ((pid.to(tl.int64) + 1) * total // programs).to(tl.int32)
     if lo >= hi:
         return  # more programs than tiles
     _, row, row_start = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, PAGE_SIZE, BLOCK_N,
@@ -127,10 +150,10 @@ def _balanced_decode_kernel(
     while t < hi:
         row64 = row.to(tl.int64)
         seq_len = tl.load(seq_lens_ptr + row)
-        n_row = _tile_counts(seq_len, rows_upto, PAGE_SIZE, BLOCK_N).to(tl.int64)
+        n_row = _tile_counts(seq_len, rows_upto, PAGE_SIZE, BLOCK_N)
         row_end = row_start + n_row
-        seg_lo = (t - row_start).to(tl.int32)
-        seg_hi = (tl.minimum(hi, row_end) - row_start).to(tl.int32)
+        seg_lo = t - row_start
+        seg_hi = tl.minimum(hi, row_end) - row_start
         if seg_hi > seg_lo:
             q = tl.load(
                 q_ptr + row64 * stride_q_b + q_heads[:, None] * stride_q_h
@@ -225,16 +248,16 @@ def _merge_segments_kernel(
         return
     # the row's first tile: the tiles of the rows before it (one scan chunk at a time)
     offs = tl.arange(0, SCAN)
-    start = tl.zeros([], dtype=tl.int64)
-    total = tl.zeros([], dtype=tl.int64)
+    start = tl.zeros([], dtype=tl.int32)
+    total = tl.zeros([], dtype=tl.int32)
     for b0 in range(0, batch, SCAN):
         ok = b0 + offs < batch
         lens = tl.load(seq_lens_ptr + b0 + offs, mask=ok, other=0)
-        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N).to(tl.int64)
+        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N)
         start += tl.sum(tl.where(b0 + offs < row, tiles, 0), 0)
         total += tl.sum(tiles, 0)
-    p0 = _first_program(start, programs, total)
-    p1 = _first_program(start + n_row - 1, programs, total)
+    p0 = _first_program(start.to(tl.int64), programs, total)
+    p1 = _first_program(start.to(tl.int64) + n_row - 1, programs, total)
     if p0 == p1:
         return  # one program attended it whole and wrote it
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
@@ -243,7 +266,7 @@ def _merge_segments_kernel(
     for p in range(p0, p1 + 1):
         seg = p + row.to(tl.int64)
         # with more programs than tiles, some programs in between hold none (wrote nothing)
-        wrote = (p * total // programs) < ((p + 1) * total // programs)
+        wrote = (p * total // programs) < ((p + 1) * total // programs)  # (p is int64)
         lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
                       mask=mask_g & wrote, other=float("-inf"))
         po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h

@@ -131,3 +131,16 @@ def test_default_programs(monkeypatch):
     monkeypatch.setattr(bd, "_device_sms", lambda device: 132)
     assert default_programs(8, torch.device("cpu")) == 33  # 2 per SM over 8 KV heads
     assert default_programs(1, torch.device("cpu")) == 264
+
+
+def test_tooling_env_sets_launch_constants(monkeypatch):
+    from sparse_kernels import balanced_decode as bd
+
+    for name in bd._TUNABLE:
+        monkeypatch.setattr(bd, name, getattr(bd, name))  # restored after the test
+    assert bd._apply_tooling_env("programs_per_sm=4, BLOCK_N=64") == {
+        "PROGRAMS_PER_SM": 4, "BLOCK_N": 64}
+    assert bd.PROGRAMS_PER_SM == 4 and bd.BLOCK_N == 64
+    assert bd._apply_tooling_env(None) == {}
+    with pytest.raises(ValueError, match="unknown constant"):
+        bd._apply_tooling_env("WAVES=3")
