@@ -47,6 +47,9 @@ BLOCK_N = 32
 NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
 SCAN_BLOCK = 128
+# decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
+# (H100: batch 16 x 8 KV heads, 128 rows, wins; batch 8, 64 rows, loses; see config.py)
+AUTO_MIN_ROWS_PER_SM = 0.75
 _ROWS_ALL = 2**31 - 1
 # Benchmarking only (the SPARSE_SERVE_ prefix is left to tooling): launch constants for an
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
@@ -283,6 +286,13 @@ def _merge_segments_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+def balanced_fits(batch: int, num_kv_heads: int, device: torch.device) -> bool:
+    """Whether ``decode_dense_kernel="auto"`` picks this kernel: grids of at least
+    :data:`AUTO_MIN_ROWS_PER_SM` rows (batch x KV heads) per SM. Host ints only (a CUDA graph
+    captured for a batch size keeps its choice)."""
+    return batch * num_kv_heads >= AUTO_MIN_ROWS_PER_SM * _device_sms(device)
+
+
 def default_programs(num_kv_heads: int, device: torch.device) -> int:
     """Programs per KV head: :data:`PROGRAMS_PER_SM` times the SMs, over the KV heads."""
     return max(1, triton.cdiv(PROGRAMS_PER_SM * _device_sms(device), num_kv_heads))
@@ -366,4 +376,4 @@ def balanced_decode(
     return out
 
 
-__all__ = ["balanced_decode", "default_programs", "workspace_segments"]
+__all__ = ["balanced_decode", "balanced_fits", "default_programs", "workspace_segments"]

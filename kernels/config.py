@@ -44,8 +44,14 @@ DECODE_SELECTS = ("auto", "single", "fused")
 DECODE_DENSE_ROWS = ("triton", "engine", "auto")
 # Our dense-mode decode kernel (method "dense"; the rows top-k reads whole, where ours attends
 # them): "split", a fixed split count per (sequence, KV head) row (sparse_decode);
-# "balanced", the batch's tiles cut evenly over a fixed number of programs (balanced_decode).
-DECODE_DENSE_KERNELS = ("split", "balanced")
+# "balanced", the batch's tiles cut evenly over a fixed number of programs (balanced_decode);
+# "auto", balanced on grids of at least 3/4 of the SMs in (batch x KV heads) rows, split
+# below. Measured on an H100 (decode_engine_2026-11-24_h100_session14/, us per layer, top-k
+# step in a 132K engine): balanced 107.7 vs split 111.0 at 4K x batch 16, 3-5% faster at
+# batch 32 (3K-8K), 5-10% slower at batch 8, 3x slower at batch 1 (43 vs 13 us: its merge
+# walks up to 66 segments per row); end to end, 4K prompts x batch 16 in a 128K engine:
+# 0.937x of FLASH_ATTN's step against 0.927x (two interleaved rounds each).
+DECODE_DENSE_KERNELS = ("split", "balanced", "auto")
 
 # Env vars with the prefix that are not config fields but are ours on purpose:
 # SPARSE_ATTN switches the plugins' env-only mode (see vllm_sparse.env_switch), and
@@ -96,7 +102,7 @@ class SparseConfig:
     # which kernel attends those rows (or every row, where all are full): see DECODE_DENSE_ROWS
     decode_dense_rows: str = "auto"
     # which of our kernels, where ours attends them: see DECODE_DENSE_KERNELS
-    decode_dense_kernel: str = "split"
+    decode_dense_kernel: str = "auto"
     # --- when sparsity applies -------------------------------------------------------
     min_seq_len: int = 4096  # sequences of at most this many tokens take the dense path
     # decode reads every page (no scoring, no top-k) of sequences of at most this many

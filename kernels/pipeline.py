@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from sparse_kernels.balanced_decode import balanced_decode
+from sparse_kernels.balanced_decode import balanced_decode, balanced_fits
 from sparse_kernels.block_sparse_prefill import (
     PrefillBlockLists,
     PrefillBlockMeta,
@@ -107,7 +107,7 @@ def decode_attention(
             lens = seq_lens if full_rows_seq_lens is None else full_rows_seq_lens
             full_rows_attention(lens, out, block_table.shape[1] * k_cache.shape[1])
             return None
-        if cfg.decode_dense_kernel == "balanced":
+        if use_balanced_decode(cfg, q.shape[0], k_cache.shape[2], q.device):
             balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                             workspace=workspace)
         else:
@@ -122,8 +122,10 @@ def decode_attention(
                                    selected=selected, select_workspace=select_workspace,
                                    fuse_summary=fuse_summary)
 
+    balanced = use_balanced_decode(cfg, q.shape[0], k_cache.shape[2], q.device)
+
     def attend(sel: torch.Tensor | None, row_filter: str, full_pages: int = 0) -> None:
-        if sel is None and row_filter == "full" and cfg.decode_dense_kernel == "balanced":
+        if sel is None and row_filter == "full" and balanced:
             balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                             workspace=workspace, full_pages=full_pages)
             return
@@ -168,6 +170,17 @@ def decode_attention(
     if side is not None:
         main.wait_stream(side)
     return sel
+
+
+def use_balanced_decode(cfg: SparseConfig, batch: int, num_kv_heads: int,
+                        device: torch.device) -> bool:
+    """Whether our dense-mode decode launch is
+    :func:`~sparse_kernels.balanced_decode.balanced_decode` (``cfg.decode_dense_kernel``:
+    "balanced", or "auto" on large grids) rather than ``sparse_decode``'s split launch."""
+    kernel = cfg.decode_dense_kernel
+    if kernel != "auto":
+        return kernel == "balanced"
+    return balanced_fits(batch, num_kv_heads, device)
 
 
 def decode_full_pages(cfg: SparseConfig, page_size: int) -> int:
@@ -539,7 +552,7 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
                           num_stages=num_stages)
         splits.append(n)
         n *= 2
-    if cfg.decode_dense_kernel == "balanced" and (selected is None or cfg.decode_overlap):
+    if cfg.decode_dense_kernel != "split" and (selected is None or cfg.decode_overlap):
         # one variant whatever the batch and lengths (its grid is (programs, KV heads))
         balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                         full_pages=None if selected is None else 1)

@@ -366,12 +366,13 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
 
     def _decode_workspace(self, max_seqs: int, device: torch.device):
         """Split-KV scratch for decode batches of up to ``max_seqs`` sequences, and the
-        balanced kernel's segments where it is ours (``decode_dense_kernel="balanced"``)."""
+        balanced kernel's segments where it may run (``decode_dense_kernel`` "balanced" or
+        "auto")."""
         from sparse_kernels.balanced_decode import workspace_segments
         from sparse_kernels.sparse_decode import DecodeWorkspace
 
         segments = 0
-        if self.cfg.decode_dense_kernel == "balanced":
+        if self.cfg.decode_dense_kernel != "split":
             segments = workspace_segments(max_seqs, self.num_heads_kv, device)
         return DecodeWorkspace(max_seqs, self.num_heads_q, self.head_size, device=device,
                                segments=segments)

@@ -21,6 +21,7 @@ for ((r = 1; r <= rounds; r++)); do
       *) echo "unknown engine $eng (4k, 128k)"; exit 2 ;;
     esac
     args="--decode-batch 16 --decode-len 4096 $extra"
+    unset SPARSE_DECODE_DENSE_ROWS SPARSE_DECODE_DENSE_KERNEL  # (set by the last setting)
     if [ "${SKIP_DENSE:-0}" != 1 ]; then
       BACKENDS=FLASH_ATTN TAG=$eng$suffix LENS=4096 REPEATS=${REPEATS:-3} E2E_ARGS="$args" \
         bash benchmarks/device/e2e_vllm.sh

@@ -358,7 +358,8 @@ def test_balanced_dense_mode_launch(monkeypatch, method):
     monkeypatch.setattr(pipeline, "balanced_decode",
                         lambda *a, **kw: (calls.append(kw.get("full_pages")), real(*a, **kw)))
     outs, sels = [], []
-    for kernel in DECODE_DENSE_KERNELS:
+    assert DECODE_DENSE_KERNELS[:2] == ("split", "balanced")
+    for kernel in DECODE_DENSE_KERNELS[:2]:
         c = dataclasses.replace(cfg, decode_dense_kernel=kernel)
         out = torch.full_like(q, float("nan"))
         sels.append(decode_attention(method, c, q, k, v, summ, bt, sl, out, D ** -0.5,
@@ -373,6 +374,22 @@ def test_balanced_dense_mode_launch(monkeypatch, method):
     calls.clear()
     warm_up_decode(method, cfg, q, k, v, D ** -0.5)
     assert calls == [1 if method == "topk" else None]
+
+
+def test_decode_dense_kernel_auto(monkeypatch):
+    """decode_dense_kernel "auto" (the default): balanced on grids of at least 3/4 of the SMs
+    in (batch x KV heads) rows, split below; "split" / "balanced" whatever the grid."""
+    from sparse_kernels import balanced_decode as bd
+    from sparse_kernels.pipeline import use_balanced_decode
+
+    monkeypatch.setattr(bd, "_device_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    auto = SparseConfig()
+    assert auto.decode_dense_kernel == "auto"
+    assert use_balanced_decode(auto, 16, 8, dev) and use_balanced_decode(auto, 13, 8, dev)
+    assert not use_balanced_decode(auto, 12, 8, dev) and not use_balanced_decode(auto, 1, 8, dev)
+    assert not use_balanced_decode(SparseConfig(decode_dense_kernel="split"), 64, 8, dev)
+    assert use_balanced_decode(SparseConfig(decode_dense_kernel="balanced"), 1, 8, dev)
 
 
 def test_use_engine_dense_rows(monkeypatch):

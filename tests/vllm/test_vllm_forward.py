@@ -324,11 +324,12 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
     cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
                        decode_select=select,
                        decode_dense_rows=dense_rows.split("_")[0],
-                       decode_dense_kernel="balanced" if "balanced" in dense_rows else "split")
+                       decode_dense_kernel=("balanced" if "balanced" in dense_rows else
+                                            "split" if dense_rows == "triton" else "auto"))
     assert cfg.effective_decode_min_seq_len == 128
     k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, [1, 1], seed=3)
     builder = _builder(cfg, 4, masked=dense_rows == "engine_masked")
-    assert (builder.workspace.segment_out is not None) == ("balanced" in dense_rows)
+    assert (builder.workspace.segment_out is not None) == (cfg.decode_dense_kernel != "split")
     if builder.workspace.segment_out is not None:
         builder.workspace.segment_out.fill_(float("nan"))  # read only where written
     meta = builder.build(0, m)
