@@ -42,7 +42,7 @@ from sparse_kernels.sparse_decode import (
 
 # Programs per SM (times the SMs, over the KV heads: the grid's first dimension). Fewer than a
 # full SM's worth, so that a selection launched beside this one finds room.
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 4
 BLOCK_N = 32
 NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
