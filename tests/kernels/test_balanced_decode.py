@@ -129,8 +129,8 @@ def test_default_programs(monkeypatch):
     from sparse_kernels import balanced_decode as bd
 
     monkeypatch.setattr(bd, "_device_sms", lambda device: 132)
-    assert default_programs(8, torch.device("cpu")) == 33  # 2 per SM over 8 KV heads
-    assert default_programs(1, torch.device("cpu")) == 264
+    assert default_programs(8, torch.device("cpu")) == 66  # 4 per SM over 8 KV heads
+    assert default_programs(1, torch.device("cpu")) == 528
 
 
 def test_tooling_env_sets_launch_constants(monkeypatch):
