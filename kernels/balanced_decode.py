@@ -36,7 +36,9 @@ import triton.language as tl
 from sparse_kernels.sparse_decode import (
     _LOG2E,
     DecodeWorkspace,
+    _attend_tile,
     _device_sms,
+    _finish_softmax,
     _interpreting,
 )
 
@@ -83,14 +85,16 @@ def _tile_counts(seq_lens, rows_upto, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _scan_rows(seq_lens_ptr, batch, rows_upto, target, PAGE_SIZE: tl.constexpr,
+def _scan_rows(seq_lens_ptr, batch, rows_upto, target, row, PAGE_SIZE: tl.constexpr,
                BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
-    """(total tiles, rows whose tiles all lie before tile ``target``, first tile of the row
-    after them): the row holding tile ``target`` and where it starts."""
+    """Prefix sums of the served rows' tile counts, one chunk of ``SCAN`` rows at a time:
+    (total tiles, rows whose tiles all lie before tile ``target``, first tile of the row after
+    them (the row holding ``target``), tiles of the rows before row ``row``)."""
     offs = tl.arange(0, SCAN)
     total = tl.zeros([], dtype=tl.int32)
     rows_before = tl.zeros([], dtype=tl.int32)
     start = tl.zeros([], dtype=tl.int32)
+    before_row = tl.zeros([], dtype=tl.int32)
     for b0 in range(0, batch, SCAN):
         ok = b0 + offs < batch
         lens = tl.load(seq_lens_ptr + b0 + offs, mask=ok, other=0)
@@ -99,8 +103,9 @@ def _scan_rows(seq_lens_ptr, batch, rows_upto, target, PAGE_SIZE: tl.constexpr,
         before = (ends <= target) & ok
         rows_before += tl.sum(before.to(tl.int32), 0)
         start = tl.maximum(start, tl.max(tl.where(before, ends, 0), 0))
+        before_row += tl.sum(tl.where(b0 + offs < row, tiles, 0), 0)
         total += tl.sum(tiles, 0)
-    return total, rows_before, start
+    return total, rows_before, start, before_row
 
 
 @triton.jit
@@ -132,14 +137,15 @@ def _balanced_decode_kernel(
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
-    total, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, PAGE_SIZE, BLOCK_N, SCAN)
+    total, _, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, 0, PAGE_SIZE, BLOCK_N,
+                                SCAN)
     # (tile counts fit int32; their products with program ids may not)
     lo = (pid.to(tl.int64) * total // programs).to(tl.int32)
     hi = ((pid.to(tl.int64) + 1) * total // programs).to(tl.int32)
     if lo >= hi:
         return  # more programs than tiles
-    _, row, row_start = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, PAGE_SIZE, BLOCK_N,
-                                   SCAN)
+    _, row, row_start, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, 0, PAGE_SIZE,
+                                      BLOCK_N, SCAN)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -177,32 +183,11 @@ def _balanced_decode_kernel(
                 page = offs_t // PAGE_SIZE
                 in_page = offs_t % PAGE_SIZE
                 phys = tl.load(bt_row + page, mask=tok_ok, other=0).to(tl.int64)
-                k = tl.load(
-                    k_base + (phys * stride_k_page + in_page.to(tl.int64) * stride_k_tok)[None, :]
-                    + offs_d[:, None] * stride_k_dim,
-                    mask=tok_ok[None, :] & mask_d[:, None], other=0.0,
-                )  # [HEAD_DIM_PAD, BLOCK_N]
-                v = tl.load(
-                    v_base + (phys * stride_v_page + in_page.to(tl.int64) * stride_v_tok)[:, None]
-                    + offs_d[None, :] * stride_v_dim,
-                    mask=tok_ok[:, None] & mask_d[None, :], other=0.0,
-                )  # [BLOCK_N, HEAD_DIM_PAD]
-                if UPCAST_DOT:
-                    k = k.to(tl.float32)
-                qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-                qk = tl.where(tok_ok[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_safe[:, None])
-                alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None]
-                if UPCAST_DOT:
-                    v = v.to(tl.float32)
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-                m_i = m_new
-            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-            o = acc / l_safe[:, None]
+                acc, m_i, l_i = _attend_tile(
+                    q, acc, m_i, l_i, k_base, v_base, phys, in_page, tok_ok, offs_d, mask_d,
+                    stride_k_page, stride_k_tok, stride_k_dim, stride_v_page, stride_v_tok,
+                    stride_v_dim, scale_log2, UPCAST_DOT, DOT_PRECISION)
+            o, lse = _finish_softmax(acc, m_i, l_i)
             if (seg_lo == 0) & (seg_hi == n_row):  # the whole row: no merge
                 tl.store(out_ptr + row64 * stride_o_b + q_heads[:, None] * stride_o_h
                          + offs_d[None, :] * stride_o_d,
@@ -212,7 +197,6 @@ def _balanced_decode_kernel(
                 tl.store(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
                          + offs_d[None, :] * stride_po_d,
                          o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
-                lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
                 tl.store(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h, lse,
                          mask=mask_g)
         t = tl.maximum(t, row_end)
@@ -251,16 +235,9 @@ def _merge_segments_kernel(
         tl.store(o_ptrs, tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=out_ptr.dtype.element_ty),
                  mask=o_mask)
         return
-    # the row's first tile: the tiles of the rows before it (one scan chunk at a time)
-    offs = tl.arange(0, SCAN)
-    start = tl.zeros([], dtype=tl.int32)
-    total = tl.zeros([], dtype=tl.int32)
-    for b0 in range(0, batch, SCAN):
-        ok = b0 + offs < batch
-        lens = tl.load(seq_lens_ptr + b0 + offs, mask=ok, other=0)
-        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N)
-        start += tl.sum(tl.where(b0 + offs < row, tiles, 0), 0)
-        total += tl.sum(tiles, 0)
+    # the row's first tile: the tiles of the rows before it
+    total, _, _, start = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, row, PAGE_SIZE,
+                                    BLOCK_N, SCAN)
     p0 = _first_program(start.to(tl.int64), programs, total)
     p1 = _first_program(start.to(tl.int64) + n_row - 1, programs, total)
     if p0 == p1:

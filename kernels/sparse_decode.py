@@ -89,6 +89,54 @@ def _row_tiles(seq_len, sel_row, num_select, num_splits, min_split_tiles,
     return n_slots, first, row_dense, n_tiles, tiles_per_split
 
 
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_base, v_base, phys, in_page, tok_ok, offs_d, mask_d,
+                 stride_k_page, stride_k_tok, stride_k_dim, stride_v_page, stride_v_tok,
+                 stride_v_dim, scale_log2, UPCAST_DOT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One tile of the online softmax (base 2) of a GQA group's queries ``q [GROUP_PAD,
+    HEAD_DIM_PAD]``: keys and values of the tile's tokens (physical page ``phys``, slot
+    ``in_page``; ``tok_ok`` masks the others) folded into ``(acc, m_i, l_i)``. Shared by the
+    split (:func:`_sparse_decode_kernel`) and balanced decode kernels."""
+    k_off = phys * stride_k_page + in_page.to(tl.int64) * stride_k_tok  # [BLOCK_N]
+    k = tl.load(
+        k_base + k_off[None, :] + offs_d[:, None] * stride_k_dim,
+        mask=tok_ok[None, :] & mask_d[:, None],
+        other=0.0,
+    )  # [HEAD_DIM_PAD, BLOCK_N]
+    v_off = phys * stride_v_page + in_page.to(tl.int64) * stride_v_tok
+    # V is issued with K (before the dot): one HBM round trip per tile, not two.
+    v = tl.load(
+        v_base + v_off[:, None] + offs_d[None, :] * stride_v_dim,
+        mask=tok_ok[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_N, HEAD_DIM_PAD]
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
+    qk = tl.where(tok_ok[None, :], qk, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+
+    if UPCAST_DOT:
+        v = v.to(tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _finish_softmax(acc, m_i, l_i):
+    """(normalized output, log-sum-exp base 2; -inf where no token was attended)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+    return acc / l_safe[:, None], lse
+
+
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
@@ -209,39 +257,12 @@ def _sparse_decode_kernel(
             logical = tl.where(row_dense, slot, logical)
         tok_ok = slot_ok & (logical >= 0) & (logical * PAGE_SIZE + in_page < seq_len)
         phys = tl.load(bt_row + logical, mask=tok_ok, other=0).to(tl.int64)
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_base, v_base, phys, in_page, tok_ok, offs_d, mask_d,
+            stride_k_page, stride_k_tok, stride_k_dim, stride_v_page, stride_v_tok,
+            stride_v_dim, scale_log2, UPCAST_DOT, DOT_PRECISION)
 
-        k_off = phys * stride_k_page + in_page.to(tl.int64) * stride_k_tok  # [BLOCK_N]
-        k = tl.load(
-            k_base + k_off[None, :] + offs_d[:, None] * stride_k_dim,
-            mask=tok_ok[None, :] & mask_d[:, None],
-            other=0.0,
-        )  # [HEAD_DIM_PAD, BLOCK_N]
-        v_off = phys * stride_v_page + in_page.to(tl.int64) * stride_v_tok
-        # V is issued with K (before the dot): one HBM round trip per tile, not two.
-        v = tl.load(
-            v_base + v_off[:, None] + offs_d[None, :] * stride_v_dim,
-            mask=tok_ok[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_N, HEAD_DIM_PAD]
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
-        qk = tl.where(tok_ok[None, :], qk, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-
-        if UPCAST_DOT:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
+    o, lse = _finish_softmax(acc, m_i, l_i)
     o_mask = mask_g[:, None] & mask_d[None, :]
     if SPLIT:
         po_ptrs = (
@@ -249,7 +270,6 @@ def _sparse_decode_kernel(
             + split * stride_po_s + offs_d[None, :] * stride_po_d
         )
         tl.store(po_ptrs, o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(
             part_lse_ptr + seq_idx64 * stride_pl_b + q_heads * stride_pl_h + split * stride_pl_s,
             lse,
