@@ -25,7 +25,6 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from sparse_kernels import reference  # noqa: E402
 from sparse_kernels.config import SparseConfig  # noqa: E402
 from sparse_kernels.pipeline import engine_dense_rows_enabled  # noqa: E402
-from sparse_kernels.sparse_decode import DecodeWorkspace  # noqa: E402
 from vllm_sparse import backend  # noqa: E402
 
 HQ, HKV, D, PAGE = 8, 2, 64, 16
