@@ -270,8 +270,8 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     def workspace() -> DecodeWorkspace:  # (a variant may change the partials' dtype)
         if sd.PARTIAL_DTYPE not in workspaces:
             workspaces[sd.PARTIAL_DTYPE] = DecodeWorkspace(
-                batch, hq, d, device=dev,  # room for up to 8 balanced programs per SM
-                segments=batch + 4 * bd.default_programs(hkv, dev))
+                batch, hq, d, device=dev,  # the most balanced programs a variant runs
+                segments=batch + triton.cdiv(8 * sd._device_sms(dev), hkv))
         return workspaces[sd.PARTIAL_DTYPE]
     sws = SelectWorkspace(batch, hkv, width, device=dev, counters=True)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 # First match wins.
 GROUPS = [
-    ("sparse decode attention", r"_sparse_decode_kernel|_merge_splits_kernel"),
+    ("sparse decode attention", r"_sparse_decode_kernel|_merge_splits_kernel"
+     r"|_balanced_decode_kernel|_merge_segments_kernel"),
     ("sparse selection", r"_select_fused_kernel|_topk_"),
     ("sparse KV write + summaries", r"_write_kv_kernel"),
     ("sparse summaries (prefill)", r"_update_summaries_kernel|_build_summaries_kernel"),

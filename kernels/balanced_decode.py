@@ -109,6 +109,12 @@ def _scan_rows(seq_lens_ptr, batch, rows_upto, target, row, PAGE_SIZE: tl.conste
 
 
 @triton.jit
+def _program_tiles(p, total, programs):
+    """Tiles ``[lo, hi)`` of program ``p`` (int64: ``p * total`` may not fit int32)."""
+    return p * total // programs, (p + 1) * total // programs
+
+
+@triton.jit
 def _first_program(tile, programs, total):
     """The program whose range ``[p * total // programs, (p + 1) * total // programs)`` holds
     ``tile``."""
@@ -140,8 +146,8 @@ def _balanced_decode_kernel(
     total, _, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, 0, PAGE_SIZE, BLOCK_N,
                                 SCAN)
     # (tile counts fit int32; their products with program ids may not)
-    lo = (pid.to(tl.int64) * total // programs).to(tl.int32)
-    hi = ((pid.to(tl.int64) + 1) * total // programs).to(tl.int32)
+    lo, hi = _program_tiles(pid.to(tl.int64), total, programs)
+    lo, hi = lo.to(tl.int32), hi.to(tl.int32)
     if lo >= hi:
         return  # more programs than tiles
     _, row, row_start, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, 0, PAGE_SIZE,
@@ -248,7 +254,8 @@ def _merge_segments_kernel(
     for p in range(p0, p1 + 1):
         seg = p + row.to(tl.int64)
         # with more programs than tiles, some programs in between hold none (wrote nothing)
-        wrote = (p * total // programs) < ((p + 1) * total // programs)  # (p is int64)
+        p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
+        wrote = p_lo < p_hi
         lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
                       mask=mask_g & wrote, other=float("-inf"))
         po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h

@@ -541,9 +541,9 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
     modes = [(selected, None)]
     if selected is not None and cfg.decode_overlap:
         modes.append((None, None))
-    stages = full_rows_num_stages(k_cache)
-    if stages is not None and selected is not None and cfg.decode_overlap:
-        modes.append((None, stages))
+        stages = full_rows_num_stages(k_cache)
+        if stages is not None:
+            modes.append((None, stages))
     splits, n = [], 1
     while n <= MAX_SPLITS:
         for sel, num_stages in modes:

@@ -61,7 +61,8 @@ FULL_ROWS_NUM_WARPS: int | None = None
 FULL_ROWS_NUM_STAGES_16BIT: int | None = 2
 FULL_ROWS_BLOCK_N: int | None = None
 # Fewest tiles per split of the full rows' launch on large grids (None: MIN_SPLIT_TILES): short
-# rows then fill fewer, longer splits, and the merge reads only those (not measured yet).
+# rows then fill fewer, longer splits, and the merge reads only those. Off: shape-dependent on
+# an H100 (-6 to +15 us per layer, decode_engine_2026-11-24_h100_session13/).
 FULL_ROWS_MIN_SPLIT_TILES: int | None = None
 _ROWS_ALL = 2**31 - 1
 # dtype of the split partial outputs (the log-sum-exps stay fp32): a DecodeWorkspace's default

@@ -1,5 +1,6 @@
 """The fastest balanced-kernel variant of a bench_decode_engine.py JSON for one plan, as the
-SPARSE_SERVE_BALANCED_DECODE value that sets its launch constants in an engine:
+SPARSE_SERVE_BALANCED_DECODE value that sets its launch constants in an engine (empty for
+the plain "balanced" variant: the code's own constants):
     python3 benchmarks/device/pick_balanced.py FILE [PLAN]   ->  "VARIANT VALUE"
 """
 import json
@@ -21,7 +22,7 @@ def main(path: str, plan: str = "topk_auto") -> None:
     cands = {k.split("+", 1)[1]: v for k, v in row["us_per_layer"].items()
              if k.startswith(plan + "+balanced") and "bf16" not in k}
     best = min(cands, key=cands.get)
-    print(best, env_value(best) or "PROGRAMS_PER_SM=2")
+    print(best, env_value(best))
 
 
 if __name__ == "__main__":
