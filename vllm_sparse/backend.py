@@ -686,7 +686,7 @@ class SparseAttentionImpl(AttentionImpl):
             raise NotImplementedError("sparse-serve: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
-        from sparse_kernels.page_select import tokens_read
+        from sparse_kernels.decode_stats import accumulate_decode_reads
         from sparse_kernels.page_summary import update_page_summaries
         from sparse_kernels.pipeline import decode_attention, sparse_prefill_attention
 
@@ -735,14 +735,9 @@ class SparseAttentionImpl(AttentionImpl):
                                    else fr.seq_lens,
                                    full_rows_disjoint=full_rows is not None
                                    and fr.q_lens is not None)
-            if self._decode_stats:
-                seq = m.seq_lens[:nd]
-                total = seq.sum(dtype=torch.float64) * self.num_kv_heads
-                # (a dense row of the selection counts its whole sequence)
-                read = total if sel is None else tokens_read(
-                    sel, seq, key_cache.shape[1]).sum(dtype=torch.float64)
-                stats[0] += read
-                stats[1] += total
+            if self._decode_stats:  # one launch (a dense row counts its whole sequence)
+                accumulate_decode_reads(sel, m.seq_lens[:nd], key_cache.shape[1],
+                                        self.num_kv_heads, stats)
         for run in m.prefill_runs:
             qr, orun = q[run.tok_start:run.tok_end], out[run.tok_start:run.tok_end]
             computed = None  # fraction of causal blocks computed; None: all (dense)

@@ -3,7 +3,9 @@
 # 4K engine and in a 128K engine (max_model_len 131072, where the block table is as wide as a
 # long-context deployment's), FLASH_ATTN then CUSTOM under each setting, one after the other
 # on this GPU (same machine: only same-machine ratios compare): "default" (no variable set),
-# "split" / "balanced" (SPARSE_DECODE_DENSE_KERNEL), else a SPARSE_DECODE_DENSE_ROWS value.
+# "split" / "balanced" (SPARSE_DECODE_DENSE_KERNEL), "tuned" (the default config with the
+# balanced kernel's launch constants of TUNED_BALANCED, e.g. "FLAT=1", through the tooling
+# variable SPARSE_SERVE_BALANCED_DECODE), else a SPARSE_DECODE_DENSE_ROWS value.
 #   ENGINES="4k 128k" SETTINGS="default triton" REPEATS=3 bash benchmarks/device/short_prompts_e2e.sh
 # ROUNDS=N (N > 1) repeats the whole sequence N times, interleaving the backends (FLASH_ATTN,
 # CUSTOM, FLASH_ATTN, CUSTOM, ...): batch-16 steps move by 2-4% between runs of the same code,
@@ -11,6 +13,7 @@
 # .json/.log (e2e_vllm.sh); `python3 benchmarks/compare_e2e.py $OUT` prints the ratios.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}
+outer_balanced=${SPARSE_SERVE_BALANCED_DECODE-}
 rounds=${ROUNDS:-1}
 for ((r = 1; r <= rounds; r++)); do
   suffix=""; [ "$rounds" -gt 1 ] && suffix="_r$r"
@@ -28,9 +31,11 @@ for ((r = 1; r <= rounds; r++)); do
     fi
     for s in ${SETTINGS:-default}; do
       unset SPARSE_DECODE_DENSE_ROWS SPARSE_DECODE_DENSE_KERNEL
+      export SPARSE_SERVE_BALANCED_DECODE=$outer_balanced
       case $s in
         default) ;;
         split|balanced) export SPARSE_DECODE_DENSE_KERNEL=$s ;;
+        tuned) export SPARSE_SERVE_BALANCED_DECODE=${TUNED_BALANCED:?TUNED_BALANCED} ;;
         *) export SPARSE_DECODE_DENSE_ROWS=$s ;;
       esac
       BACKENDS=CUSTOM TAG=${eng}_$s$suffix LENS=4096 REPEATS=${REPEATS:-3} \

@@ -72,6 +72,7 @@ def main() -> None:
     from sparse_kernels.config import PREFILL_METHODS, SparseConfig
     from sparse_kernels.pipeline import warm_up_decode, warm_up_prefill, warm_up_summary_update
     from sparse_kernels.balanced_decode import balanced_decode
+    from sparse_kernels.decode_stats import accumulate_decode_reads
     from sparse_kernels.sparse_decode import sparse_decode
 
     cpu = torch.device("cpu")
@@ -89,7 +90,15 @@ def main() -> None:
                             dense_pages=512, topk_method=topk_method)
         sel = torch.zeros(batch, hkv, 256, dtype=torch.int32)
         sparse_decode(q, kc, kc, bt, sl, selected=sel, out=torch.zeros_like(q), num_splits=4)
-        balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)
+        for flat in (0, 1, 2):
+            balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512,
+                            flat=flat)
+        # the layer-0 read counters of a step (an engine's first eager decode compiles them)
+        sums = torch.zeros(4, dtype=torch.float64)
+        k_default = SparseConfig().token_budget // 16
+        accumulate_decode_reads(torch.zeros(batch, hkv, k_default, dtype=torch.int32), sl, 16,
+                                hkv, sums)
+        accumulate_decode_reads(None, sl, 16, hkv, sums)
         warm_up_summary_update(kc, summ)
         kv_write(batch, hkv, group, d, kc, summ)
         # Prefill: every estimator and the block-sparse kernel, through the engine's warm-up
@@ -128,6 +137,7 @@ def serve(q, kc, summ, max_pages) -> None:
     from sparse_kernels.page_summary import update_page_summaries
     from sparse_kernels.pipeline import decode_budget_pages, sparse_prefill_attention
     from sparse_kernels.balanced_decode import balanced_decode
+    from sparse_kernels.decode_stats import accumulate_decode_reads
     from sparse_kernels.sparse_decode import DecodeWorkspace, MAX_SPLITS, sparse_decode
 
     _serving = True
@@ -169,6 +179,10 @@ def serve(q, kc, summ, max_pages) -> None:
             balanced_decode(q.new_zeros(n, hq, d), kc, kc, table[1:1 + n], lens[1:1 + n],
                             out=torch.empty(n, hq, d, dtype=q.dtype), workspace=wsb,
                             full_pages=full_pages, programs=n + 2)
+        # the layer-0 read counters of a step, with and without a selection
+        sums = torch.zeros(4, dtype=torch.float64)
+        accumulate_decode_reads(sel, lens[1:1 + n], kc.shape[1], hkv, sums)
+        accumulate_decode_reads(None, lens[1:1 + n], kc.shape[1], hkv, sums)
     # a large grid (rows x KV heads above half the SMs): the full rows' launch has its own
     # pipeline depth there (full_rows_num_stages), compiled by warm_up_decode
     big = 40
