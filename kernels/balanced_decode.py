@@ -51,9 +51,12 @@ BLOCK_N = 32
 NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
 SCAN_BLOCK = 128
-# One loop over a program's tiles for batches of at most SCAN_BLOCK sequences
-# (_balanced_decode_flat_kernel: 0 off, 1 on, 2 on with the row's result written in a branch)
-FLAT = 0
+# The merge loads the partials of up to this many segments of a row at once (a 4K row at
+# batch 16 x 8 KV heads spans ~5 programs: one load, instead of one dependent round trip per
+# segment: 5.7 us per layer on an H100 with one per load, session 15's profile), within
+# MERGE_TILE_ELEMENTS fp32 values per program (segments x heads x head dim).
+MERGE_SEGMENTS_PER_LOAD = 8
+MERGE_TILE_ELEMENTS = 4096
 # decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
 # (H100: batch 16 x 8 KV heads, 128 rows, wins; batch 8, 64 rows, loses; see config.py)
 AUTO_MIN_ROWS_PER_SM = 0.75
@@ -61,7 +64,8 @@ _ROWS_ALL = 2**31 - 1
 # Benchmarking only (the SPARSE_SERVE_ prefix is left to tooling): launch constants for an
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
 _TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
-_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT", "FLAT")
+_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT",
+            "MERGE_SEGMENTS_PER_LOAD")
 
 
 def _apply_tooling_env(value: str | None) -> dict[str, int]:
@@ -214,106 +218,6 @@ def _balanced_decode_kernel(
 
 
 @triton.jit(
-    do_not_specialize=["batch", "rows_upto", "programs", "stride_bt"],
-    do_not_specialize_on_alignment=["block_table_ptr", "seq_lens_ptr"],
-)
-def _balanced_decode_flat_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, batch, rows_upto, programs,
-    stride_q_b, stride_q_h, stride_q_d,
-    stride_k_page, stride_k_tok, stride_k_head, stride_k_dim,
-    stride_v_page, stride_v_tok, stride_v_head, stride_v_dim,
-    stride_bt,
-    stride_o_b, stride_o_h, stride_o_d,
-    stride_po_s, stride_po_h, stride_po_d,
-    stride_pl_s, stride_pl_h,
-    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FLUSH_IF: tl.constexpr,
-):
-    """:func:`_balanced_decode_kernel` for batches of at most ``SCAN`` sequences, with one
-    loop over the program's tiles instead of one per row: the tile -> row lookup is two
-    reductions over the rows' tile ends (kept in registers), so the loads of the next tiles
-    are issued across row boundaries (one software pipeline per program, not per row). The
-    state of a row is reset on its first tile and written on its last one (``FLUSH_IF``: in a
-    branch; else every tile computes it and masked stores write it on the last)."""
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    offs_r = tl.arange(0, SCAN)
-    lens = tl.load(seq_lens_ptr + offs_r, mask=offs_r < batch, other=0)
-    ends = tl.cumsum(_tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N), 0)
-    total = tl.max(ends, 0)
-    lo, hi = _program_tiles(pid.to(tl.int64), total, programs)
-    lo, hi = lo.to(tl.int32), hi.to(tl.int32)
-    if lo >= hi:
-        return  # more programs than tiles
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_g = offs_g < GROUP
-    mask_d = offs_d < HEAD_DIM
-    o_mask = mask_g[:, None] & mask_d[None, :]
-    q_heads = kv_head * GROUP + offs_g
-    k_base = k_cache_ptr + kv_head * stride_k_head
-    v_base = v_cache_ptr + kv_head * stride_v_head
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for t in range(lo, hi):
-        done = ends <= t  # rows whose tiles all lie before t (empty rows included)
-        row = tl.sum(done.to(tl.int32), 0)
-        row_start = tl.max(tl.where(done, ends, 0), 0)
-        row_end = tl.min(tl.where(done, 2**31 - 1, ends), 0)
-        row64 = row.to(tl.int64)
-        seq_len = tl.load(seq_lens_ptr + row)
-        q = tl.load(
-            q_ptr + row64 * stride_q_b + q_heads[:, None] * stride_q_h
-            + offs_d[None, :] * stride_q_d,
-            mask=o_mask, other=0.0,
-        )
-        if UPCAST_DOT:
-            q = q.to(tl.float32)
-        first = t == tl.maximum(lo, row_start)  # the row's first tile in this program
-        m_i = tl.where(first, float("-inf"), m_i)
-        l_i = tl.where(first, 0.0, l_i)
-        acc = tl.where(first, 0.0, acc)
-        offs_t = (t - row_start) * BLOCK_N + offs_n  # token index in the sequence
-        tok_ok = offs_t < seq_len
-        phys = tl.load(block_table_ptr + row64 * stride_bt + offs_t // PAGE_SIZE, mask=tok_ok,
-                       other=0).to(tl.int64)
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, phys, offs_t % PAGE_SIZE, tok_ok, offs_d, mask_d,
-            stride_k_page, stride_k_tok, stride_k_dim, stride_v_page, stride_v_tok,
-            stride_v_dim, scale_log2, UPCAST_DOT, DOT_PRECISION)
-        last = t == tl.minimum(hi, row_end) - 1  # the row's last tile in this program
-        whole = (row_start >= lo) & (row_end <= hi)  # no other program holds a part of it
-        seg = pid.to(tl.int64) + row64
-        o_ptrs = (out_ptr + row64 * stride_o_b + q_heads[:, None] * stride_o_h
-                  + offs_d[None, :] * stride_o_d)
-        po_ptrs = (part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
-                   + offs_d[None, :] * stride_po_d)
-        pl_ptrs = part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h
-        if FLUSH_IF:
-            if last:
-                o, lse = _finish_softmax(acc, m_i, l_i)
-                if whole:
-                    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
-                else:
-                    tl.store(po_ptrs, o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
-                    tl.store(pl_ptrs, lse, mask=mask_g)
-        else:
-            o, lse = _finish_softmax(acc, m_i, l_i)
-            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask & (last & whole))
-            part = last & (whole == 0)
-            tl.store(po_ptrs, o.to(part_out_ptr.dtype.element_ty), mask=o_mask & part)
-            tl.store(pl_ptrs, lse, mask=mask_g & part)
-
-
-@triton.jit(
     do_not_specialize=["batch", "rows_upto", "programs"],
     do_not_specialize_on_alignment=["seq_lens_ptr"],
 )
@@ -325,7 +229,7 @@ def _merge_segments_kernel(
     stride_pl_s, stride_pl_h,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr,
+    SCAN: tl.constexpr, SEG_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -351,25 +255,31 @@ def _merge_segments_kernel(
     p1 = _first_program(start.to(tl.int64) + n_row - 1, programs, total)
     if p0 == p1:
         return  # one program attended it whole and wrote it
+    # the row's segments, SEG_BLOCK per load (one round trip for a row of up to SEG_BLOCK
+    # programs): [segments, heads, dims] partials folded into the running log-sum-exp
+    offs_s = tl.arange(0, SEG_BLOCK)
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for p in range(p0, p1 + 1):
-        seg = p + row.to(tl.int64)
+    for s0 in range(p0, p1 + 1, SEG_BLOCK):
+        p = s0 + offs_s  # (int64)
         # with more programs than tiles, some programs in between hold none (wrote nothing)
-        p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
-        wrote = p_lo < p_hi
-        lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
-                      mask=mask_g & wrote, other=float("-inf"))
-        po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
-                     + offs_d[None, :] * stride_po_d, mask=o_mask & wrote,
-                     other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, lse)
+        p_lo, p_hi = _program_tiles(p, total, programs)
+        wrote = (p <= p1) & (p_lo < p_hi)
+        seg = p + row.to(tl.int64)
+        lse = tl.load(part_lse_ptr + seg[:, None] * stride_pl_s
+                      + q_heads[None, :] * stride_pl_h,
+                      mask=wrote[:, None] & mask_g[None, :], other=float("-inf"))
+        po = tl.load(part_out_ptr + seg[:, None, None] * stride_po_s
+                     + q_heads[None, :, None] * stride_po_h
+                     + offs_d[None, None, :] * stride_po_d,
+                     mask=wrote[:, None, None] & o_mask[None, :, :], other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)
-        w_sum = w_sum * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * po
+        w = tl.math.exp2(lse - m_safe[None, :])  # [SEG_BLOCK, GROUP_PAD]
+        w_sum = w_sum * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * po, axis=0)
         m = m_new
     o = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -407,7 +317,6 @@ def balanced_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    flat: int | None = None,
 ) -> torch.Tensor:
     """Dense paged decode of one token per sequence, the tiles balanced over the programs.
 
@@ -415,8 +324,6 @@ def balanced_decode(
         full_pages: serve only sequences of at most this many pages (the other rows of
             ``out`` are not written); ``None``: every sequence.
         programs: programs per KV head (static; default :func:`default_programs`).
-        flat: one loop over each program's tiles (batches of at most :data:`SCAN_BLOCK`;
-            0 off, 1 on, 2 on with the flush in a branch; default :data:`FLAT`).
         workspace: scratch for the partials of rows cut between programs: its
             ``segment_out`` / ``segment_lse`` (``programs + batch`` segments, see
             ``DecodeWorkspace(segments=...)``); allocated per call if absent or too small.
@@ -452,22 +359,23 @@ def balanced_decode(
     common = dict(PAGE_SIZE=page_size, GROUP=group,
                   GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
                   BLOCK_N=block_n, SCAN=SCAN_BLOCK)
-    flat = FLAT if flat is None else flat
-    kernel, extra = _balanced_decode_kernel, {}
-    if flat and batch <= SCAN_BLOCK:
-        kernel, extra = _balanced_decode_flat_kernel, dict(FLUSH_IF=flat == 2)
-    kernel[(programs, num_kv_heads)](
+    _balanced_decode_kernel[(programs, num_kv_heads)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
         scale * _LOG2E, batch, rows_upto, programs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *out.stride(), *part_out.stride(), *part_lse.stride(),
         UPCAST_DOT=upcast, DOT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages, **common, **extra,
+        num_warps=num_warps, num_stages=num_stages, **common,
     )
+    # the merge needs no tl.dot: its head tile is the group's power of two, not padded to 16
+    merge = dict(common, GROUP_PAD=triton.next_power_of_2(group))
+    per_load = max(1, min(MERGE_SEGMENTS_PER_LOAD,
+                          MERGE_TILE_ELEMENTS // (merge["GROUP_PAD"] * merge["HEAD_DIM_PAD"])))
     _merge_segments_kernel[(batch, num_kv_heads)](
         out, part_out, part_lse, seq_lens, batch, rows_upto, programs,
         *out.stride(), *part_out.stride(), *part_lse.stride(),
-        num_warps=4, **common,
+        SEG_BLOCK=1 << (per_load.bit_length() - 1),  # (a power of two)
+        num_warps=4, **merge,
     )
     return out
 

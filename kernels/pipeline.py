@@ -553,12 +553,7 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
         splits.append(n)
         n *= 2
     if cfg.decode_dense_kernel != "split" and (selected is None or cfg.decode_overlap):
-        # one variant whatever the lengths (its grid is (programs, KV heads)), and with
-        # balanced_decode.FLAT one more: the one-loop kernel serves batches of at most
-        # SCAN_BLOCK sequences, the row-loop one larger batches
-        import sparse_kernels.balanced_decode as bd
-
-        for flat in sorted({0, bd.FLAT}):
-            balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
-                            full_pages=None if selected is None else 1, flat=flat)
+        # one variant whatever the batch and lengths (its grid is (programs, KV heads))
+        balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
+                        full_pages=None if selected is None else 1)
     return splits

@@ -90,9 +90,7 @@ def main() -> None:
                             dense_pages=512, topk_method=topk_method)
         sel = torch.zeros(batch, hkv, 256, dtype=torch.int32)
         sparse_decode(q, kc, kc, bt, sl, selected=sel, out=torch.zeros_like(q), num_splits=4)
-        for flat in (0, 1, 2):
-            balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512,
-                            flat=flat)
+        balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)
         # the layer-0 read counters of a step (an engine's first eager decode compiles them)
         sums = torch.zeros(4, dtype=torch.float64)
         k_default = SparseConfig().token_budget // 16

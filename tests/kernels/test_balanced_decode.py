@@ -56,17 +56,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("flat", [0, 1, 2])  # the row loop; one tile loop (both flushes)
 @pytest.mark.parametrize("dtype,layout,page,group,head_dim,programs,block_n", CASES)
-def test_matches_dense_attention(dtype, layout, page, group, head_dim, programs, block_n,
-                                 flat):
+def test_matches_dense_attention(dtype, layout, page, group, head_dim, programs, block_n):
     # ragged: partial last pages, a 1-token sequence, an empty (padding) row, a long row that
     # spans several programs beside short ones that share one
     seq_lens = [1, 77, 3 * page + 5, 0, 33, 300]
     q, k, v, bt, sl = _setup(seq_lens, group, head_dim, page, dtype, layout)
     ws = _poisoned_workspace(len(seq_lens), q, programs)
-    out = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=block_n,
-                          flat=flat)
+    out = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=block_n)
     assert out.dtype == dtype and out.shape == q.shape
     want = _dense_ref(q, k, v, bt, sl)
     want[3] = 0  # an empty row is written as zeros
@@ -74,9 +71,8 @@ def test_matches_dense_attention(dtype, layout, page, group, head_dim, programs,
     assert torch.isnan(ws.partial_out).all() and torch.isnan(ws.partial_lse).all()
 
 
-@pytest.mark.parametrize("flat", [0, 1, 2])
 @pytest.mark.parametrize("programs", [1, 2, 5, 16, 40])
-def test_full_pages_filter(programs, flat):
+def test_full_pages_filter(programs):
     """``full_pages``: only sequences of at most that many pages are written (the others keep
     NaN), each equal to dense attention, whatever the programs' cuts."""
     page, full_pages = 16, 6
@@ -85,7 +81,7 @@ def test_full_pages_filter(programs, flat):
     ws = _poisoned_workspace(len(seq_lens), q, programs)
     out = torch.full_like(q, float("nan"))
     balanced_decode(q, k, v, bt, sl, out=out, workspace=ws, programs=programs, block_n=16,
-                    full_pages=full_pages, flat=flat)
+                    full_pages=full_pages)
     mine = torch.tensor([-(-s // page) <= full_pages for s in seq_lens], device=DEVICE)
     want = _dense_ref(q, k, v, bt, sl)
     want[3] = 0
@@ -93,8 +89,24 @@ def test_full_pages_filter(programs, flat):
     assert torch.isnan(out[~mine]).all()
 
 
-@pytest.mark.parametrize("flat", [0, 1])  # (above SCAN_BLOCK rows flat takes the row loop)
-def test_scan_crosses_chunks(monkeypatch, flat):
+@pytest.mark.parametrize("per_load", [1, 2, 8])
+def test_merge_segments_per_load(monkeypatch, per_load):
+    """Rows cut into many segments (more programs than a load holds, programs without work in
+    between) merge to dense attention whatever the segments loaded at once."""
+    from sparse_kernels import balanced_decode as bd
+
+    monkeypatch.setattr(bd, "MERGE_SEGMENTS_PER_LOAD", per_load)
+    seq_lens = [400, 3, 0, 250, 17]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, 16, torch.float32, "NHD", seed=11)
+    for programs in (6, 45, 80):
+        ws = _poisoned_workspace(len(seq_lens), q, programs)
+        out = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=16)
+        want = _dense_ref(q, k, v, bt, sl)
+        want[2] = 0
+        _close(out, want, torch.float32)
+
+
+def test_scan_crosses_chunks(monkeypatch):
     """A batch longer than one scan chunk (prefix sums carried across chunks), every row
     short, with as many programs as rows and rows cut anywhere."""
     from sparse_kernels import balanced_decode as bd
@@ -105,8 +117,7 @@ def test_scan_crosses_chunks(monkeypatch, flat):
     q, k, v, bt, sl = _setup(seq_lens, 2, 64, 16, torch.float32, "HND", seed=6)
     for programs in (3, 37, 50):
         ws = _poisoned_workspace(len(seq_lens), q, programs)
-        out = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=16,
-                              flat=flat)
+        out = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=16)
         want = _dense_ref(q, k, v, bt, sl)
         want[torch.tensor(seq_lens) == 0] = 0
         _close(out, want, torch.float32)
