@@ -185,9 +185,6 @@ VARIANTS = {
        for name, consts in (("bn64", dict(BLOCK_N=64)), ("stages2", dict(NUM_STAGES_16BIT=2)),
                             ("stages4", dict(NUM_STAGES_16BIT=4)), ("warps8", dict(NUM_WARPS=8)),
                             ("p1_stages4", dict(PROGRAMS_PER_SM=1, NUM_STAGES_16BIT=4)))},
-    # the segment merge one segment per load (its loop before session 15) or two
-    **{f"balanced_merge{n}": [(_CFG, dict(decode_dense_kernel="balanced")),
-                              (bd, dict(MERGE_SEGMENTS_PER_LOAD=n))] for n in (1, 2)},
     "balanced_bf16": [(_CFG, dict(decode_dense_kernel="balanced")),
                       (sd, dict(PARTIAL_DTYPE=torch.bfloat16))],
 }

@@ -51,12 +51,6 @@ BLOCK_N = 32
 NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
 SCAN_BLOCK = 128
-# The merge loads the partials of up to this many segments of a row at once (a 4K row at
-# batch 16 x 8 KV heads spans ~5 programs: one load, instead of one dependent round trip per
-# segment: 5.7 us per layer on an H100 with one per load, session 15's profile), within
-# MERGE_TILE_ELEMENTS fp32 values per program (segments x heads x head dim).
-MERGE_SEGMENTS_PER_LOAD = 8
-MERGE_TILE_ELEMENTS = 4096
 # decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
 # (H100: batch 16 x 8 KV heads, 128 rows, wins; batch 8, 64 rows, loses; see config.py)
 AUTO_MIN_ROWS_PER_SM = 0.75
@@ -64,8 +58,7 @@ _ROWS_ALL = 2**31 - 1
 # Benchmarking only (the SPARSE_SERVE_ prefix is left to tooling): launch constants for an
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
 _TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
-_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT",
-            "MERGE_SEGMENTS_PER_LOAD")
+_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT")
 
 
 def _apply_tooling_env(value: str | None) -> dict[str, int]:
@@ -229,7 +222,7 @@ def _merge_segments_kernel(
     stride_pl_s, stride_pl_h,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr, SEG_BLOCK: tl.constexpr,
+    SCAN: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -255,31 +248,25 @@ def _merge_segments_kernel(
     p1 = _first_program(start.to(tl.int64) + n_row - 1, programs, total)
     if p0 == p1:
         return  # one program attended it whole and wrote it
-    # the row's segments, SEG_BLOCK per load (one round trip for a row of up to SEG_BLOCK
-    # programs): [segments, heads, dims] partials folded into the running log-sum-exp
-    offs_s = tl.arange(0, SEG_BLOCK)
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for s0 in range(p0, p1 + 1, SEG_BLOCK):
-        p = s0 + offs_s  # (int64)
-        # with more programs than tiles, some programs in between hold none (wrote nothing)
-        p_lo, p_hi = _program_tiles(p, total, programs)
-        wrote = (p <= p1) & (p_lo < p_hi)
+    for p in range(p0, p1 + 1):
         seg = p + row.to(tl.int64)
-        lse = tl.load(part_lse_ptr + seg[:, None] * stride_pl_s
-                      + q_heads[None, :] * stride_pl_h,
-                      mask=wrote[:, None] & mask_g[None, :], other=float("-inf"))
-        po = tl.load(part_out_ptr + seg[:, None, None] * stride_po_s
-                     + q_heads[None, :, None] * stride_po_h
-                     + offs_d[None, None, :] * stride_po_d,
-                     mask=wrote[:, None, None] & o_mask[None, :, :], other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        # with more programs than tiles, some programs in between hold none (wrote nothing)
+        p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
+        wrote = p_lo < p_hi
+        lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
+                      mask=mask_g & wrote, other=float("-inf"))
+        po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
+                     + offs_d[None, :] * stride_po_d, mask=o_mask & wrote,
+                     other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe[None, :])  # [SEG_BLOCK, GROUP_PAD]
-        w_sum = w_sum * alpha + tl.sum(w, axis=0)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * po, axis=0)
+        w = tl.math.exp2(lse - m_safe)
+        w_sum = w_sum * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * po
         m = m_new
     o = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -367,15 +354,10 @@ def balanced_decode(
         UPCAST_DOT=upcast, DOT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages, **common,
     )
-    # the merge needs no tl.dot: its head tile is the group's power of two, not padded to 16
-    merge = dict(common, GROUP_PAD=triton.next_power_of_2(group))
-    per_load = max(1, min(MERGE_SEGMENTS_PER_LOAD,
-                          MERGE_TILE_ELEMENTS // (merge["GROUP_PAD"] * merge["HEAD_DIM_PAD"])))
     _merge_segments_kernel[(batch, num_kv_heads)](
         out, part_out, part_lse, seq_lens, batch, rows_upto, programs,
         *out.stride(), *part_out.stride(), *part_lse.stride(),
-        SEG_BLOCK=1 << (per_load.bit_length() - 1),  # (a power of two)
-        num_warps=4, **merge,
+        num_warps=4, **common,
     )
     return out
 

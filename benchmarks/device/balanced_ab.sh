@@ -4,7 +4,7 @@
 # end-to-end A/B of the default against it in a 128K engine (short_prompts_e2e.sh, ROUNDS
 # interleaved with FLASH_ATTN), then a profile of CUSTOM's default decode step
 # (profile_decode.sh). Results under $RES (/tmp/res): tests.log, eng4k.json/.log, e/, prof/.
-#   VARIANTS="balanced balanced_merge1" ROUNDS=2 bash benchmarks/device/balanced_ab.sh
+#   VARIANTS="balanced balanced_p3" ROUNDS=2 bash benchmarks/device/balanced_ab.sh
 set -uo pipefail
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
 source benchmarks/device/setup_env.sh vllm || exit 1
@@ -19,7 +19,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "tests rc=$?"; tail -3 "$RES/tests.log"
 fi
 timeout 400 python3 benchmarks/bench_decode_engine.py --require-fa3 --contexts 4096 \
-  --batches 16 --iters 20 --variants ${VARIANTS:-balanced balanced_merge1 balanced_merge2} \
+  --batches 16 --iters 20 --variants ${VARIANTS:-balanced balanced_p3 balanced_p5} \
   --variant-plans topk_auto dense --out "$RES/eng4k.json" > "$RES/eng4k.log" 2>&1
 echo "bench rc=$?"
 python3 benchmarks/device/print_decode_engine.py "$RES/eng4k.json" 2>/dev/null | tail -30

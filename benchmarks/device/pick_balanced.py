@@ -9,12 +9,11 @@ import sys
 
 
 def env_value(variant: str) -> str:
-    m = re.fullmatch(r"balanced(?:_p(\d+))?(?:_bn(\d+))?(?:_stages(\d+))?(?:_warps(\d+))?"
-                     r"(?:_merge(\d+))?", variant)
+    m = re.fullmatch(r"balanced(?:_p(\d+))?(?:_bn(\d+))?(?:_stages(\d+))?(?:_warps(\d+))?",
+                     variant)
     if m is None:
         raise SystemExit(f"not a launch-constant variant: {variant}")
-    names = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_STAGES_16BIT", "NUM_WARPS",
-             "MERGE_SEGMENTS_PER_LOAD")
+    names = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_STAGES_16BIT", "NUM_WARPS")
     return ",".join(f"{n}={v}" for n, v in zip(names, m.groups()) if v)
 
 

@@ -89,13 +89,9 @@ def test_full_pages_filter(programs):
     assert torch.isnan(out[~mine]).all()
 
 
-@pytest.mark.parametrize("per_load", [1, 2, 8])
-def test_merge_segments_per_load(monkeypatch, per_load):
-    """Rows cut into many segments (more programs than a load holds, programs without work in
-    between) merge to dense attention whatever the segments loaded at once."""
-    from sparse_kernels import balanced_decode as bd
-
-    monkeypatch.setattr(bd, "MERGE_SEGMENTS_PER_LOAD", per_load)
+def test_rows_cut_into_many_segments():
+    """Rows cut into many segments (programs without work in between, more programs than
+    tiles) merge to dense attention."""
     seq_lens = [400, 3, 0, 250, 17]
     q, k, v, bt, sl = _setup(seq_lens, 4, 64, 16, torch.float32, "NHD", seed=11)
     for programs in (6, 45, 80):
