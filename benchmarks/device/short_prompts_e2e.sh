@@ -4,8 +4,8 @@
 # long-context deployment's), FLASH_ATTN then CUSTOM under each setting, one after the other
 # on this GPU (same machine: only same-machine ratios compare): "default" (no variable set),
 # "split" / "balanced" (SPARSE_DECODE_DENSE_KERNEL), "tuned" (the default config with the
-# balanced kernel's launch constants of TUNED_BALANCED, e.g. "FLAT=1", through the tooling
-# variable SPARSE_SERVE_BALANCED_DECODE), else a SPARSE_DECODE_DENSE_ROWS value.
+# balanced kernel's launch constants of TUNED_BALANCED, e.g. "PROGRAMS_PER_SM=3", through the
+# tooling variable SPARSE_SERVE_BALANCED_DECODE), else a SPARSE_DECODE_DENSE_ROWS value.
 #   ENGINES="4k 128k" SETTINGS="default triton" REPEATS=3 bash benchmarks/device/short_prompts_e2e.sh
 # ROUNDS=N (N > 1) repeats the whole sequence N times, interleaving the backends (FLASH_ATTN,
 # CUSTOM, FLASH_ATTN, CUSTOM, ...): batch-16 steps move by 2-4% between runs of the same code,

@@ -70,7 +70,8 @@ jit.JITFunction.run = _compile_only
 def main() -> None:
     from sparse_kernels import page_select as ps
     from sparse_kernels.config import PREFILL_METHODS, SparseConfig
-    from sparse_kernels.pipeline import warm_up_decode, warm_up_prefill, warm_up_summary_update
+    from sparse_kernels.pipeline import (decode_budget_pages, warm_up_decode, warm_up_prefill,
+                                         warm_up_summary_update)
     from sparse_kernels.balanced_decode import balanced_decode
     from sparse_kernels.decode_stats import accumulate_decode_reads
     from sparse_kernels.sparse_decode import sparse_decode
@@ -93,7 +94,7 @@ def main() -> None:
         balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)
         # the layer-0 read counters of a step (an engine's first eager decode compiles them)
         sums = torch.zeros(4, dtype=torch.float64)
-        k_default = SparseConfig().token_budget // 16
+        k_default, _, _ = decode_budget_pages(SparseConfig(), 16)
         accumulate_decode_reads(torch.zeros(batch, hkv, k_default, dtype=torch.int32), sl, 16,
                                 hkv, sums)
         accumulate_decode_reads(None, sl, 16, hkv, sums)
