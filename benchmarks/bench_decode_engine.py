@@ -187,6 +187,15 @@ VARIANTS = {
                             ("p1_stages4", dict(PROGRAMS_PER_SM=1, NUM_STAGES_16BIT=4)))},
     "balanced_bf16": [(_CFG, dict(decode_dense_kernel="balanced")),
                       (sd, dict(PARTIAL_DTYPE=torch.bfloat16))],
+    # session 16: the balanced kernel's merge in a second launch (its default before), the
+    # scoring grid's chunk capped at 256 or 512 pages (before: 256; now 1024 at batch 16 in a
+    # 128K engine), 8 warps for the top-k of long rows (default 16), and session 15's
+    # defaults (second-launch merge, chunk cap 256)
+    "merge_launch": (bd, dict(INLINE_MERGE=0)),
+    "score_max256": (ps, dict(SCORE_CHUNK_MAX=256)),
+    "score_max512": (ps, dict(SCORE_CHUNK_MAX=512)),
+    "topk_long8": (ps, dict(TOPK_WARPS_LONG=8)),
+    "session15": [(bd, dict(INLINE_MERGE=0)), (ps, dict(SCORE_CHUNK_MAX=256))],
 }
 
 

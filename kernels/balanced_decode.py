@@ -9,18 +9,25 @@ row, attend a few short ones whole and start another. Grid ``(programs, num_kv_h
 * A row a program attends whole is written to ``out`` directly.
 * A row cut between programs leaves one normalized partial output and its log-sum-exp (base
   2) per program that attended part of it, at segment ``program + row`` (unique: both grow
-  along the tiles). Then :func:`_merge_segments_kernel`, grid ``(batch, num_kv_heads)``, merges
-  them; it recomputes which programs hold the row from the same tile counts.
+  along the tiles). The last of those programs to finish merges them (:data:`INLINE_MERGE`):
+  each adds the tiles it attended to the row's arrival counter (a CTA barrier, then one
+  acq_rel gpu-scope atomic); the one that completes the row's tile count reads every segment
+  back (L2, bypassing L1), writes the row and resets the counter, so the launch is replayable
+  in a CUDA graph. Which programs hold the row follows from the same tile counts. (With
+  ``INLINE_MERGE=0``, a second launch, :func:`_merge_segments_kernel`, grid ``(batch,
+  num_kv_heads)``, merges instead.)
 
 So the partials are at most ``programs + batch`` segments, not ``batch x splits``, and no
 program waits on a long row while others idle. Each program finds its first row by a prefix
 sum of the tile counts (``seq_lens`` read in chunks of :data:`SCAN_BLOCK`): no host work, no
-metadata built per step, static grid, so it runs inside CUDA graphs.
+metadata built per step, static grid, so it runs inside CUDA graphs. Empty rows (``seq_len``
+0, padding) hold no tiles: program ``p`` writes those of rows ``p, p + programs, ...``, only
+in a batch that has any (the first prefix-sum pass counts them).
 
 ``rows_upto``: only sequences of at most that many pages are served (the others get no tiles
 and their rows of ``out`` are not written): the rows a top-k decode reads whole, beside the
-page selection (:func:`sparse_kernels.pipeline.decode_attention`). Empty rows (``seq_len``
-0, padding) that pass the filter are written as zeros, as by ``sparse_decode``.
+page selection (:func:`sparse_kernels.pipeline.decode_attention`). Empty rows pass the filter
+and are written as zeros, as by ``sparse_decode``.
 
 Reference: :func:`sparse_kernels.reference.dense_attention` (one query per sequence).
 """
@@ -41,6 +48,7 @@ from sparse_kernels.sparse_decode import (
     _finish_softmax,
     _interpreting,
 )
+from sparse_kernels.tooling_env import apply_tooling_env
 
 # Programs per SM (times the SMs, over the KV heads: the grid's first dimension). 4 is as many
 # as an H100 SM holds at once (114 registers per thread, 4 warps): one wave. Measured at 4K x
@@ -51,6 +59,9 @@ BLOCK_N = 32
 NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
 SCAN_BLOCK = 128
+# Merge the partials of a row cut between programs in the last of them to finish (1), or in a
+# second launch (0).
+INLINE_MERGE = 1
 # decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
 # (H100: batch 16 x 8 KV heads, 128 rows, wins; batch 8, 64 rows, loses; see config.py)
 AUTO_MIN_ROWS_PER_SM = 0.75
@@ -58,20 +69,12 @@ _ROWS_ALL = 2**31 - 1
 # Benchmarking only (the SPARSE_SERVE_ prefix is left to tooling): launch constants for an
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
 _TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
-_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT")
+_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT", "INLINE_MERGE")
 
 
 def _apply_tooling_env(value: str | None) -> dict[str, int]:
     """Set the launch constants named in ``value`` ("NAME=INT,..."); unknown names raise."""
-    got = {}
-    for item in filter(None, (value or "").split(",")):
-        name, _, num = item.partition("=")
-        name = name.strip().upper()
-        if name not in _TUNABLE:
-            raise ValueError(f"{_TOOLING_ENV}: unknown constant {name!r} (one of {_TUNABLE})")
-        got[name] = int(num)
-    globals().update(got)
-    return got
+    return apply_tooling_env(globals(), _TOOLING_ENV, _TUNABLE, value)
 
 
 _apply_tooling_env(os.environ.get(_TOOLING_ENV))
@@ -89,9 +92,10 @@ def _scan_rows(seq_lens_ptr, batch, rows_upto, target, row, PAGE_SIZE: tl.conste
                BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
     """Prefix sums of the served rows' tile counts, one chunk of ``SCAN`` rows at a time:
     (total tiles, rows whose tiles all lie before tile ``target``, first tile of the row after
-    them (the row holding ``target``), tiles of the rows before row ``row``)."""
+    them (the row holding ``target``), tiles of the rows before row ``row``, empty rows)."""
     offs = tl.arange(0, SCAN)
     total = tl.zeros([], dtype=tl.int32)
+    empty = tl.zeros([], dtype=tl.int32)
     rows_before = tl.zeros([], dtype=tl.int32)
     start = tl.zeros([], dtype=tl.int32)
     before_row = tl.zeros([], dtype=tl.int32)
@@ -105,7 +109,8 @@ def _scan_rows(seq_lens_ptr, batch, rows_upto, target, row, PAGE_SIZE: tl.conste
         start = tl.maximum(start, tl.max(tl.where(before, ends, 0), 0))
         before_row += tl.sum(tl.where(b0 + offs < row, tiles, 0), 0)
         total += tl.sum(tiles, 0)
-    return total, rows_before, start, before_row
+        empty += tl.sum(((lens == 0) & ok).to(tl.int32), 0)
+    return total, rows_before, start, before_row, empty
 
 
 @triton.jit
@@ -121,6 +126,41 @@ def _first_program(tile, programs, total):
     return ((tile + 1) * programs - 1) // total
 
 
+@triton.jit
+def _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, q_heads, mask_g, offs_d, o_mask,
+               p0, p1, total, programs,
+               stride_o_b, stride_o_h, stride_o_d,
+               stride_po_s, stride_po_h, stride_po_d,
+               stride_pl_s, stride_pl_h,
+               GROUP_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Merge the segments of row ``row64`` written by programs ``p0 .. p1`` (int64) into
+    ``out``. Partials are loaded from L2 (``.cg``): in the inline merge, other SMs wrote them
+    during this launch."""
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    for p in range(p0, p1 + 1):
+        seg = p + row64
+        # with more programs than tiles, some programs in between hold none (wrote nothing)
+        p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
+        wrote = p_lo < p_hi
+        lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
+                      mask=mask_g & wrote, other=float("-inf"), cache_modifier=".cg")
+        po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
+                     + offs_d[None, :] * stride_po_d, mask=o_mask & wrote,
+                     other=0.0, cache_modifier=".cg").to(tl.float32)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)
+        w_sum = w_sum * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * po
+        m = m_new
+    o = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+    tl.store(out_ptr + row64 * stride_o_b + q_heads[:, None] * stride_o_h
+             + offs_d[None, :] * stride_o_d, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=["batch", "rows_upto", "programs", "stride_bt"],
@@ -128,7 +168,7 @@ def _first_program(tile, programs, total):
 )
 def _balanced_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
     scale_log2, batch, rows_upto, programs,
     stride_q_b, stride_q_h, stride_q_d,
     stride_k_page, stride_k_tok, stride_k_head, stride_k_dim,
@@ -140,19 +180,10 @@ def _balanced_decode_kernel(
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INLINE_MERGE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
-    total, _, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, 0, PAGE_SIZE, BLOCK_N,
-                                SCAN)
-    # (tile counts fit int32; their products with program ids may not)
-    lo, hi = _program_tiles(pid.to(tl.int64), total, programs)
-    lo, hi = lo.to(tl.int32), hi.to(tl.int32)
-    if lo >= hi:
-        return  # more programs than tiles
-    _, row, row_start, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, 0, PAGE_SIZE,
-                                      BLOCK_N, SCAN)
-
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = tl.arange(0, BLOCK_N)
@@ -160,6 +191,24 @@ def _balanced_decode_kernel(
     mask_d = offs_d < HEAD_DIM
     o_mask = mask_g[:, None] & mask_d[None, :]
     q_heads = kv_head * GROUP + offs_g
+
+    total, _, _, _, empty = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, 0, PAGE_SIZE,
+                                       BLOCK_N, SCAN)
+    if INLINE_MERGE:
+        if empty > 0:  # padding rows: no tiles, so no program meets them below
+            for r in range(pid, batch, programs):
+                if tl.load(seq_lens_ptr + r) == 0:
+                    tl.store(out_ptr + (r + tl.zeros([], dtype=tl.int64)) * stride_o_b
+                             + q_heads[:, None] * stride_o_h + offs_d[None, :] * stride_o_d,
+                             tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=out_ptr.dtype.element_ty),
+                             mask=o_mask)
+    # (tile counts fit int32; their products with program ids may not)
+    lo, hi = _program_tiles(pid.to(tl.int64), total, programs)
+    lo, hi = lo.to(tl.int32), hi.to(tl.int32)
+    if lo >= hi:
+        return  # more programs than tiles
+    _, row, row_start, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, 0, PAGE_SIZE,
+                                         BLOCK_N, SCAN)
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
 
@@ -205,6 +254,26 @@ def _balanced_decode_kernel(
                          o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
                 tl.store(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h, lse,
                          mask=mask_g)
+                if INLINE_MERGE:
+                    # Arrive with this segment's tiles; whoever completes the row merges it.
+                    # (bar.sync, then one acq_rel gpu-scope atomic: every thread's stores
+                    # above are visible to the merging program, whose loads follow its own
+                    # acquire and a barrier.)
+                    tl.debug_barrier()
+                    cnt = count_ptr + row * tl.num_programs(1) + kv_head
+                    mine = seg_hi - seg_lo
+                    arrived = tl.atomic_add(cnt, mine, sem="acq_rel", scope="gpu")
+                    if arrived + mine == n_row:
+                        tl.debug_barrier()
+                        p0 = _first_program(row_start.to(tl.int64), programs, total)
+                        p1 = _first_program(row_start.to(tl.int64) + n_row - 1, programs,
+                                            total)
+                        _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, q_heads,
+                                   mask_g, offs_d, o_mask, p0, p1, total, programs,
+                                   stride_o_b, stride_o_h, stride_o_d,
+                                   stride_po_s, stride_po_h, stride_po_d,
+                                   stride_pl_s, stride_pl_h, GROUP_PAD, HEAD_DIM_PAD)
+                        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
         t = tl.maximum(t, row_end)
         row_start = row_end
         row += 1
@@ -224,6 +293,8 @@ def _merge_segments_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr,
 ):
+    """``INLINE_MERGE=0``: the merge of the rows cut between programs, and the zeros of the
+    empty rows, in a second launch."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + row)
@@ -234,42 +305,24 @@ def _merge_segments_kernel(
     mask_g = offs_g < GROUP
     o_mask = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
     q_heads = kv_head * GROUP + offs_g
-    o_ptrs = (out_ptr + row.to(tl.int64) * stride_o_b + q_heads[:, None] * stride_o_h
-              + offs_d[None, :] * stride_o_d)
     n_row = _tile_counts(seq_len, rows_upto, PAGE_SIZE, BLOCK_N)
     if n_row == 0:  # an empty (padding) row
-        tl.store(o_ptrs, tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=out_ptr.dtype.element_ty),
+        tl.store(out_ptr + row.to(tl.int64) * stride_o_b + q_heads[:, None] * stride_o_h
+                 + offs_d[None, :] * stride_o_d,
+                 tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=out_ptr.dtype.element_ty),
                  mask=o_mask)
         return
     # the row's first tile: the tiles of the rows before it
-    total, _, _, start = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, row, PAGE_SIZE,
-                                    BLOCK_N, SCAN)
+    total, _, _, start, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, row, PAGE_SIZE,
+                                       BLOCK_N, SCAN)
     p0 = _first_program(start.to(tl.int64), programs, total)
     p1 = _first_program(start.to(tl.int64) + n_row - 1, programs, total)
     if p0 == p1:
         return  # one program attended it whole and wrote it
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for p in range(p0, p1 + 1):
-        seg = p + row.to(tl.int64)
-        # with more programs than tiles, some programs in between hold none (wrote nothing)
-        p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
-        wrote = p_lo < p_hi
-        lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
-                      mask=mask_g & wrote, other=float("-inf"))
-        po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
-                     + offs_d[None, :] * stride_po_d, mask=o_mask & wrote,
-                     other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)
-        w_sum = w_sum * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * po
-        m = m_new
-    o = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row.to(tl.int64), q_heads, mask_g, offs_d,
+               o_mask, p0, p1, total, programs, stride_o_b, stride_o_h, stride_o_d,
+               stride_po_s, stride_po_h, stride_po_d, stride_pl_s, stride_pl_h,
+               GROUP_PAD, HEAD_DIM_PAD)
 
 
 def balanced_fits(batch: int, num_kv_heads: int, device: torch.device) -> bool:
@@ -304,6 +357,7 @@ def balanced_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    inline_merge: bool | None = None,
 ) -> torch.Tensor:
     """Dense paged decode of one token per sequence, the tiles balanced over the programs.
 
@@ -313,7 +367,11 @@ def balanced_decode(
         programs: programs per KV head (static; default :func:`default_programs`).
         workspace: scratch for the partials of rows cut between programs: its
             ``segment_out`` / ``segment_lse`` (``programs + batch`` segments, see
-            ``DecodeWorkspace(segments=...)``); allocated per call if absent or too small.
+            ``DecodeWorkspace(segments=...)``) and ``segment_counters`` (the inline merge's
+            arrival counters, zero between launches); allocated per call if absent or too
+            small.
+        inline_merge: merge those partials in the last program of each row (default
+            :data:`INLINE_MERGE`) rather than in a second launch.
 
     Returns ``out``.
     """
@@ -334,9 +392,11 @@ def balanced_decode(
     segments = programs + batch
     if (workspace is None or workspace.segment_out is None
             or workspace.segment_out.shape[0] < segments
-            or tuple(workspace.segment_out.shape[1:]) != (num_q_heads, head_dim)):
+            or tuple(workspace.segment_out.shape[1:]) != (num_q_heads, head_dim)
+            or workspace.segment_counters.numel() < batch * num_kv_heads):
         workspace = DecodeWorkspace(0, num_q_heads, head_dim, 1, q.device, segments=segments)
     part_out, part_lse = workspace.segment_out, workspace.segment_lse
+    inline = bool(INLINE_MERGE if inline_merge is None else inline_merge)
     if num_warps is None:
         num_warps = NUM_WARPS
     if num_stages is None:
@@ -348,12 +408,14 @@ def balanced_decode(
                   BLOCK_N=block_n, SCAN=SCAN_BLOCK)
     _balanced_decode_kernel[(programs, num_kv_heads)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
-        scale * _LOG2E, batch, rows_upto, programs,
+        workspace.segment_counters, scale * _LOG2E, batch, rows_upto, programs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *out.stride(), *part_out.stride(), *part_lse.stride(),
-        UPCAST_DOT=upcast, DOT_PRECISION=precision,
+        UPCAST_DOT=upcast, DOT_PRECISION=precision, INLINE_MERGE=inline,
         num_warps=num_warps, num_stages=num_stages, **common,
     )
+    if inline:
+        return out
     _merge_segments_kernel[(batch, num_kv_heads)](
         out, part_out, part_lse, seq_lens, batch, rows_upto, programs,
         *out.stride(), *part_out.stride(), *part_lse.stride(),

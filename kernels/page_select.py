@@ -53,11 +53,14 @@ have no score and are always selected (they are normally inside the local window
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from sparse_kernels.page_summary import _summarize_page
+from sparse_kernels.tooling_env import apply_tooling_env
 
 # Slot 0 of a selection row holding this (the rest -1): the row reads every page of its sequence.
 DENSE_ROW = -2
@@ -702,9 +705,21 @@ class SelectWorkspace:
         return self.cand_keys[:n].view(shape), self.cand_pages[:n].view(shape)
 
 
-# Scoring launch defaults (pages per program, warps).
+# Scoring launch defaults (pages per program, warps), and default_chunk_pages' growth: the
+# chunk doubles up to 256 pages while the grid exceeds SCORE_PROGRAMS_PER_SM programs per SM,
+# then up to SCORE_CHUNK_MAX while it exceeds SCORE_WIDE_PROGRAMS_PER_SM.
 SCORE_CHUNK_PAGES = 64
 SCORE_NUM_WARPS = 8
+SCORE_PROGRAMS_PER_SM = 32
+SCORE_CHUNK_MAX = 1024
+SCORE_WIDE_PROGRAMS_PER_SM = 8
+# Warps of the top-k kernel for rows of more than 4096 pages (default_topk_warps).
+TOPK_WARPS_LONG = 16
+# Benchmarking only (see sparse_kernels.tooling_env), e.g. "SCORE_CHUNK_MAX=1024".
+_TOOLING_ENV = "SPARSE_SERVE_PAGE_SELECT"
+_TUNABLE = ("SCORE_CHUNK_PAGES", "SCORE_NUM_WARPS", "SCORE_PROGRAMS_PER_SM", "SCORE_CHUNK_MAX",
+            "SCORE_WIDE_PROGRAMS_PER_SM", "TOPK_WARPS_LONG")
+apply_tooling_env(globals(), _TOOLING_ENV, _TUNABLE, os.environ.get(_TOOLING_ENV))
 # Rows up to this many pages are top-k'd from registers (per 8 warps); longer rows loop.
 _IN_REGS_PAGES_PER_8_WARPS = 8192
 _LOOP_BLOCK = 4096
@@ -1163,19 +1178,31 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
 def default_chunk_pages(batch: int, num_kv_heads: int, max_pages: int,
                         device: torch.device, fused: bool = False) -> int:
     """Pages per scoring program: :data:`SCORE_CHUNK_PAGES` (64: the most programs, best at
-    batch 1), doubled up to 256 while the grid exceeds ~32 programs per SM (measured on an
-    H100: 128K context, batch 16: 256 pages per program 0.222 ms vs 0.233 ms for 64). The
-    fused launch starts at 128 (its programs carry the top-k's registers)."""
+    batch 1), doubled up to 256 while the grid exceeds :data:`SCORE_PROGRAMS_PER_SM` (32)
+    programs per SM of an H100 (132; measured there: 128K context, batch 16: 256 pages per
+    program 0.222 ms vs 0.233 ms for 64), then up to :data:`SCORE_CHUNK_MAX` while it exceeds
+    :data:`SCORE_WIDE_PROGRAMS_PER_SM` (8): in an engine of 128K tokens at batch 16, 1024
+    pages per program, 1152 programs instead of 4224, most of which exit at once when the
+    rows are short. The fused launch starts at 128 (its programs carry the top-k's
+    registers)."""
     chunk = 128 if fused else SCORE_CHUNK_PAGES
-    while chunk < 256 and batch * num_kv_heads * triton.cdiv(max_pages, chunk) > 32 * 132:
+
+    def programs(c):
+        return batch * num_kv_heads * triton.cdiv(max_pages, c)
+
+    while chunk < min(256, SCORE_CHUNK_MAX) and programs(chunk) > SCORE_PROGRAMS_PER_SM * 132:
+        chunk *= 2
+    while (256 <= chunk < SCORE_CHUNK_MAX
+           and programs(chunk) > SCORE_WIDE_PROGRAMS_PER_SM * 132):
         chunk *= 2
     return chunk
 
 
 def default_topk_warps(max_pages: int) -> int:
-    """Warps of the top-k kernel: 16 for rows of more than 4096 pages (8192 pages, batch 1:
-    select 0.0436 ms vs 0.0453 ms with 8 on an H100), else 8 (2048 pages: 0.0202 vs 0.0212)."""
-    return 16 if max_pages > 4096 else 8
+    """Warps of the top-k kernel: :data:`TOPK_WARPS_LONG` (16) for rows of more than 4096
+    pages (8192 pages, batch 1: select 0.0436 ms vs 0.0453 ms with 8 on an H100), else 8
+    (2048 pages: 0.0202 vs 0.0212)."""
+    return TOPK_WARPS_LONG if max_pages > 4096 else 8
 
 
 def reselect_pages(

@@ -406,8 +406,8 @@ class DecodeWorkspace:
     default :data:`PARTIAL_DTYPE`: fp32),
     ``partial_lse`` fp32 ``[max_batch, num_q_heads, max_splits]`` and ``counters`` int32
     (in-kernel split merge). ``segments`` > 0: also ``segment_out`` ``[segments, num_q_heads,
-    head_dim]`` and ``segment_lse``, the partials of
-    :func:`sparse_kernels.balanced_decode.balanced_decode`, apart from the split partials so
+    head_dim]``, ``segment_lse`` and ``segment_counters``, the partials and arrival counters
+    of :func:`sparse_kernels.balanced_decode.balanced_decode`, apart from the split ones so
     that it may run beside a ``sparse_decode`` launch on the same workspace.
     """
 
@@ -419,12 +419,16 @@ class DecodeWorkspace:
         dtype = partial_dtype or PARTIAL_DTYPE
         self.partial_out = torch.empty((max_batch, num_q_heads, max_splits, head_dim),
                                        dtype=dtype, device=device)
-        self.segment_out = self.segment_lse = None
+        self.segment_out = self.segment_lse = self.segment_counters = None
         if segments > 0:
             self.segment_out = torch.empty((segments, num_q_heads, head_dim), dtype=dtype,
                                            device=device)
             self.segment_lse = torch.empty((segments, num_q_heads), dtype=torch.float32,
                                            device=device)
+            # per-(sequence, KV head) arrival counters of the balanced kernel's inline merge
+            # (segments >= sequences), zero between launches
+            self.segment_counters = torch.zeros((segments * num_q_heads,), dtype=torch.int32,
+                                                device=device)
         self.partial_lse = torch.empty((max_batch, num_q_heads, max_splits),
                                        dtype=torch.float32, device=device)
         # per-(sequence, KV head) arrival counters of the in-kernel merge; zero between

@@ -1,9 +1,10 @@
 #!/bin/bash
 # One device job: the decode kernels' tests compiled, the balanced dense-mode kernel's variants
-# at 4K x batch 16 (bench_decode_engine.py), the fastest picked (pick_balanced.py), then the
-# end-to-end A/B of the default against it in a 128K engine (short_prompts_e2e.sh, ROUNDS
-# interleaved with FLASH_ATTN), then a profile of CUSTOM's default decode step
-# (profile_decode.sh). Results under $RES (/tmp/res): tests.log, eng4k.json/.log, e/, prof/.
+# at 4K x batch 16 (bench_decode_engine.py; CONTEXTS="4096 131072" for more), the fastest
+# picked (pick_balanced.py), then the end-to-end A/B of the default against it in a 128K
+# engine (short_prompts_e2e.sh, ROUNDS interleaved with FLASH_ATTN), then a profile of
+# CUSTOM's default decode step (profile_decode.sh). Results under $RES (/tmp/res): tests.log,
+# eng4k.json/.log, e/, prof/. SETTINGS (short_prompts_e2e.sh's) given: no pick, those run.
 #   VARIANTS="balanced balanced_p3" ROUNDS=2 bash benchmarks/device/balanced_ab.sh
 set -uo pipefail
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -18,15 +19,19 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     > "$RES/tests.log" 2>&1
   echo "tests rc=$?"; tail -3 "$RES/tests.log"
 fi
-timeout 400 python3 benchmarks/bench_decode_engine.py --require-fa3 --contexts 4096 \
+timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_decode_engine.py --require-fa3 --contexts ${CONTEXTS:-4096} \
   --batches 16 --iters 20 --variants ${VARIANTS:-balanced balanced_p3 balanced_p5} \
   --variant-plans topk_auto dense --out "$RES/eng4k.json" > "$RES/eng4k.log" 2>&1
 echo "bench rc=$?"
 python3 benchmarks/device/print_decode_engine.py "$RES/eng4k.json" 2>/dev/null | tail -30
-read -r picked value < <(python3 benchmarks/device/pick_balanced.py "$RES/eng4k.json" topk_auto)
-echo "picked $picked ${value:-(no launch constants: the code defaults)}"
-settings=default
-[ -n "${value:-}" ] && settings="default tuned"
+if [ -n "${SETTINGS:-}" ]; then
+  settings=$SETTINGS value=""
+else
+  read -r picked value < <(python3 benchmarks/device/pick_balanced.py "$RES/eng4k.json" topk_auto)
+  echo "picked $picked ${value:-(no launch constants: the code defaults)}"
+  settings=default
+  [ -n "${value:-}" ] && settings="default tuned"
+fi
 OUT=$RES/e TUNED_BALANCED=${value:-} ROUNDS=${ROUNDS:-2} ENGINES=128k SETTINGS="$settings" \
   bash benchmarks/device/short_prompts_e2e.sh
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then

@@ -5,7 +5,9 @@
 # on this GPU (same machine: only same-machine ratios compare): "default" (no variable set),
 # "split" / "balanced" (SPARSE_DECODE_DENSE_KERNEL), "tuned" (the default config with the
 # balanced kernel's launch constants of TUNED_BALANCED, e.g. "PROGRAMS_PER_SM=3", through the
-# tooling variable SPARSE_SERVE_BALANCED_DECODE), else a SPARSE_DECODE_DENSE_ROWS value.
+# tooling variable SPARSE_SERVE_BALANCED_DECODE), a name NAME for which SETTING_NAME holds
+# variable assignments (e.g. SETTING_s15="SPARSE_SERVE_BALANCED_DECODE=INLINE_MERGE=0
+# SPARSE_SERVE_PAGE_SELECT=SCORE_CHUNK_MAX=256"), else a SPARSE_DECODE_DENSE_ROWS value.
 #   ENGINES="4k 128k" SETTINGS="default triton" REPEATS=3 bash benchmarks/device/short_prompts_e2e.sh
 # ROUNDS=N (N > 1) repeats the whole sequence N times, interleaving the backends (FLASH_ATTN,
 # CUSTOM, FLASH_ATTN, CUSTOM, ...): batch-16 steps move by 2-4% between runs of the same code,
@@ -14,6 +16,7 @@
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}
 outer_balanced=${SPARSE_SERVE_BALANCED_DECODE-}
+outer_select=${SPARSE_SERVE_PAGE_SELECT-}
 rounds=${ROUNDS:-1}
 for ((r = 1; r <= rounds; r++)); do
   suffix=""; [ "$rounds" -gt 1 ] && suffix="_r$r"
@@ -32,11 +35,14 @@ for ((r = 1; r <= rounds; r++)); do
     for s in ${SETTINGS:-default}; do
       unset SPARSE_DECODE_DENSE_ROWS SPARSE_DECODE_DENSE_KERNEL
       export SPARSE_SERVE_BALANCED_DECODE=$outer_balanced
+      export SPARSE_SERVE_PAGE_SELECT=$outer_select
+      setting_var=SETTING_$s
       case $s in
         default) ;;
         split|balanced) export SPARSE_DECODE_DENSE_KERNEL=$s ;;
         tuned) export SPARSE_SERVE_BALANCED_DECODE=${TUNED_BALANCED:?TUNED_BALANCED} ;;
-        *) export SPARSE_DECODE_DENSE_ROWS=$s ;;
+        *) if [ -n "${!setting_var:-}" ]; then export ${!setting_var}
+           else export SPARSE_DECODE_DENSE_ROWS=$s; fi ;;
       esac
       BACKENDS=CUSTOM TAG=${eng}_$s$suffix LENS=4096 REPEATS=${REPEATS:-3} \
         E2E_ARGS="$args" bash benchmarks/device/e2e_vllm.sh

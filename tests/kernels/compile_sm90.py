@@ -92,6 +92,9 @@ def main() -> None:
         sel = torch.zeros(batch, hkv, 256, dtype=torch.int32)
         sparse_decode(q, kc, kc, bt, sl, selected=sel, out=torch.zeros_like(q), num_splits=4)
         balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)
+        # (its merge as a second launch: the option the inline merge replaced)
+        balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512,
+                        inline_merge=False)
         # the layer-0 read counters of a step (an engine's first eager decode compiles them)
         sums = torch.zeros(4, dtype=torch.float64)
         k_default, _, _ = decode_budget_pages(SparseConfig(), 16)

@@ -56,23 +56,40 @@ CASES = [
 ]
 
 
+def _counters_reset(ws):
+    """The inline merge's arrival counters are back at zero (a CUDA graph replays the launch
+    with them as they are)."""
+    assert not ws.segment_counters.any()
+
+
+@pytest.mark.parametrize("inline", [True, False])
 @pytest.mark.parametrize("dtype,layout,page,group,head_dim,programs,block_n", CASES)
-def test_matches_dense_attention(dtype, layout, page, group, head_dim, programs, block_n):
+def test_matches_dense_attention(dtype, layout, page, group, head_dim, programs, block_n,
+                                 inline):
     # ragged: partial last pages, a 1-token sequence, an empty (padding) row, a long row that
     # spans several programs beside short ones that share one
     seq_lens = [1, 77, 3 * page + 5, 0, 33, 300]
     q, k, v, bt, sl = _setup(seq_lens, group, head_dim, page, dtype, layout)
     ws = _poisoned_workspace(len(seq_lens), q, programs)
-    out = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=block_n)
+    out = torch.full_like(q, float("nan"))
+    balanced_decode(q, k, v, bt, sl, out=out, workspace=ws, programs=programs,
+                    block_n=block_n, inline_merge=inline)
     assert out.dtype == dtype and out.shape == q.shape
     want = _dense_ref(q, k, v, bt, sl)
     want[3] = 0  # an empty row is written as zeros
     _close(out, want, dtype)
     assert torch.isnan(ws.partial_out).all() and torch.isnan(ws.partial_lse).all()
+    _counters_reset(ws)
+    # the same launch again on the same workspace (a replay): the same output
+    again = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=block_n,
+                            inline_merge=inline)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    _counters_reset(ws)
 
 
+@pytest.mark.parametrize("inline", [True, False])
 @pytest.mark.parametrize("programs", [1, 2, 5, 16, 40])
-def test_full_pages_filter(programs):
+def test_full_pages_filter(programs, inline):
     """``full_pages``: only sequences of at most that many pages are written (the others keep
     NaN), each equal to dense attention, whatever the programs' cuts."""
     page, full_pages = 16, 6
@@ -81,25 +98,31 @@ def test_full_pages_filter(programs):
     ws = _poisoned_workspace(len(seq_lens), q, programs)
     out = torch.full_like(q, float("nan"))
     balanced_decode(q, k, v, bt, sl, out=out, workspace=ws, programs=programs, block_n=16,
-                    full_pages=full_pages)
+                    full_pages=full_pages, inline_merge=inline)
     mine = torch.tensor([-(-s // page) <= full_pages for s in seq_lens], device=DEVICE)
     want = _dense_ref(q, k, v, bt, sl)
     want[3] = 0
     _close(out[mine], want[mine.cpu()], torch.float32)
     assert torch.isnan(out[~mine]).all()
+    _counters_reset(ws)
 
 
-def test_rows_cut_into_many_segments():
+@pytest.mark.parametrize("inline", [True, False])
+def test_rows_cut_into_many_segments(inline):
     """Rows cut into many segments (programs without work in between, more programs than
-    tiles) merge to dense attention."""
-    seq_lens = [400, 3, 0, 250, 17]
-    q, k, v, bt, sl = _setup(seq_lens, 4, 64, 16, torch.float32, "NHD", seed=11)
-    for programs in (6, 45, 80):
-        ws = _poisoned_workspace(len(seq_lens), q, programs)
-        out = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=16)
-        want = _dense_ref(q, k, v, bt, sl)
-        want[2] = 0
-        _close(out, want, torch.float32)
+    tiles) merge to dense attention; leading, trailing and only empty rows are zeros."""
+    cases = [[400, 3, 0, 250, 17], [0, 0, 250, 0, 17, 0], [0, 0, 0]]
+    for case, seq_lens in enumerate(cases):
+        q, k, v, bt, sl = _setup(seq_lens, 4, 64, 16, torch.float32, "NHD", seed=11 + case)
+        for programs in (6, 45, 80):
+            ws = _poisoned_workspace(len(seq_lens), q, programs)
+            out = torch.full_like(q, float("nan"))
+            balanced_decode(q, k, v, bt, sl, out=out, workspace=ws, programs=programs,
+                            block_n=16, inline_merge=inline)
+            want = _dense_ref(q, k, v, bt, sl)
+            want[torch.tensor(seq_lens) == 0] = 0
+            _close(out, want, torch.float32)
+            _counters_reset(ws)
 
 
 def test_scan_crosses_chunks(monkeypatch):

@@ -262,7 +262,8 @@ def test_reselect_with_dense_rows(method):
 @pytest.mark.parametrize("chunk_pages,looped,method", [(16, False, "fused"),
                                                        (32, True, "fused"),
                                                        (64, False, "triton"),
-                                                       (32, True, "triton")])
+                                                       (32, True, "triton"),
+                                                       (128, False, "triton")])
 def test_multi_chunk_matches_reference(monkeypatch, chunk_pages, looped, method):
     """Rows spanning many scoring chunks (and partial last chunks), raw scores stored, against
     the reference, for the two-launch and the fused select; ``looped``: the top-k re-reads
@@ -287,6 +288,27 @@ def test_multi_chunk_matches_reference(monkeypatch, chunk_pages, looped, method)
     if chunk_pages == 32 and method == "fused":
         # a second launch with the same workspace (a graph replay) gives the same answer
         assert torch.equal(select_pages(*args, **kw).cpu(), want)
+
+
+def test_default_chunk_pages_grows_with_the_grid(monkeypatch):
+    """Pages per scoring program: 64 for small grids, doubled to 256 while the grid exceeds
+    32 programs per (H100) SM, then to SCORE_CHUNK_MAX while it exceeds 8; the tooling
+    variable's names set the caps."""
+    cpu = torch.device("cpu")
+    width = 8448  # a 132K-token block table at page 16
+    assert page_select.default_chunk_pages(1, 8, width, cpu) == 64
+    assert page_select.default_chunk_pages(8, 8, width, cpu) == 128
+    assert page_select.default_chunk_pages(16, 8, width, cpu) == 1024  # 1152 programs
+    assert page_select.default_chunk_pages(16, 8, 2064, cpu) == 64  # 4224 programs: not > 32/SM
+    for name in page_select._TUNABLE:
+        monkeypatch.setattr(page_select, name, getattr(page_select, name))  # restored after
+    got = page_select.apply_tooling_env(vars(page_select), page_select._TOOLING_ENV,
+                                        page_select._TUNABLE, "score_chunk_max=256")
+    assert got == {"SCORE_CHUNK_MAX": 256}
+    assert page_select.default_chunk_pages(16, 8, width, cpu) == 256  # session 15's rule
+    with pytest.raises(ValueError, match="unknown constant"):
+        page_select.apply_tooling_env(vars(page_select), page_select._TOOLING_ENV,
+                                      page_select._TUNABLE, "CHUNK=3")
 
 
 def _crafted(n_pages_list, page, head_dim, hot_pages, hot_value=1.0, num_kv_heads=2):
