@@ -188,13 +188,18 @@ VARIANTS = {
     "balanced_bf16": [(_CFG, dict(decode_dense_kernel="balanced")),
                       (sd, dict(PARTIAL_DTYPE=torch.bfloat16))],
     # session 16: the balanced kernel's merge in a second launch (its default before), the
-    # scoring grid's chunk capped at 256 or 512 pages (before: 256; now 1024 at batch 16 in a
-    # 128K engine), 8 warps for the top-k of long rows (default 16), and session 15's
-    # defaults (second-launch merge, chunk cap 256)
+    # scoring grid's chunk capped at 256, 512 or 1024 pages (before: 256; now 512 at batch 16
+    # in a 128K engine), 8 warps for the top-k of long rows (default 16), and session 15's
+    # defaults (second-launch merge, chunk cap 256). (The session's first two runs had a
+    # 1024-page default cap: their "topk_long8" is "topk_long8_max1024" here.)
     "merge_launch": (bd, dict(INLINE_MERGE=0)),
     "score_max256": (ps, dict(SCORE_CHUNK_MAX=256)),
     "score_max512": (ps, dict(SCORE_CHUNK_MAX=512)),
-    "topk_long8": (ps, dict(TOPK_WARPS_LONG=8)),
+    "score_max1024": (ps, dict(SCORE_CHUNK_MAX=1024)),
+    **{f"topk_long8{cap}": (ps, dict(TOPK_WARPS_LONG=8, TOPK_WARPS_LONG_WIDE=8, **extra))
+       for cap, extra in (("", {}), ("_max256", dict(SCORE_CHUNK_MAX=256)),
+                          ("_max512", dict(SCORE_CHUNK_MAX=512)),
+                          ("_max1024", dict(SCORE_CHUNK_MAX=1024)))},
     "session15": [(bd, dict(INLINE_MERGE=0)), (ps, dict(SCORE_CHUNK_MAX=256))],
 }
 

@@ -711,14 +711,16 @@ class SelectWorkspace:
 SCORE_CHUNK_PAGES = 64
 SCORE_NUM_WARPS = 8
 SCORE_PROGRAMS_PER_SM = 32
-SCORE_CHUNK_MAX = 1024
+SCORE_CHUNK_MAX = 512
 SCORE_WIDE_PROGRAMS_PER_SM = 8
-# Warps of the top-k kernel for rows of more than 4096 pages (default_topk_warps).
+# Warps of the top-k kernel for rows of more than 4096 pages (default_topk_warps), on small
+# and on wide (sequence, KV head) grids.
 TOPK_WARPS_LONG = 16
+TOPK_WARPS_LONG_WIDE = 16
 # Benchmarking only (see sparse_kernels.tooling_env), e.g. "SCORE_CHUNK_MAX=1024".
 _TOOLING_ENV = "SPARSE_SERVE_PAGE_SELECT"
 _TUNABLE = ("SCORE_CHUNK_PAGES", "SCORE_NUM_WARPS", "SCORE_PROGRAMS_PER_SM", "SCORE_CHUNK_MAX",
-            "SCORE_WIDE_PROGRAMS_PER_SM", "TOPK_WARPS_LONG")
+            "SCORE_WIDE_PROGRAMS_PER_SM", "TOPK_WARPS_LONG", "TOPK_WARPS_LONG_WIDE")
 apply_tooling_env(globals(), _TOOLING_ENV, _TUNABLE, os.environ.get(_TOOLING_ENV))
 # Rows up to this many pages are top-k'd from registers (per 8 warps); longer rows loop.
 _IN_REGS_PAGES_PER_8_WARPS = 8192
@@ -933,7 +935,11 @@ def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, loc
         _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local,
                           force, out, segment_pages, stage1_warps, num_warps, workspace)
         return out
-    num_warps = num_warps or default_topk_warps(max_pages)
+    if not num_warps:
+        from sparse_kernels.sparse_decode import _small_grid
+
+        num_warps = default_topk_warps(max_pages,
+                                       wide=not _small_grid(batch, num_kv_heads, scores.device))
     blk, in_regs = _row_block(max_pages, num_warps, block)
     _topk_pages_kernel[(batch, num_kv_heads)](
         scores, seq_lens, out, num_select, dense_pages, sink, local,
@@ -1181,9 +1187,11 @@ def default_chunk_pages(batch: int, num_kv_heads: int, max_pages: int,
     batch 1), doubled up to 256 while the grid exceeds :data:`SCORE_PROGRAMS_PER_SM` (32)
     programs per SM of an H100 (132; measured there: 128K context, batch 16: 256 pages per
     program 0.222 ms vs 0.233 ms for 64), then up to :data:`SCORE_CHUNK_MAX` while it exceeds
-    :data:`SCORE_WIDE_PROGRAMS_PER_SM` (8): in an engine of 128K tokens at batch 16, 1024
-    pages per program, 1152 programs instead of 4224, most of which exit at once when the
-    rows are short. The fused launch starts at 128 (its programs carry the top-k's
+    :data:`SCORE_WIDE_PROGRAMS_PER_SM` (8): in an engine of 128K tokens at batch 16, 512
+    pages per program, 2112 programs instead of 4224, most of which exit at once when the
+    rows are short (H100, us per layer of the top-k step at batch 16, 4K / 32K / 128K tokens,
+    with 8 top-k warps: 256 pages 107.4 / 278.1 / 432.2, 512 pages 105.4 / 278.4 / 429.8,
+    1024 pages 105.4 / 282.6 / 437.0; decode_engine_2026-11-24_h100_session16/). The fused launch starts at 128 (its programs carry the top-k's
     registers)."""
     chunk = 128 if fused else SCORE_CHUNK_PAGES
 
@@ -1198,11 +1206,14 @@ def default_chunk_pages(batch: int, num_kv_heads: int, max_pages: int,
     return chunk
 
 
-def default_topk_warps(max_pages: int) -> int:
-    """Warps of the top-k kernel: :data:`TOPK_WARPS_LONG` (16) for rows of more than 4096
-    pages (8192 pages, batch 1: select 0.0436 ms vs 0.0453 ms with 8 on an H100), else 8
-    (2048 pages: 0.0202 vs 0.0212)."""
-    return TOPK_WARPS_LONG if max_pages > 4096 else 8
+def default_topk_warps(max_pages: int, wide: bool = False) -> int:
+    """Warps of the top-k kernel: for rows of more than 4096 pages :data:`TOPK_WARPS_LONG`
+    (16; 8192 pages, batch 1: select 0.0436 ms vs 0.0453 ms with 8 on an H100), or
+    :data:`TOPK_WARPS_LONG_WIDE` on a ``wide`` grid (more (sequence, KV head) rows than half
+    the SMs); else 8 (2048 pages: 0.0202 vs 0.0212)."""
+    if max_pages <= 4096:
+        return 8
+    return TOPK_WARPS_LONG_WIDE if wide else TOPK_WARPS_LONG
 
 
 def reselect_pages(

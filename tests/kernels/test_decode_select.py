@@ -292,13 +292,13 @@ def test_multi_chunk_matches_reference(monkeypatch, chunk_pages, looped, method)
 
 def test_default_chunk_pages_grows_with_the_grid(monkeypatch):
     """Pages per scoring program: 64 for small grids, doubled to 256 while the grid exceeds
-    32 programs per (H100) SM, then to SCORE_CHUNK_MAX while it exceeds 8; the tooling
+    32 programs per (H100) SM, then to SCORE_CHUNK_MAX (512) while it exceeds 8; the tooling
     variable's names set the caps."""
     cpu = torch.device("cpu")
     width = 8448  # a 132K-token block table at page 16
     assert page_select.default_chunk_pages(1, 8, width, cpu) == 64
     assert page_select.default_chunk_pages(8, 8, width, cpu) == 128
-    assert page_select.default_chunk_pages(16, 8, width, cpu) == 1024  # 1152 programs
+    assert page_select.default_chunk_pages(16, 8, width, cpu) == 512  # 2112 programs
     assert page_select.default_chunk_pages(16, 8, 2064, cpu) == 64  # 4224 programs: not > 32/SM
     for name in page_select._TUNABLE:
         monkeypatch.setattr(page_select, name, getattr(page_select, name))  # restored after
@@ -306,6 +306,11 @@ def test_default_chunk_pages_grows_with_the_grid(monkeypatch):
                                         page_select._TUNABLE, "score_chunk_max=256")
     assert got == {"SCORE_CHUNK_MAX": 256}
     assert page_select.default_chunk_pages(16, 8, width, cpu) == 256  # session 15's rule
+    page_select.apply_tooling_env(vars(page_select), page_select._TOOLING_ENV,
+                                  page_select._TUNABLE, "SCORE_CHUNK_MAX=1024")
+    assert page_select.default_chunk_pages(16, 8, width, cpu) == 1024  # 1152 programs
+    assert page_select.default_topk_warps(8192) == page_select.default_topk_warps(8192, True) == 16
+    assert page_select.default_topk_warps(2048, True) == 8
     with pytest.raises(ValueError, match="unknown constant"):
         page_select.apply_tooling_env(vars(page_select), page_select._TOOLING_ENV,
                                       page_select._TUNABLE, "CHUNK=3")
