@@ -8,7 +8,8 @@ round (the tag up to the setting: ``128k_default_r2`` pairs with ``128k_r2``; in
 separately, since only same-machine ratios compare), and prints per prompt length the batch-1
 TPOT ratio (best and mean of the repeats) and the batch-16 step ratio, FLASH_ATTN time over
 CUSTOM time (above 1: CUSTOM faster), then per (engine, setting) the median and range over
-rounds. Not a test; no GPU needed.
+rounds, then per folder the ratio of the medians of every timed batch-16 pair pooled over the
+rounds (``step_ms_all``). Not a test; no GPU needed.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def _rows(path: Path) -> dict:
         tp = r.get("tpot_all_ms") or [r["tpot_ms"]]
         out[r["input_len"]] = (min(tp), statistics.fmean(tp))
     b = d.get("decode_batch") or {}
-    return {"b1": out, "b16": b.get("step_ms")}
+    return {"b1": out, "b16": b.get("step_ms"),
+            "b16_all": b.get("step_ms_all") or ([b["step_ms"]] if b.get("step_ms") else [])}
 
 
 def compare(dirs: list[str]) -> list[dict]:
@@ -62,7 +64,8 @@ def compare(dirs: list[str]) -> list[dict]:
                 continue
             c, f = _rows(path), _rows(dense)
             rec = {"folder": folder, "engine": engine, "setting": setting, "round": rnd,
-                   "b1": {}, "b16": None}
+                   "b1": {}, "b16": None, "b16_all": c["b16_all"],
+                   "dense_b16_all": f["b16_all"]}
             for n, (best, mean) in c["b1"].items():
                 if n in f["b1"]:
                     rec["b1"][n] = (f["b1"][n][0] / best, f["b1"][n][1] / mean)
@@ -81,7 +84,11 @@ def main(argv=None) -> int:
         print("no CUSTOM / FLASH_ATTN pairs found", file=sys.stderr)
         return 1
     groups: dict[tuple[str, str], list[float]] = {}
+    pooled: dict[tuple[str, str, str], tuple[list[float], dict]] = {}
     for r in recs:
+        mine, dense = pooled.setdefault((r["folder"], r["engine"], r["setting"]), ([], {}))
+        mine.extend(r["b16_all"])
+        dense[r["round"]] = r["dense_b16_all"]
         b1 = ", ".join(f"{n}: {best:.3f}x best / {mean:.3f}x mean"
                        for n, (best, mean) in sorted(r["b1"].items()))
         b16 = "" if r["b16"] is None else f"  b16 step {r['b16']:.3f}x"
@@ -91,6 +98,15 @@ def main(argv=None) -> int:
     for (engine, setting), vals in sorted(groups.items()):
         print(f"b16 {engine or '-'} {setting}: median {statistics.median(vals):.3f}x over "
               f"{len(vals)} (range {min(vals):.3f}-{max(vals):.3f})")
+    # Every timed pair of every round of a folder pooled (bench_vllm_e2e.py --decode-repeats):
+    # the median step of FLASH_ATTN's pairs over the median of CUSTOM's.
+    for (folder, engine, setting), (mine, dense) in sorted(pooled.items()):
+        ref = [x for vals in dense.values() for x in vals]
+        if mine and ref:
+            print(f"b16 pooled {folder} {engine or '-'} {setting}: "
+                  f"{statistics.median(ref) / statistics.median(mine):.3f}x (FLASH_ATTN "
+                  f"{statistics.median(ref):.2f} ms over {len(ref)} pairs, CUSTOM "
+                  f"{statistics.median(mine):.2f} ms over {len(mine)})")
     return 0
 
 

@@ -60,7 +60,11 @@ NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
 SCAN_BLOCK = 128
 # Merge the partials of a row cut between programs in the last of them to finish (1), or in a
-# second launch (0).
+# second launch (0). Inline only where the launch serves rows of a bounded length
+# (``full_pages``: top-k decode's full rows, a few segments each); a row of any length (dense
+# decode) can be cut into tens of segments, whose serial merge in one program's tail was
+# slower than a launch (H100, 128K x batch 16: 2879 against 2851 us per layer; 4K x 16 in the
+# top-k plan: 105.9 against 107.5; decode_engine_2026-11-24_h100_session16/).
 INLINE_MERGE = 1
 # decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
 # (H100: batch 16 x 8 KV heads, 128 rows, wins; batch 8, 64 rows, loses; see config.py)
@@ -337,6 +341,12 @@ def default_programs(num_kv_heads: int, device: torch.device) -> int:
     return max(1, triton.cdiv(PROGRAMS_PER_SM * _device_sms(device), num_kv_heads))
 
 
+def use_inline_merge(full_pages: int | None) -> bool:
+    """The default merge of :func:`balanced_decode`: inline (:data:`INLINE_MERGE`) for
+    launches that serve rows of at most ``full_pages`` pages, a second launch otherwise."""
+    return bool(INLINE_MERGE) and full_pages is not None
+
+
 def workspace_segments(max_batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Segments a :class:`DecodeWorkspace` needs for batches of up to ``max_batch`` rows at
     the default program count (``DecodeWorkspace(segments=...)``)."""
@@ -370,8 +380,8 @@ def balanced_decode(
             ``DecodeWorkspace(segments=...)``) and ``segment_counters`` (the inline merge's
             arrival counters, zero between launches); allocated per call if absent or too
             small.
-        inline_merge: merge those partials in the last program of each row (default
-            :data:`INLINE_MERGE`) rather than in a second launch.
+        inline_merge: merge those partials in the last program of each row rather than in a
+            second launch. Default: :data:`INLINE_MERGE` where ``full_pages`` is given.
 
     Returns ``out``.
     """
@@ -396,7 +406,7 @@ def balanced_decode(
             or workspace.segment_counters.numel() < batch * num_kv_heads):
         workspace = DecodeWorkspace(0, num_q_heads, head_dim, 1, q.device, segments=segments)
     part_out, part_lse = workspace.segment_out, workspace.segment_lse
-    inline = bool(INLINE_MERGE if inline_merge is None else inline_merge)
+    inline = use_inline_merge(full_pages) if inline_merge is None else bool(inline_merge)
     if num_warps is None:
         num_warps = NUM_WARPS
     if num_stages is None:
@@ -424,4 +434,5 @@ def balanced_decode(
     return out
 
 
-__all__ = ["balanced_decode", "balanced_fits", "default_programs", "workspace_segments"]
+__all__ = ["balanced_decode", "balanced_fits", "default_programs", "use_inline_merge",
+           "workspace_segments"]

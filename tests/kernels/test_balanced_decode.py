@@ -161,6 +161,17 @@ def test_bf16_partials_and_small_workspace():
             assert torch.isnan(tiny.segment_out).all()
 
 
+def test_inline_merge_only_for_bounded_rows(monkeypatch):
+    """The inline merge is the default for launches of rows of at most ``full_pages`` pages
+    (top-k decode's full rows), not for dense decode's rows of any length."""
+    from sparse_kernels import balanced_decode as bd
+
+    assert bd.use_inline_merge(512) and bd.use_inline_merge(0)
+    assert not bd.use_inline_merge(None)
+    monkeypatch.setattr(bd, "INLINE_MERGE", 0)
+    assert not bd.use_inline_merge(512)
+
+
 def test_default_programs(monkeypatch):
     from sparse_kernels import balanced_decode as bd
 
