@@ -9,20 +9,21 @@ row, attend a few short ones whole and start another. Grid ``(programs, num_kv_h
 * A row a program attends whole is written to ``out`` directly.
 * A row cut between programs leaves one normalized partial output and its log-sum-exp (base
   2) per program that attended part of it, at segment ``program + row`` (unique: both grow
-  along the tiles). The last of those programs to finish merges them (:data:`INLINE_MERGE`):
-  each adds the tiles it attended to the row's arrival counter (a CTA barrier, then one
-  acq_rel gpu-scope atomic); the one that completes the row's tile count reads every segment
-  back (L2, bypassing L1), writes the row and resets the counter, so the launch is replayable
-  in a CUDA graph. Which programs hold the row follows from the same tile counts. (With
-  ``INLINE_MERGE=0``, a second launch, :func:`_merge_segments_kernel`, grid ``(batch,
-  num_kv_heads)``, merges instead.)
+  along the tiles). Inline merge (:func:`use_inline_merge`: launches of rows of at most
+  ``full_pages`` pages): the last of those programs to finish merges them. Each adds the tiles
+  it attended to the row's arrival counter (a CTA barrier, then one acq_rel gpu-scope atomic);
+  the one that completes the row's tile count reads every segment back (L2, bypassing L1),
+  writes the row and resets the counter, so the launch is replayable in a CUDA graph. Which
+  programs hold the row follows from the same tile counts. Otherwise a second launch,
+  :func:`_merge_segments_kernel`, grid ``(batch, num_kv_heads)``, merges them.
 
 So the partials are at most ``programs + batch`` segments, not ``batch x splits``, and no
 program waits on a long row while others idle. Each program finds its first row by a prefix
 sum of the tile counts (``seq_lens`` read in chunks of :data:`SCAN_BLOCK`): no host work, no
 metadata built per step, static grid, so it runs inside CUDA graphs. Empty rows (``seq_len``
-0, padding) hold no tiles: program ``p`` writes those of rows ``p, p + programs, ...``, only
-in a batch that has any (the first prefix-sum pass counts them).
+0, padding) hold no tiles: with the inline merge, program ``p`` writes those of rows ``p, p +
+programs, ...``, only in a batch that has any (the first prefix-sum pass counts them); else
+the merge launch does.
 
 ``rows_upto``: only sequences of at most that many pages are served (the others get no tiles
 and their rows of ``out`` are not written): the rows a top-k decode reads whole, beside the
