@@ -1189,10 +1189,10 @@ def default_chunk_pages(batch: int, num_kv_heads: int, max_pages: int,
     program 0.222 ms vs 0.233 ms for 64), then up to :data:`SCORE_CHUNK_MAX` while it exceeds
     :data:`SCORE_WIDE_PROGRAMS_PER_SM` (8): in an engine of 128K tokens at batch 16, 512
     pages per program, 2112 programs instead of 4224, most of which exit at once when the
-    rows are short (H100, us per layer of the top-k step at batch 16, 4K / 32K / 128K tokens,
-    with 8 top-k warps: 256 pages 107.4 / 278.1 / 432.2, 512 pages 105.4 / 278.4 / 429.8,
-    1024 pages 105.4 / 282.6 / 437.0; decode_engine_2026-11-24_h100_session16/). The fused launch starts at 128 (its programs carry the top-k's
-    registers)."""
+    rows are short. H100, us per layer of the top-k step at batch 16 and 4K / 32K / 128K
+    tokens, 8192-page tables (decode_engine_2026-11-24_h100_session16/, machine 2): 256 pages
+    107.1 / 273.0 / 420.7, 512 pages 105.8 / 272.3 / 418.7, 1024 pages 105.3 / 275.2 / 425.9.
+    The fused launch starts at 128 (its programs carry the top-k's registers)."""
     chunk = 128 if fused else SCORE_CHUNK_PAGES
 
     def programs(c):
