@@ -201,6 +201,22 @@ VARIANTS = {
                           ("_max512", dict(SCORE_CHUNK_MAX=512)),
                           ("_max1024", dict(SCORE_CHUNK_MAX=1024)))},
     "session15": [(bd, dict(INLINE_MERGE=0)), (ps, dict(SCORE_CHUNK_MAX=256))],
+    # session 17: software-pipeline depth of the decode kernels. Triton gives each load of an
+    # indirect chain (block table -> K/V) (stages - 1) // (levels + 1) stages of latency, so at
+    # 3 stages K/V are loaded one tile ahead into one buffer (the wait at each tile's start
+    # exposes the load); 5 stages (balanced, dense split) / 7 (the selection's two levels)
+    # double-buffer them. MAXNREG caps the registers so that as many programs fit per SM.
+    "bal_s5_r128": (bd, dict(NUM_STAGES_16BIT=5, MAXNREG=128)),
+    "bal_s7_r128": (bd, dict(NUM_STAGES_16BIT=7, MAXNREG=128)),
+    "bal_p3_s5": (bd, dict(PROGRAMS_PER_SM=3, NUM_STAGES_16BIT=5)),
+    "bal_bn16_s5_r128": (bd, dict(BLOCK_N=16, NUM_STAGES_16BIT=5, MAXNREG=128)),
+    "sel_s7_r128": (sd, dict(SELECTED_NUM_STAGES_16BIT=7, MAXNREG=128)),
+    "sel_s10_r128": (sd, dict(SELECTED_NUM_STAGES_16BIT=10, MAXNREG=128)),
+    "sd_s5_sel7_r128": (sd, dict(NUM_STAGES_16BIT=5, SELECTED_NUM_STAGES_16BIT=7,
+                                 FULL_ROWS_NUM_STAGES_16BIT=5, MAXNREG=128)),
+    "pipe_all": [(bd, dict(NUM_STAGES_16BIT=5, MAXNREG=128)),
+                 (sd, dict(NUM_STAGES_16BIT=5, SELECTED_NUM_STAGES_16BIT=7,
+                           FULL_ROWS_NUM_STAGES_16BIT=5, MAXNREG=128))],
 }
 
 

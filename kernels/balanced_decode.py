@@ -67,6 +67,8 @@ SCAN_BLOCK = 128
 # slower than a launch (H100, 128K x batch 16: 2879 against 2851 us per layer; 4K x 16 in the
 # top-k plan: 105.9 against 107.5; decode_engine_2026-11-24_h100_session16/).
 INLINE_MERGE = 1
+# Register cap per thread passed to ptxas (0: none).
+MAXNREG = 0
 # decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
 # (H100: batch 16 x 8 KV heads, 128 rows, wins; batch 8, 64 rows, loses; see config.py)
 AUTO_MIN_ROWS_PER_SM = 0.75
@@ -74,7 +76,8 @@ _ROWS_ALL = 2**31 - 1
 # Benchmarking only (the SPARSE_SERVE_ prefix is left to tooling): launch constants for an
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
 _TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
-_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT", "INLINE_MERGE")
+_TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT", "INLINE_MERGE",
+            "MAXNREG")
 
 
 def _apply_tooling_env(value: str | None) -> dict[str, int]:
@@ -330,6 +333,11 @@ def _merge_segments_kernel(
                GROUP_PAD, HEAD_DIM_PAD)
 
 
+def _maxnreg() -> dict[str, int]:
+    """``maxnreg`` launch option (:data:`MAXNREG`; the interpreter takes none)."""
+    return {"maxnreg": MAXNREG} if MAXNREG and not _interpreting() else {}
+
+
 def balanced_fits(batch: int, num_kv_heads: int, device: torch.device) -> bool:
     """Whether ``decode_dense_kernel="auto"`` picks this kernel: grids of at least
     :data:`AUTO_MIN_ROWS_PER_SM` rows (batch x KV heads) per SM. Host ints only (a CUDA graph
@@ -423,7 +431,7 @@ def balanced_decode(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *out.stride(), *part_out.stride(), *part_lse.stride(),
         UPCAST_DOT=upcast, DOT_PRECISION=precision, INLINE_MERGE=inline,
-        num_warps=num_warps, num_stages=num_stages, **common,
+        num_warps=num_warps, num_stages=num_stages, **common, **_maxnreg(),
     )
     if inline:
         return out

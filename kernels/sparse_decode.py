@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from sparse_kernels.page_select import DENSE_ROW
+from sparse_kernels.tooling_env import apply_tooling_env
 
 _DENSE_ROW = tl.constexpr(DENSE_ROW)
 _LOG2E = 1.4426950408889634
@@ -60,11 +61,21 @@ FULL_ROWS_NUM_WARPS: int | None = None
 # top-k step at 4K batch 16 on an H100, decode_engine_2026-11-24_h100_session12)
 FULL_ROWS_NUM_STAGES_16BIT: int | None = 2
 FULL_ROWS_BLOCK_N: int | None = None
+# Stages of launches that read a page selection (sequence -> selection -> block table -> K/V:
+# two levels of indirection); None: NUM_STAGES_16BIT.
+SELECTED_NUM_STAGES_16BIT: int | None = None
+# Register cap per thread passed to ptxas (0: none).
+MAXNREG = 0
 # Fewest tiles per split of the full rows' launch on large grids (None: MIN_SPLIT_TILES): short
 # rows then fill fewer, longer splits, and the merge reads only those. Off: shape-dependent on
 # an H100 (-6 to +15 us per layer, decode_engine_2026-11-24_h100_session13/).
 FULL_ROWS_MIN_SPLIT_TILES: int | None = None
 _ROWS_ALL = 2**31 - 1
+# Benchmarking only (see sparse_kernels.tooling_env), e.g. "SELECTED_NUM_STAGES_16BIT=7".
+_TOOLING_ENV = "SPARSE_SERVE_SPARSE_DECODE"
+_TUNABLE = ("NUM_WARPS", "NUM_STAGES_16BIT", "FULL_ROWS_NUM_STAGES_16BIT",
+            "SELECTED_NUM_STAGES_16BIT", "MAXNREG")
+apply_tooling_env(globals(), _TOOLING_ENV, _TUNABLE, os.environ.get(_TOOLING_ENV))
 # dtype of the split partial outputs (the log-sum-exps stay fp32): a DecodeWorkspace's default
 PARTIAL_DTYPE = torch.float32
 
@@ -615,6 +626,8 @@ def sparse_decode(
         num_stages = 2 if k_cache.element_size() >= 4 else NUM_STAGES_16BIT
         if full_large:
             num_stages = full_rows_num_stages(k_cache) or num_stages
+        elif not dense and SELECTED_NUM_STAGES_16BIT and k_cache.element_size() < 4:
+            num_stages = SELECTED_NUM_STAGES_16BIT
     upcast = _interpreting() and k_cache.dtype == torch.bfloat16
     # fp32 caches: exact fp32 products (the default would be TF32 on the GPU).
     precision = "ieee" if k_cache.dtype == torch.float32 else None
@@ -639,6 +652,7 @@ def sparse_decode(
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"maxnreg": MAXNREG} if MAXNREG and not _interpreting() else {}),
     )
     if split and not merge_in_kernel:
         _merge_splits_kernel[(batch, num_q_heads)](

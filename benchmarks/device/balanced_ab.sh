@@ -20,7 +20,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "tests rc=$?"; tail -3 "$RES/tests.log"
 fi
 timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_decode_engine.py --require-fa3 --contexts ${CONTEXTS:-4096} \
-  --batches 16 --iters 20 ${BENCH_ARGS:-} --variants ${VARIANTS:-balanced balanced_p3 balanced_p5} \
+  --batches ${BATCHES:-16} --iters 20 ${BENCH_ARGS:-} --variants ${VARIANTS:-balanced balanced_p3 balanced_p5} \
   --variant-plans topk_auto dense --out "$RES/eng4k.json" > "$RES/eng4k.log" 2>&1
 echo "bench rc=$?"
 python3 benchmarks/device/print_decode_engine.py "$RES/eng4k.json" 2>/dev/null | tail -30
