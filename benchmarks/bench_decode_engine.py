@@ -214,6 +214,11 @@ VARIANTS = {
     "sel_s10_r128": (sd, dict(SELECTED_NUM_STAGES_16BIT=10, MAXNREG=128)),
     "sd_s5_sel7_r128": (sd, dict(NUM_STAGES_16BIT=5, SELECTED_NUM_STAGES_16BIT=7,
                                  FULL_ROWS_NUM_STAGES_16BIT=5, MAXNREG=128)),
+    # the full rows' launch before the selection's branch (pipeline.FULL_ROWS_FIRST); the
+    # segment merge's loop unrolled twice (128 registers: MAXNREG keeps 4 programs per SM)
+    "full_first": (pl, dict(FULL_ROWS_FIRST=1)),
+    "bal_unroll2": (bd, dict(MERGE_UNROLL=2, MAXNREG=128)),
+    "bal_r128": (bd, dict(MAXNREG=128)),
     "pipe_all": [(bd, dict(NUM_STAGES_16BIT=5, MAXNREG=128)),
                  (sd, dict(NUM_STAGES_16BIT=5, SELECTED_NUM_STAGES_16BIT=7,
                            FULL_ROWS_NUM_STAGES_16BIT=5, MAXNREG=128))],

@@ -67,6 +67,8 @@ SCAN_BLOCK = 128
 # slower than a launch (H100, 128K x batch 16: 2879 against 2851 us per layer; 4K x 16 in the
 # top-k plan: 105.9 against 107.5; decode_engine_2026-11-24_h100_session16/).
 INLINE_MERGE = 1
+# Unroll factor of the segment-merge loop (1: none).
+MERGE_UNROLL = 1
 # Register cap per thread passed to ptxas (0: none).
 MAXNREG = 0
 # decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
@@ -77,7 +79,7 @@ _ROWS_ALL = 2**31 - 1
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
 _TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
 _TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT", "INLINE_MERGE",
-            "MAXNREG")
+            "MAXNREG", "MERGE_UNROLL")
 
 
 def _apply_tooling_env(value: str | None) -> dict[str, int]:
@@ -86,6 +88,24 @@ def _apply_tooling_env(value: str | None) -> dict[str, int]:
 
 
 _apply_tooling_env(os.environ.get(_TOOLING_ENV))
+
+
+@triton.jit
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _clock():
+    return tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid():
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -140,14 +160,14 @@ def _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, q_heads, mask_g, offs
                stride_o_b, stride_o_h, stride_o_d,
                stride_po_s, stride_po_h, stride_po_d,
                stride_pl_s, stride_pl_h,
-               GROUP_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+               GROUP_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UNROLL: tl.constexpr):
     """Merge the segments of row ``row64`` written by programs ``p0 .. p1`` (int64) into
     ``out``. Partials are loaded from L2 (``.cg``): in the inline merge, other SMs wrote them
     during this launch."""
     m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for p in range(p0, p1 + 1):
+    for p in tl.range(p0, p1 + 1, loop_unroll_factor=UNROLL):
         seg = p + row64
         # with more programs than tiles, some programs in between hold none (wrote nothing)
         p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
@@ -176,7 +196,7 @@ def _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, q_heads, mask_g, offs
 )
 def _balanced_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, count_ptr, timing_ptr,
     scale_log2, batch, rows_upto, programs,
     stride_q_b, stride_q_h, stride_q_d,
     stride_k_page, stride_k_tok, stride_k_head, stride_k_dim,
@@ -188,10 +208,14 @@ def _balanced_decode_kernel(
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INLINE_MERGE: tl.constexpr,
+    INLINE_MERGE: tl.constexpr, MERGE_UNROLL: tl.constexpr, TIMING: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
+    if TIMING:  # diagnostics only (benchmarks/trace_balanced.py)
+        gt_entry = _globaltimer()
+        ck_entry = _clock()
+        ck_merge = tl.zeros([], dtype=tl.int64)
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = tl.arange(0, BLOCK_N)
@@ -217,6 +241,8 @@ def _balanced_decode_kernel(
         return  # more programs than tiles
     _, row, row_start, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, 0, PAGE_SIZE,
                                          BLOCK_N, SCAN)
+    if TIMING:
+        ck_scan = _clock()
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
 
@@ -272,6 +298,8 @@ def _balanced_decode_kernel(
                     mine = seg_hi - seg_lo
                     arrived = tl.atomic_add(cnt, mine, sem="acq_rel", scope="gpu")
                     if arrived + mine == n_row:
+                        if TIMING:
+                            ck_m0 = _clock()
                         tl.debug_barrier()
                         p0 = _first_program(row_start.to(tl.int64), programs, total)
                         p1 = _first_program(row_start.to(tl.int64) + n_row - 1, programs,
@@ -280,11 +308,24 @@ def _balanced_decode_kernel(
                                    mask_g, offs_d, o_mask, p0, p1, total, programs,
                                    stride_o_b, stride_o_h, stride_o_d,
                                    stride_po_s, stride_po_h, stride_po_d,
-                                   stride_pl_s, stride_pl_h, GROUP_PAD, HEAD_DIM_PAD)
+                                   stride_pl_s, stride_pl_h, GROUP_PAD, HEAD_DIM_PAD,
+                                   MERGE_UNROLL)
                         tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+                        if TIMING:
+                            ck_merge += _clock() - ck_m0
         t = tl.maximum(t, row_end)
         row_start = row_end
         row += 1
+    if TIMING:
+        rec = timing_ptr + (kv_head * programs + pid).to(tl.int64) * 8
+        tl.store(rec, _smid().to(tl.int64))
+        tl.store(rec + 1, gt_entry)
+        tl.store(rec + 2, _globaltimer())
+        tl.store(rec + 3, ck_entry)
+        tl.store(rec + 4, ck_scan)
+        tl.store(rec + 5, (hi - lo).to(tl.int64))
+        tl.store(rec + 6, ck_merge)
+        tl.store(rec + 7, _clock())
 
 
 @triton.jit(
@@ -299,7 +340,7 @@ def _merge_segments_kernel(
     stride_pl_s, stride_pl_h,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr,
+    SCAN: tl.constexpr, MERGE_UNROLL: tl.constexpr,
 ):
     """``INLINE_MERGE=0``: the merge of the rows cut between programs, and the zeros of the
     empty rows, in a second launch."""
@@ -330,7 +371,7 @@ def _merge_segments_kernel(
     _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row.to(tl.int64), q_heads, mask_g, offs_d,
                o_mask, p0, p1, total, programs, stride_o_b, stride_o_h, stride_o_d,
                stride_po_s, stride_po_h, stride_po_d, stride_pl_s, stride_pl_h,
-               GROUP_PAD, HEAD_DIM_PAD)
+               GROUP_PAD, HEAD_DIM_PAD, MERGE_UNROLL)
 
 
 def _maxnreg() -> dict[str, int]:
@@ -377,6 +418,7 @@ def balanced_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     inline_merge: bool | None = None,
+    timing: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense paged decode of one token per sequence, the tiles balanced over the programs.
 
@@ -391,6 +433,10 @@ def balanced_decode(
             small.
         inline_merge: merge those partials in the last program of each row rather than in a
             second launch. Default: :data:`INLINE_MERGE` where ``full_pages`` is given.
+        timing: diagnostics only (compiled, not interpreted): int64 ``[num_kv_heads x
+            programs, 8]`` that each program holding tiles fills with (SM, globaltimer at
+            entry and exit, clock64 at entry and after its row search, its tiles, clock64
+            cycles in inline merges, clock64 at exit); see ``benchmarks/trace_balanced.py``.
 
     Returns ``out``.
     """
@@ -424,13 +470,15 @@ def balanced_decode(
     precision = "ieee" if k_cache.dtype == torch.float32 else None
     common = dict(PAGE_SIZE=page_size, GROUP=group,
                   GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-                  BLOCK_N=block_n, SCAN=SCAN_BLOCK)
+                  BLOCK_N=block_n, SCAN=SCAN_BLOCK, MERGE_UNROLL=MERGE_UNROLL)
     _balanced_decode_kernel[(programs, num_kv_heads)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
-        workspace.segment_counters, scale * _LOG2E, batch, rows_upto, programs,
+        workspace.segment_counters, workspace.segment_counters if timing is None else timing,
+        scale * _LOG2E, batch, rows_upto, programs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *out.stride(), *part_out.stride(), *part_lse.stride(),
         UPCAST_DOT=upcast, DOT_PRECISION=precision, INLINE_MERGE=inline,
+        TIMING=timing is not None,
         num_warps=num_warps, num_stages=num_stages, **common, **_maxnreg(),
     )
     if inline:

@@ -15,6 +15,7 @@ launch.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -30,6 +31,12 @@ from sparse_kernels.block_sparse_prefill import (
 from sparse_kernels.config import SparseConfig
 from sparse_kernels.page_select import SelectWorkspace, select_pages
 from sparse_kernels.sparse_decode import DecodeWorkspace, sparse_decode
+from sparse_kernels.tooling_env import apply_tooling_env
+
+# decode_overlap with our own dense-mode launch: launch the full rows' attention before the
+# selection's branch (1) or after it (0). In a CUDA graph the branch launched first gets the
+# SMs first.
+FULL_ROWS_FIRST = 0
 
 
 def decode_budget_pages(cfg: SparseConfig, page_size: int) -> tuple[int, int, int]:
@@ -157,6 +164,14 @@ def decode_attention(
             attend(sel, "select", full_pages)
             return sel
 
+        if FULL_ROWS_FIRST and full_rows_attention is None and side is not None:
+            fork = main.record_event()  # the side branch must not wait for the launch below
+            attend(None, "full", full_pages)
+            side.wait_event(fork)
+            with torch.cuda.stream(side):
+                sel = select_and_attend()
+            main.wait_stream(side)
+            return sel
         sel = on_side(select_and_attend)
         if full_rows_attention is None:
             attend(None, "full", full_pages)  # dense mode: reads no selection
@@ -240,6 +255,10 @@ _SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 # fills the GPU, instead of after its last wave. CUDA graphs keep the priority of the stream
 # each kernel was captured on (PyTorch instantiates them with UseNodePriority).
 SIDE_STREAM_PRIORITY = 0
+# Benchmarking only (see sparse_kernels.tooling_env), e.g. "FULL_ROWS_FIRST=1".
+_TOOLING_ENV = "SPARSE_SERVE_PIPELINE"
+_TUNABLE = ("FULL_ROWS_FIRST", "SIDE_STREAM_PRIORITY")
+apply_tooling_env(globals(), _TOOLING_ENV, _TUNABLE, os.environ.get(_TOOLING_ENV))
 
 
 def decode_side_stream(device: torch.device) -> torch.cuda.Stream | None:
