@@ -219,6 +219,11 @@ VARIANTS = {
     "full_first": (pl, dict(FULL_ROWS_FIRST=1)),
     "bal_unroll2": (bd, dict(MERGE_UNROLL=2, MAXNREG=128)),
     "bal_r128": (bd, dict(MAXNREG=128)),
+    # the scoring launch in 4 warps of at most 64 registers: its programs fit beside four
+    # balanced programs per SM (no wait for SMs), alone and with the full rows launched first
+    "score_w4_r64": (ps, dict(SCORE_NUM_WARPS=4, SCORE_MAXNREG=64)),
+    "score_w4_r64_first": [(ps, dict(SCORE_NUM_WARPS=4, SCORE_MAXNREG=64)),
+                           (pl, dict(FULL_ROWS_FIRST=1))],
     "pipe_all": [(bd, dict(NUM_STAGES_16BIT=5, MAXNREG=128)),
                  (sd, dict(NUM_STAGES_16BIT=5, SELECTED_NUM_STAGES_16BIT=7,
                            FULL_ROWS_NUM_STAGES_16BIT=5, MAXNREG=128))],
@@ -289,6 +294,8 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         page_sets.append(_Layer(bt, summ))
     layers = [page_sets[i % sets] for i in range(L)]
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    # a mixed batch: the first --short-rows rows hold --short-context tokens
+    seq_lens[:args.short_rows] = min(ctx, args.short_context)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
     q = torch.randn((batch, hq, d), dtype=dtype, device=dev, generator=g)
     out = torch.empty_like(q)
@@ -357,6 +364,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
                 softmax_scale=scale, out=ref, fa_version=3)
 
     row = {"context": ctx, "batch": batch, "budget": args.budget, "table_pages": width,
+           "short_rows": min(batch, args.short_rows), "short_context": args.short_context,
            "layers": L, "page_sets": sets, "row_kind": _row_kind(base, ctx, page),
            "us_per_layer": {}, "max_abs_diff_vs_fa3": {},
            "max_abs_diff_vs_dense": {}, "max_abs_diff_replay_vs_eager": {}}
@@ -552,6 +560,9 @@ def main(argv=None):
                    help="block-table width (vLLM: cdiv(max_model_len, page) padded; 8256 for "
                         "a 132K engine at page 16)")
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--short-rows", type=int, default=0,
+                   help="mixed batches: this many rows of each batch hold --short-context tokens")
+    p.add_argument("--short-context", type=int, default=4096)
     p.add_argument("--pool-gib", type=float, default=12.0,
                    help="KV bytes for distinct per-layer pages (beyond it layers share pages)")
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS))

@@ -717,10 +717,14 @@ SCORE_WIDE_PROGRAMS_PER_SM = 8
 # and on wide (sequence, KV head) grids.
 TOPK_WARPS_LONG = 16
 TOPK_WARPS_LONG_WIDE = 16
+# Register cap of the scoring launch (0: none), e.g. 64 with 4 warps: 8192 registers, what an
+# SM has left beside four balanced dense-mode programs.
+SCORE_MAXNREG = 0
 # Benchmarking only (see sparse_kernels.tooling_env), e.g. "SCORE_CHUNK_MAX=1024".
 _TOOLING_ENV = "SPARSE_SERVE_PAGE_SELECT"
 _TUNABLE = ("SCORE_CHUNK_PAGES", "SCORE_NUM_WARPS", "SCORE_PROGRAMS_PER_SM", "SCORE_CHUNK_MAX",
-            "SCORE_WIDE_PROGRAMS_PER_SM", "TOPK_WARPS_LONG", "TOPK_WARPS_LONG_WIDE")
+            "SCORE_WIDE_PROGRAMS_PER_SM", "TOPK_WARPS_LONG", "TOPK_WARPS_LONG_WIDE",
+            "SCORE_MAXNREG")
 apply_tooling_env(globals(), _TOOLING_ENV, _TUNABLE, os.environ.get(_TOOLING_ENV))
 # Rows up to this many pages are top-k'd from registers (per 8 warps); longer rows loop.
 _IN_REGS_PAGES_PER_8_WARPS = 8192
@@ -1178,6 +1182,9 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
         # reads whole rows, the fused path counts every program, reuse keeps raw scores.
         SKIP_TAIL=skip_tail and not do_select and raw_scores is None,
         num_warps=num_warps,
+        **({"maxnreg": SCORE_MAXNREG}
+           if SCORE_MAXNREG and not do_select
+           and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else {}),
     )
 
 

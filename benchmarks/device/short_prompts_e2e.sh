@@ -17,6 +17,7 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/out}
 outer_balanced=${SPARSE_SERVE_BALANCED_DECODE-}
 outer_select=${SPARSE_SERVE_PAGE_SELECT-}
+outer_pipeline=${SPARSE_SERVE_PIPELINE-}
 rounds=${ROUNDS:-1}
 for ((r = 1; r <= rounds; r++)); do
   suffix=""; [ "$rounds" -gt 1 ] && suffix="_r$r"
@@ -36,6 +37,7 @@ for ((r = 1; r <= rounds; r++)); do
       unset SPARSE_DECODE_DENSE_ROWS SPARSE_DECODE_DENSE_KERNEL
       export SPARSE_SERVE_BALANCED_DECODE=$outer_balanced
       export SPARSE_SERVE_PAGE_SELECT=$outer_select
+      export SPARSE_SERVE_PIPELINE=$outer_pipeline
       setting_var=SETTING_$s
       case $s in
         default) ;;
