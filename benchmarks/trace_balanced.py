@@ -107,13 +107,14 @@ def main(argv=None) -> None:
 
     run(), run(timing)
     torch.cuda.synchronize()
-    summaries = []
+    summaries, raw = [], None
     for _ in range(args.repeats):
         timing.zero_()
         flush.zero_()
         run(timing)
         torch.cuda.synchronize()
         summaries.append(summarize(timing))
+        raw = timing.cpu()
     plain_us = 1000.0 * median_ms(capture_graph(run), 30, 3, flush)
     timed_us = 1000.0 * median_ms(capture_graph(lambda: run(timing)), 30, 3, flush)
     fa3_us = None
@@ -137,8 +138,12 @@ def main(argv=None) -> None:
                       "fa3_unavailable": None if fa3 is not None else why},
         "repeats": summaries,
         "span_us_median": statistics.median(s["span_us"] for s in summaries),
+        # the last repeat, one row per (KV head, program): SM, globaltimer entry / exit,
+        # clock64 entry / after the row search, tiles, merge cycles, clock64 exit
+        "last_repeat_records": raw.tolist(),
     }
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "last_repeat_records"},
+                     indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
