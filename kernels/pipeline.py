@@ -33,10 +33,15 @@ from sparse_kernels.page_select import SelectWorkspace, select_pages
 from sparse_kernels.sparse_decode import DecodeWorkspace, sparse_decode
 from sparse_kernels.tooling_env import apply_tooling_env
 
-# decode_overlap with our own dense-mode launch: launch the full rows' attention before the
-# selection's branch (1) or after it (0). In a CUDA graph the branch launched first gets the
-# SMs first.
-FULL_ROWS_FIRST = 0
+# decode_overlap with the balanced dense-mode launch (large grids): launch the full rows'
+# attention before the selection's branch (1) or after it (0). In a CUDA graph the branch
+# launched first gets the SMs first; the scoring launch's programs (that all exit when every
+# row is full) otherwise hold them for ~1.5 us before the full rows start. H100, 128K engine,
+# 4K prompts x 16: decode step 9.65 ms against 10.25 for the other order (FLASH_ATTN 9.61);
+# the kernel benchmark, 4K x 16: 104.7 against 106.1 us per layer; 32K / 128K x 16 (no full
+# rows: the selection is the critical path, now launched second): 281.0 / 431.7 against
+# 271.8 / 419.5 (session 17). Small grids (the split launch, e.g. batch 1) keep the order.
+FULL_ROWS_FIRST = 1
 
 
 def decode_budget_pages(cfg: SparseConfig, page_size: int) -> tuple[int, int, int]:
@@ -164,7 +169,7 @@ def decode_attention(
             attend(sel, "select", full_pages)
             return sel
 
-        if FULL_ROWS_FIRST and full_rows_attention is None and side is not None:
+        if FULL_ROWS_FIRST and balanced and full_rows_attention is None and side is not None:
             fork = main.record_event()  # the side branch must not wait for the launch below
             attend(None, "full", full_pages)
             side.wait_event(fork)
