@@ -35,13 +35,14 @@ from sparse_kernels.tooling_env import apply_tooling_env
 
 # decode_overlap with the balanced dense-mode launch (large grids): launch the full rows'
 # attention before the selection's branch (1) or after it (0). In a CUDA graph the branch
-# launched first gets the SMs first; the scoring launch's programs (that all exit when every
-# row is full) otherwise hold them for ~1.5 us before the full rows start. H100, 128K engine,
-# 4K prompts x 16: decode step 9.65 ms against 10.25 for the other order (FLASH_ATTN 9.61);
-# the kernel benchmark, 4K x 16: 104.7 against 106.1 us per layer; 32K / 128K x 16 (no full
-# rows: the selection is the critical path, now launched second): 281.0 / 431.7 against
-# 271.8 / 419.5 (session 17). Small grids (the split launch, e.g. batch 1) keep the order.
-FULL_ROWS_FIRST = 1
+# launched first gets the SMs first. Measured on an H100 (session 17), us per layer: 4K x 16
+# (all rows full) 104.3-104.7 with 1 against 106.1-106.7 with 0, but 32K / 128K x 16 (every row
+# selects: the selection is the critical path and would start second) 281.0 / 431.7 against
+# 271.8 / 419.5, and mixed batches (8 x 4K + 8 x 32K / 128K) 205.8 / 285.6 against 199.5 /
+# 278.6; end to end (4K x 16, 128K engine) 0.997x and 0.951x of FLASH_ATTN on two machines.
+# So 0: the long contexts the backend is for keep their order. Small grids (the split launch)
+# ignore it.
+FULL_ROWS_FIRST = 0
 
 
 def decode_budget_pages(cfg: SparseConfig, page_size: int) -> tuple[int, int, int]:
