@@ -224,6 +224,12 @@ VARIANTS = {
     "score_w4_r64": (ps, dict(SCORE_NUM_WARPS=4, SCORE_MAXNREG=64)),
     "score_w4_r64_first": [(ps, dict(SCORE_NUM_WARPS=4, SCORE_MAXNREG=64)),
                            (pl, dict(FULL_ROWS_FIRST=1))],
+    # session 18: the balanced programs' row search in two passes over seq_lens (session 17's),
+    # and the segment merge loading 4 or 8 segments at once (146-168 registers uncapped:
+    # MAXNREG keeps 4 programs per SM, spilling 24-108 bytes; see also bal_unroll2)
+    "bal_twopass": (bd, dict(LOCATE_ONE_PASS=0)),
+    "bal_ms4_r128": (bd, dict(MERGE_SEGMENTS=4, MAXNREG=128)),
+    "bal_ms8_r128": (bd, dict(MERGE_SEGMENTS=8, MAXNREG=128)),
     "pipe_all": [(bd, dict(NUM_STAGES_16BIT=5, MAXNREG=128)),
                  (sd, dict(NUM_STAGES_16BIT=5, SELECTED_NUM_STAGES_16BIT=7,
                            FULL_ROWS_NUM_STAGES_16BIT=5, MAXNREG=128))],

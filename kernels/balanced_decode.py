@@ -60,6 +60,10 @@ BLOCK_N = 32
 NUM_WARPS = 4
 NUM_STAGES_16BIT = 3
 SCAN_BLOCK = 128
+# Find a program's first row in one pass over ``seq_lens`` (batches of at most SCAN_BLOCK
+# rows; 1) or in two (0: the total, then the row, as to session 17). Every program does this
+# before its first tile.
+LOCATE_ONE_PASS = 1
 # Merge the partials of a row cut between programs in the last of them to finish (1), or in a
 # second launch (0). Inline only where the launch serves rows of a bounded length
 # (``full_pages``: top-k decode's full rows, a few segments each); a row of any length (dense
@@ -67,6 +71,10 @@ SCAN_BLOCK = 128
 # slower than a launch (H100, 128K x batch 16: 2879 against 2851 us per layer; 4K x 16 in the
 # top-k plan: 105.9 against 107.5; decode_engine_2026-11-24_h100_session16/).
 INLINE_MERGE = 1
+# Segments of a cut row loaded at once by its merge (a power of two; 1: one after the other).
+# More than 1 costs registers: 146-168 per thread for 2-8 (sm_90 ptxas), against 114 for 1,
+# which leaves fewer than 4 programs per SM.
+MERGE_SEGMENTS = 1
 # Unroll factor of the segment-merge loop (1: none).
 MERGE_UNROLL = 1
 # Register cap per thread passed to ptxas (0: none).
@@ -79,7 +87,7 @@ _ROWS_ALL = 2**31 - 1
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
 _TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
 _TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT", "INLINE_MERGE",
-            "MAXNREG", "MERGE_UNROLL")
+            "MAXNREG", "MERGE_UNROLL", "MERGE_SEGMENTS", "LOCATE_ONE_PASS")
 
 
 def _apply_tooling_env(value: str | None) -> dict[str, int]:
@@ -142,6 +150,37 @@ def _scan_rows(seq_lens_ptr, batch, rows_upto, target, row, PAGE_SIZE: tl.conste
 
 
 @triton.jit
+def _locate(seq_lens_ptr, batch, rows_upto, pid, programs, PAGE_SIZE: tl.constexpr,
+            BLOCK_N: tl.constexpr, SCAN: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Program ``pid``'s tiles ``[lo, hi)`` and where they start: (total tiles, lo, hi, the
+    row holding tile ``lo``, that row's first tile, empty rows). A batch of at most ``SCAN``
+    rows is read once, with one prefix sum (every program does this before its first tile);
+    larger ones (or all, without ``ONE_PASS``) take two passes of :func:`_scan_rows`."""
+    if ONE_PASS and batch <= SCAN:
+        offs = tl.arange(0, SCAN)
+        ok = offs < batch
+        lens = tl.load(seq_lens_ptr + offs, mask=ok, other=0)
+        tiles = _tile_counts(lens, rows_upto, PAGE_SIZE, BLOCK_N)
+        ends = tl.cumsum(tiles, 0)
+        total = tl.sum(tiles, 0)
+        empty = tl.sum(((lens == 0) & ok).to(tl.int32), 0)
+        # (tile counts fit int32; their products with program ids may not)
+        lo, hi = _program_tiles(pid.to(tl.int64), total, programs)
+        lo, hi = lo.to(tl.int32), hi.to(tl.int32)
+        before = (ends <= lo) & ok
+        row = tl.sum(before.to(tl.int32), 0)
+        row_start = tl.max(tl.where(before, ends, 0), 0)
+    else:
+        total, _, _, _, empty = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, 0, PAGE_SIZE,
+                                           BLOCK_N, SCAN)
+        lo, hi = _program_tiles(pid.to(tl.int64), total, programs)
+        lo, hi = lo.to(tl.int32), hi.to(tl.int32)
+        _, row, row_start, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, 0,
+                                             PAGE_SIZE, BLOCK_N, SCAN)
+    return total, lo, hi, row, row_start, empty
+
+
+@triton.jit
 def _program_tiles(p, total, programs):
     """Tiles ``[lo, hi)`` of program ``p`` (int64: ``p * total`` may not fit int32)."""
     return p * total // programs, (p + 1) * total // programs
@@ -155,38 +194,71 @@ def _first_program(tile, programs, total):
 
 
 @triton.jit
-def _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, q_heads, mask_g, offs_d, o_mask,
+def _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, head0, offs_d, mask_d,
                p0, p1, total, programs,
                stride_o_b, stride_o_h, stride_o_d,
                stride_po_s, stride_po_h, stride_po_d,
                stride_pl_s, stride_pl_h,
-               GROUP_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UNROLL: tl.constexpr):
+               GROUP: tl.constexpr, GROUP_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               SEGS: tl.constexpr, UNROLL: tl.constexpr):
     """Merge the segments of row ``row64`` written by programs ``p0 .. p1`` (int64) into
-    ``out``. Partials are loaded from L2 (``.cg``): in the inline merge, other SMs wrote them
-    during this launch."""
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    w_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for p in tl.range(p0, p1 + 1, loop_unroll_factor=UNROLL):
-        seg = p + row64
-        # with more programs than tiles, some programs in between hold none (wrote nothing)
-        p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
-        wrote = p_lo < p_hi
-        lse = tl.load(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h,
-                      mask=mask_g & wrote, other=float("-inf"), cache_modifier=".cg")
-        po = tl.load(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
-                     + offs_d[None, :] * stride_po_d, mask=o_mask & wrote,
-                     other=0.0, cache_modifier=".cg").to(tl.float32)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)
-        w_sum = w_sum * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * po
-        m = m_new
+    ``out`` (query heads ``head0 ..``), ``SEGS`` segments per load: their loads are issued
+    together, not one latency after another. Partials are loaded from L2 (``.cg``): in the
+    inline merge, other SMs wrote them during this launch. ``GROUP_M``: the group padded to a
+    power of two (not to the 16 rows of a tile's dot)."""
+    offs_m = tl.arange(0, GROUP_M)
+    mask_m = offs_m < GROUP
+    heads = head0 + offs_m
+    m = tl.full([GROUP_M], float("-inf"), dtype=tl.float32)
+    w_sum = tl.zeros([GROUP_M], dtype=tl.float32)
+    acc = tl.zeros([GROUP_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if SEGS == 1:
+        for p in tl.range(p0, p1 + 1, loop_unroll_factor=UNROLL):
+            seg = p + row64
+            # with more programs than tiles, some programs in between hold none (wrote nothing)
+            p_lo, p_hi = _program_tiles(p, total, programs)  # (p is int64)
+            wrote = p_lo < p_hi
+            lse = tl.load(part_lse_ptr + seg * stride_pl_s + heads * stride_pl_h,
+                          mask=mask_m & wrote, other=float("-inf"), cache_modifier=".cg")
+            po = tl.load(part_out_ptr + seg * stride_po_s + heads[:, None] * stride_po_h
+                         + offs_d[None, :] * stride_po_d,
+                         mask=mask_m[:, None] & mask_d[None, :] & wrote,
+                         other=0.0, cache_modifier=".cg").to(tl.float32)
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_safe)
+            w = tl.math.exp2(lse - m_safe)
+            w_sum = w_sum * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * po
+            m = m_new
+    else:
+        offs_s = tl.arange(0, SEGS)
+        for c in tl.range(p0, p1 + 1, SEGS, loop_unroll_factor=UNROLL):
+            p = c + offs_s  # (int64)
+            p_lo, p_hi = _program_tiles(p, total, programs)
+            wrote = (p <= p1) & (p_lo < p_hi)
+            seg = p + row64
+            lse = tl.load(part_lse_ptr + seg[:, None] * stride_pl_s
+                          + heads[None, :] * stride_pl_h,
+                          mask=wrote[:, None] & mask_m[None, :], other=float("-inf"),
+                          cache_modifier=".cg")
+            po = tl.load(part_out_ptr + seg[:, None, None] * stride_po_s
+                         + heads[None, :, None] * stride_po_h
+                         + offs_d[None, None, :] * stride_po_d,
+                         mask=wrote[:, None, None] & mask_m[None, :, None]
+                         & mask_d[None, None, :],
+                         other=0.0, cache_modifier=".cg").to(tl.float32)
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_safe)
+            w = tl.math.exp2(lse - m_safe[None, :])  # 0 where nothing was written
+            w_sum = w_sum * alpha + tl.sum(w, 0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * po, 0)
+            m = m_new
     o = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
-    tl.store(out_ptr + row64 * stride_o_b + q_heads[:, None] * stride_o_h
-             + offs_d[None, :] * stride_o_d, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    tl.store(out_ptr + row64 * stride_o_b + heads[:, None] * stride_o_h
+             + offs_d[None, :] * stride_o_d, o.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit(
@@ -207,8 +279,9 @@ def _balanced_decode_kernel(
     stride_pl_s, stride_pl_h,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INLINE_MERGE: tl.constexpr, MERGE_UNROLL: tl.constexpr, TIMING: tl.constexpr,
+    SCAN: tl.constexpr, LOCATE_ONE_PASS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, INLINE_MERGE: tl.constexpr, GROUP_M: tl.constexpr, MERGE_SEGMENTS: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr, TIMING: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -224,8 +297,9 @@ def _balanced_decode_kernel(
     o_mask = mask_g[:, None] & mask_d[None, :]
     q_heads = kv_head * GROUP + offs_g
 
-    total, _, _, _, empty = _scan_rows(seq_lens_ptr, batch, rows_upto, -1, 0, PAGE_SIZE,
-                                       BLOCK_N, SCAN)
+    total, lo, hi, row, row_start, empty = _locate(seq_lens_ptr, batch, rows_upto, pid,
+                                                   programs, PAGE_SIZE, BLOCK_N, SCAN,
+                                                   LOCATE_ONE_PASS)
     if INLINE_MERGE:
         if empty > 0:  # padding rows: no tiles, so no program meets them below
             for r in range(pid, batch, programs):
@@ -234,13 +308,8 @@ def _balanced_decode_kernel(
                              + q_heads[:, None] * stride_o_h + offs_d[None, :] * stride_o_d,
                              tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=out_ptr.dtype.element_ty),
                              mask=o_mask)
-    # (tile counts fit int32; their products with program ids may not)
-    lo, hi = _program_tiles(pid.to(tl.int64), total, programs)
-    lo, hi = lo.to(tl.int32), hi.to(tl.int32)
     if lo >= hi:
         return  # more programs than tiles
-    _, row, row_start, _, _ = _scan_rows(seq_lens_ptr, batch, rows_upto, lo, 0, PAGE_SIZE,
-                                         BLOCK_N, SCAN)
     if TIMING:
         ck_scan = _clock()
     k_base = k_cache_ptr + kv_head * stride_k_head
@@ -304,12 +373,12 @@ def _balanced_decode_kernel(
                         p0 = _first_program(row_start.to(tl.int64), programs, total)
                         p1 = _first_program(row_start.to(tl.int64) + n_row - 1, programs,
                                             total)
-                        _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, q_heads,
-                                   mask_g, offs_d, o_mask, p0, p1, total, programs,
+                        _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64,
+                                   kv_head * GROUP, offs_d, mask_d, p0, p1, total, programs,
                                    stride_o_b, stride_o_h, stride_o_d,
                                    stride_po_s, stride_po_h, stride_po_d,
-                                   stride_pl_s, stride_pl_h, GROUP_PAD, HEAD_DIM_PAD,
-                                   MERGE_UNROLL)
+                                   stride_pl_s, stride_pl_h, GROUP, GROUP_M, HEAD_DIM_PAD,
+                                   MERGE_SEGMENTS, MERGE_UNROLL)
                         tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
                         if TIMING:
                             ck_merge += _clock() - ck_m0
@@ -340,7 +409,8 @@ def _merge_segments_kernel(
     stride_pl_s, stride_pl_h,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr, MERGE_UNROLL: tl.constexpr,
+    SCAN: tl.constexpr, GROUP_M: tl.constexpr, MERGE_SEGMENTS: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr,
 ):
     """``INLINE_MERGE=0``: the merge of the rows cut between programs, and the zeros of the
     empty rows, in a second launch."""
@@ -368,10 +438,10 @@ def _merge_segments_kernel(
     p1 = _first_program(start.to(tl.int64) + n_row - 1, programs, total)
     if p0 == p1:
         return  # one program attended it whole and wrote it
-    _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row.to(tl.int64), q_heads, mask_g, offs_d,
-               o_mask, p0, p1, total, programs, stride_o_b, stride_o_h, stride_o_d,
+    _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row.to(tl.int64), kv_head * GROUP, offs_d,
+               offs_d < HEAD_DIM, p0, p1, total, programs, stride_o_b, stride_o_h, stride_o_d,
                stride_po_s, stride_po_h, stride_po_d, stride_pl_s, stride_pl_h,
-               GROUP_PAD, HEAD_DIM_PAD, MERGE_UNROLL)
+               GROUP, GROUP_M, HEAD_DIM_PAD, MERGE_SEGMENTS, MERGE_UNROLL)
 
 
 def _maxnreg() -> dict[str, int]:
@@ -470,14 +540,16 @@ def balanced_decode(
     precision = "ieee" if k_cache.dtype == torch.float32 else None
     common = dict(PAGE_SIZE=page_size, GROUP=group,
                   GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-                  BLOCK_N=block_n, SCAN=SCAN_BLOCK, MERGE_UNROLL=MERGE_UNROLL)
+                  BLOCK_N=block_n, SCAN=SCAN_BLOCK, GROUP_M=triton.next_power_of_2(group),
+                  MERGE_SEGMENTS=MERGE_SEGMENTS, MERGE_UNROLL=MERGE_UNROLL)
     _balanced_decode_kernel[(programs, num_kv_heads)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
         workspace.segment_counters, workspace.segment_counters if timing is None else timing,
         scale * _LOG2E, batch, rows_upto, programs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *out.stride(), *part_out.stride(), *part_lse.stride(),
-        UPCAST_DOT=upcast, DOT_PRECISION=precision, INLINE_MERGE=inline,
+        LOCATE_ONE_PASS=bool(LOCATE_ONE_PASS), UPCAST_DOT=upcast, DOT_PRECISION=precision,
+        INLINE_MERGE=inline,
         TIMING=timing is not None,
         num_warps=num_warps, num_stages=num_stages, **common, **_maxnreg(),
     )

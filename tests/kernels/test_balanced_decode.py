@@ -107,10 +107,15 @@ def test_full_pages_filter(programs, inline):
     _counters_reset(ws)
 
 
+@pytest.mark.parametrize("merge_segments", [1, 4, 8])
 @pytest.mark.parametrize("inline", [True, False])
-def test_rows_cut_into_many_segments(inline):
+def test_rows_cut_into_many_segments(inline, merge_segments, monkeypatch):
     """Rows cut into many segments (programs without work in between, more programs than
-    tiles) merge to dense attention; leading, trailing and only empty rows are zeros."""
+    tiles) merge to dense attention, loaded one or several segments at a time (a row's
+    segments not a multiple of that); leading, trailing and only empty rows are zeros."""
+    from sparse_kernels import balanced_decode as bd
+
+    monkeypatch.setattr(bd, "MERGE_SEGMENTS", merge_segments)
     cases = [[400, 3, 0, 250, 17], [0, 0, 250, 0, 17, 0], [0, 0, 0]]
     for case, seq_lens in enumerate(cases):
         q, k, v, bt, sl = _setup(seq_lens, 4, 64, 16, torch.float32, "NHD", seed=11 + case)
