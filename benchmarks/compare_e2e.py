@@ -43,6 +43,9 @@ def _rows(path: Path) -> dict:
         tp = r.get("tpot_all_ms") or [r["tpot_ms"]]
         out[r["input_len"]] = (min(tp), statistics.fmean(tp))
     b = d.get("decode_batch") or {}
+    if b.get("cache_hits") is False:  # the batch did not fit in the KV cache: no decode step
+        print(f"{path}: the batch missed the prefix cache; its step is left out")
+        b = {}
     return {"b1": out, "b16": b.get("step_ms"),
             "b16_all": b.get("step_ms_all") or ([b["step_ms"]] if b.get("step_ms") else [])}
 

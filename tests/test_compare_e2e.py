@@ -48,3 +48,19 @@ def test_pairs_by_engine_round_and_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "b16 128k default: median 1.000x over 2 (range 0.900-1.100)" in out
     assert cmp.main([str(tmp_path / "empty")]) == 1
+
+
+def test_batch_that_missed_the_cache_is_left_out(tmp_path, capsys):
+    """A batch row marked ``cache_hits: false`` (the batch did not fit in the KV cache) gives
+    no decode-step ratio; its batch-1 rows still pair."""
+    cmp = _load()
+    _write(tmp_path, "e2e_FLASH_ATTN.json", [12.0], 34.8)
+    _write(tmp_path, "e2e_CUSTOM.json", [8.0], 21.8)
+    path = tmp_path / "e2e_CUSTOM.json"
+    d = json.loads(path.read_text())
+    d["decode_batch"]["cache_hits"] = False
+    path.write_text(json.dumps(d))
+    (rec,) = cmp.compare([str(tmp_path)])
+    assert rec["b16"] is None
+    assert rec["b1"][4096] == pytest.approx((1.5, 1.5))
+    assert "missed the prefix cache" in capsys.readouterr().out
