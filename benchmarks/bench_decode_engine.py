@@ -230,6 +230,9 @@ VARIANTS = {
     "bal_twopass": (bd, dict(LOCATE_ONE_PASS=0)),
     "bal_ms4_r128": (bd, dict(MERGE_SEGMENTS=4, MAXNREG=128)),
     "bal_ms8_r128": (bd, dict(MERGE_SEGMENTS=8, MAXNREG=128)),
+    # dynamic pieces (PIECES_PER_PROGRAM): programs take further equal pieces of the tile
+    # order from a counter; 146-152 registers uncapped, so capped at 128 (12 bytes spilled)
+    **{f"bal_pieces{n}_r128": (bd, dict(PIECES_PER_PROGRAM=n, MAXNREG=128)) for n in (2, 4, 8)},
     "pipe_all": [(bd, dict(NUM_STAGES_16BIT=5, MAXNREG=128)),
                  (sd, dict(NUM_STAGES_16BIT=5, SELECTED_NUM_STAGES_16BIT=7,
                            FULL_ROWS_NUM_STAGES_16BIT=5, MAXNREG=128))],

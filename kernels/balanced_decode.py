@@ -77,6 +77,13 @@ INLINE_MERGE = 1
 MERGE_SEGMENTS = 1
 # Unroll factor of the segment-merge loop (1: none).
 MERGE_UNROLL = 1
+# Pieces per program (1: each program attends one equal range of the tile order, fixed). With
+# N > 1 the order is cut into N x programs equal pieces: program p attends piece p, then takes
+# the next of the remaining pieces from a per-KV-head counter until none is left, so programs
+# that run fast attend more. Their tile rates vary by +-4%, randomly per program and launch
+# (H100, 4K x 16: loops of equal tiles end 93-106 us apart, session 18); the cost is N times
+# the segments per cut row for the serial merge. Not measured on a GPU yet.
+PIECES_PER_PROGRAM = 1
 # Register cap per thread passed to ptxas (0: none).
 MAXNREG = 0
 # decode_dense_kernel="auto" takes this kernel from this many (sequence, KV head) rows per SM
@@ -87,7 +94,8 @@ _ROWS_ALL = 2**31 - 1
 # end-to-end A/B without a code change, e.g. "PROGRAMS_PER_SM=4,BLOCK_N=64".
 _TOOLING_ENV = "SPARSE_SERVE_BALANCED_DECODE"
 _TUNABLE = ("PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS", "NUM_STAGES_16BIT", "INLINE_MERGE",
-            "MAXNREG", "MERGE_UNROLL", "MERGE_SEGMENTS", "LOCATE_ONE_PASS")
+            "MAXNREG", "MERGE_UNROLL", "MERGE_SEGMENTS", "LOCATE_ONE_PASS",
+            "PIECES_PER_PROGRAM")
 
 
 def _apply_tooling_env(value: str | None) -> dict[str, int]:
@@ -263,13 +271,13 @@ def _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, head0, offs_d, mask_d
 
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
-    do_not_specialize=["batch", "rows_upto", "programs", "stride_bt"],
+    do_not_specialize=["batch", "rows_upto", "programs", "piece_ctr_off", "stride_bt"],
     do_not_specialize_on_alignment=["block_table_ptr", "seq_lens_ptr"],
 )
 def _balanced_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, count_ptr, timing_ptr,
-    scale_log2, batch, rows_upto, programs,
+    scale_log2, batch, rows_upto, programs, piece_ctr_off,
     stride_q_b, stride_q_h, stride_q_d,
     stride_k_page, stride_k_tok, stride_k_head, stride_k_dim,
     stride_v_page, stride_v_tok, stride_v_head, stride_v_dim,
@@ -281,7 +289,7 @@ def _balanced_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, LOCATE_ONE_PASS: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, INLINE_MERGE: tl.constexpr, GROUP_M: tl.constexpr, MERGE_SEGMENTS: tl.constexpr,
-    MERGE_UNROLL: tl.constexpr, TIMING: tl.constexpr,
+    MERGE_UNROLL: tl.constexpr, PIECES: tl.constexpr, TIMING: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -297,8 +305,11 @@ def _balanced_decode_kernel(
     o_mask = mask_g[:, None] & mask_d[None, :]
     q_heads = kv_head * GROUP + offs_g
 
+    # the tile order is cut into `pieces` equal ranges: piece `pid` first, then (PIECES > 1)
+    # the ones after the first `programs` in the order programs ask for them
+    pieces = programs * PIECES
     total, lo, hi, row, row_start, empty = _locate(seq_lens_ptr, batch, rows_upto, pid,
-                                                   programs, PAGE_SIZE, BLOCK_N, SCAN,
+                                                   pieces, PAGE_SIZE, BLOCK_N, SCAN,
                                                    LOCATE_ONE_PASS)
     if INLINE_MERGE:
         if empty > 0:  # padding rows: no tiles, so no program meets them below
@@ -308,83 +319,119 @@ def _balanced_decode_kernel(
                              + q_heads[:, None] * stride_o_h + offs_d[None, :] * stride_o_d,
                              tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=out_ptr.dtype.element_ty),
                              mask=o_mask)
-    if lo >= hi:
-        return  # more programs than tiles
+    if PIECES == 1:
+        if lo >= hi:
+            return  # more programs than tiles
     if TIMING:
         ck_scan = _clock()
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
+    # PIECES > 1: this head's next-piece and finished-programs counters
+    piece_ctr = count_ptr + piece_ctr_off + 2 * kv_head
+    my_tiles = tl.zeros([], dtype=tl.int32)
 
-    t = lo
-    while t < hi:
-        row64 = row.to(tl.int64)
-        seq_len = tl.load(seq_lens_ptr + row)
-        n_row = _tile_counts(seq_len, rows_upto, PAGE_SIZE, BLOCK_N)
-        row_end = row_start + n_row
-        seg_lo = t - row_start
-        seg_hi = tl.minimum(hi, row_end) - row_start
-        if seg_hi > seg_lo:
-            q = tl.load(
-                q_ptr + row64 * stride_q_b + q_heads[:, None] * stride_q_h
-                + offs_d[None, :] * stride_q_d,
-                mask=o_mask, other=0.0,
-            )
-            if UPCAST_DOT:
-                q = q.to(tl.float32)
-            m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-            acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-            bt_row = block_table_ptr + row64 * stride_bt
-            for tile in range(seg_lo, seg_hi):
-                offs_t = tile * BLOCK_N + offs_n  # token index in the sequence
-                tok_ok = offs_t < seq_len
-                page = offs_t // PAGE_SIZE
-                in_page = offs_t % PAGE_SIZE
-                phys = tl.load(bt_row + page, mask=tok_ok, other=0).to(tl.int64)
-                acc, m_i, l_i = _attend_tile(
-                    q, acc, m_i, l_i, k_base, v_base, phys, in_page, tok_ok, offs_d, mask_d,
-                    stride_k_page, stride_k_tok, stride_k_dim, stride_v_page, stride_v_tok,
-                    stride_v_dim, scale_log2, UPCAST_DOT, DOT_PRECISION)
-            o, lse = _finish_softmax(acc, m_i, l_i)
-            if (seg_lo == 0) & (seg_hi == n_row):  # the whole row: no merge
-                tl.store(out_ptr + row64 * stride_o_b + q_heads[:, None] * stride_o_h
-                         + offs_d[None, :] * stride_o_d,
-                         o.to(out_ptr.dtype.element_ty), mask=o_mask)
-            else:
-                seg = pid.to(tl.int64) + row64
-                tl.store(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
-                         + offs_d[None, :] * stride_po_d,
-                         o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
-                tl.store(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h, lse,
-                         mask=mask_g)
-                if INLINE_MERGE:
-                    # Arrive with this segment's tiles; whoever completes the row merges it.
-                    # (bar.sync, then one acq_rel gpu-scope atomic: every thread's stores
-                    # above are visible to the merging program, whose loads follow its own
-                    # acquire and a barrier.)
-                    tl.debug_barrier()
-                    cnt = count_ptr + row * tl.num_programs(1) + kv_head
-                    mine = seg_hi - seg_lo
-                    arrived = tl.atomic_add(cnt, mine, sem="acq_rel", scope="gpu")
-                    if arrived + mine == n_row:
-                        if TIMING:
-                            ck_m0 = _clock()
+    v = pid
+    while v < pieces:
+        my_tiles += tl.maximum(hi - lo, 0)
+        t = lo
+        while t < hi:
+            row64 = row.to(tl.int64)
+            seq_len = tl.load(seq_lens_ptr + row)
+            n_row = _tile_counts(seq_len, rows_upto, PAGE_SIZE, BLOCK_N)
+            row_end = row_start + n_row
+            seg_lo = t - row_start
+            seg_hi = tl.minimum(hi, row_end) - row_start
+            if seg_hi > seg_lo:
+                q = tl.load(
+                    q_ptr + row64 * stride_q_b + q_heads[:, None] * stride_q_h
+                    + offs_d[None, :] * stride_q_d,
+                    mask=o_mask, other=0.0,
+                )
+                if UPCAST_DOT:
+                    q = q.to(tl.float32)
+                m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+                l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+                acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+                bt_row = block_table_ptr + row64 * stride_bt
+                for tile in range(seg_lo, seg_hi):
+                    offs_t = tile * BLOCK_N + offs_n  # token index in the sequence
+                    tok_ok = offs_t < seq_len
+                    page = offs_t // PAGE_SIZE
+                    in_page = offs_t % PAGE_SIZE
+                    phys = tl.load(bt_row + page, mask=tok_ok, other=0).to(tl.int64)
+                    acc, m_i, l_i = _attend_tile(
+                        q, acc, m_i, l_i, k_base, v_base, phys, in_page, tok_ok, offs_d, mask_d,
+                        stride_k_page, stride_k_tok, stride_k_dim, stride_v_page, stride_v_tok,
+                        stride_v_dim, scale_log2, UPCAST_DOT, DOT_PRECISION)
+                o, lse = _finish_softmax(acc, m_i, l_i)
+                if (seg_lo == 0) & (seg_hi == n_row):  # the whole row: no merge
+                    tl.store(out_ptr + row64 * stride_o_b + q_heads[:, None] * stride_o_h
+                             + offs_d[None, :] * stride_o_d,
+                             o.to(out_ptr.dtype.element_ty), mask=o_mask)
+                else:
+                    seg = v.to(tl.int64) + row64
+                    tl.store(part_out_ptr + seg * stride_po_s + q_heads[:, None] * stride_po_h
+                             + offs_d[None, :] * stride_po_d,
+                             o.to(part_out_ptr.dtype.element_ty), mask=o_mask)
+                    tl.store(part_lse_ptr + seg * stride_pl_s + q_heads * stride_pl_h, lse,
+                             mask=mask_g)
+                    if INLINE_MERGE:
+                        # Arrive with this segment's tiles; whoever completes the row merges it.
+                        # (bar.sync, then one acq_rel gpu-scope atomic: every thread's stores
+                        # above are visible to the merging program, whose loads follow its own
+                        # acquire and a barrier.)
                         tl.debug_barrier()
-                        p0 = _first_program(row_start.to(tl.int64), programs, total)
-                        p1 = _first_program(row_start.to(tl.int64) + n_row - 1, programs,
-                                            total)
-                        _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64,
-                                   kv_head * GROUP, offs_d, mask_d, p0, p1, total, programs,
-                                   stride_o_b, stride_o_h, stride_o_d,
-                                   stride_po_s, stride_po_h, stride_po_d,
-                                   stride_pl_s, stride_pl_h, GROUP, GROUP_M, HEAD_DIM_PAD,
-                                   MERGE_SEGMENTS, MERGE_UNROLL)
-                        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-                        if TIMING:
-                            ck_merge += _clock() - ck_m0
-        t = tl.maximum(t, row_end)
-        row_start = row_end
-        row += 1
+                        cnt = count_ptr + row * tl.num_programs(1) + kv_head
+                        mine = seg_hi - seg_lo
+                        arrived = tl.atomic_add(cnt, mine, sem="acq_rel", scope="gpu")
+                        if arrived + mine == n_row:
+                            if TIMING:
+                                ck_m0 = _clock()
+                            tl.debug_barrier()
+                            p0 = _first_program(row_start.to(tl.int64), pieces, total)
+                            p1 = _first_program(row_start.to(tl.int64) + n_row - 1, pieces,
+                                                total)
+                            _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64,
+                                       kv_head * GROUP, offs_d, mask_d, p0, p1, total, pieces,
+                                       stride_o_b, stride_o_h, stride_o_d,
+                                       stride_po_s, stride_po_h, stride_po_d,
+                                       stride_pl_s, stride_pl_h, GROUP, GROUP_M, HEAD_DIM_PAD,
+                                       MERGE_SEGMENTS, MERGE_UNROLL)
+                            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+                            if TIMING:
+                                ck_merge += _clock() - ck_m0
+            t = tl.maximum(t, row_end)
+            row_start = row_end
+            row += 1
+        if PIECES == 1:
+            v = pieces
+        else:
+            v = programs + tl.atomic_add(piece_ctr, 1, sem="relaxed", scope="gpu")
+            if v < pieces:
+                # Pieces come in increasing order, so the new one starts in the last row
+                # attended or after it: walk on from there with scalar loads (a vector search
+                # here costs ~40 registers more for the whole kernel).
+                if hi > lo:  # back to the last row attended
+                    row -= 1
+                    row_start -= _tile_counts(tl.load(seq_lens_ptr + row), rows_upto,
+                                              PAGE_SIZE, BLOCK_N)
+                lo64, hi64 = _program_tiles(v.to(tl.int64), total, pieces)
+                lo, hi = lo64.to(tl.int32), hi64.to(tl.int32)
+                if hi > lo:  # (an empty piece, with more pieces than tiles, has no row)
+                    n_r = _tile_counts(tl.load(seq_lens_ptr + row), rows_upto, PAGE_SIZE,
+                                       BLOCK_N)
+                    while row_start + n_r <= lo:
+                        row_start += n_r
+                        row += 1
+                        n_r = _tile_counts(tl.load(seq_lens_ptr + row), rows_upto, PAGE_SIZE,
+                                           BLOCK_N)
+    if PIECES > 1:
+        # Every program took its last (failed) piece before this: the last one out resets
+        # both counters for the next launch (CUDA-graph replays).
+        done = tl.atomic_add(piece_ctr + 1, 1, sem="acq_rel", scope="gpu")
+        if done == programs - 1:
+            tl.atomic_xchg(piece_ctr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(piece_ctr + 1, 0, sem="relaxed", scope="gpu")
     if TIMING:
         rec = timing_ptr + (kv_head * programs + pid).to(tl.int64) * 8
         tl.store(rec, _smid().to(tl.int64))
@@ -392,7 +439,7 @@ def _balanced_decode_kernel(
         tl.store(rec + 2, _globaltimer())
         tl.store(rec + 3, ck_entry)
         tl.store(rec + 4, ck_scan)
-        tl.store(rec + 5, (hi - lo).to(tl.int64))
+        tl.store(rec + 5, my_tiles.to(tl.int64))
         tl.store(rec + 6, ck_merge)
         tl.store(rec + 7, _clock())
 
@@ -469,8 +516,9 @@ def use_inline_merge(full_pages: int | None) -> bool:
 
 def workspace_segments(max_batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Segments a :class:`DecodeWorkspace` needs for batches of up to ``max_batch`` rows at
-    the default program count (``DecodeWorkspace(segments=...)``)."""
-    return max_batch + default_programs(num_kv_heads, device)
+    the default program count and :data:`PIECES_PER_PROGRAM` (``DecodeWorkspace(segments=
+    ...)``; its counters then also hold the two piece counters per KV head)."""
+    return max_batch + default_programs(num_kv_heads, device) * max(1, PIECES_PER_PROGRAM) + 2
 
 
 def balanced_decode(
@@ -524,12 +572,16 @@ def balanced_decode(
     assert block_n >= 16 and block_n & (block_n - 1) == 0, block_n
     programs = programs or default_programs(num_kv_heads, q.device)
     rows_upto = _ROWS_ALL if full_pages is None else max(0, full_pages)
-    segments = programs + batch
+    pieces = max(1, PIECES_PER_PROGRAM)
+    segments = programs * pieces + batch
+    # row arrival counters, then (pieces > 1) two piece counters per KV head at the end
+    counters = (batch + 2) * num_kv_heads
     if (workspace is None or workspace.segment_out is None
             or workspace.segment_out.shape[0] < segments
             or tuple(workspace.segment_out.shape[1:]) != (num_q_heads, head_dim)
-            or workspace.segment_counters.numel() < batch * num_kv_heads):
-        workspace = DecodeWorkspace(0, num_q_heads, head_dim, 1, q.device, segments=segments)
+            or workspace.segment_counters.numel() < counters):
+        workspace = DecodeWorkspace(0, num_q_heads, head_dim, 1, q.device,
+                                    segments=max(segments, batch + 2))
     part_out, part_lse = workspace.segment_out, workspace.segment_lse
     inline = use_inline_merge(full_pages) if inline_merge is None else bool(inline_merge)
     if num_warps is None:
@@ -546,17 +598,18 @@ def balanced_decode(
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
         workspace.segment_counters, workspace.segment_counters if timing is None else timing,
         scale * _LOG2E, batch, rows_upto, programs,
+        workspace.segment_counters.numel() - 2 * num_kv_heads,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *out.stride(), *part_out.stride(), *part_lse.stride(),
         LOCATE_ONE_PASS=bool(LOCATE_ONE_PASS), UPCAST_DOT=upcast, DOT_PRECISION=precision,
-        INLINE_MERGE=inline,
+        INLINE_MERGE=inline, PIECES=pieces,
         TIMING=timing is not None,
         num_warps=num_warps, num_stages=num_stages, **common, **_maxnreg(),
     )
     if inline:
         return out
     _merge_segments_kernel[(batch, num_kv_heads)](
-        out, part_out, part_lse, seq_lens, batch, rows_upto, programs,
+        out, part_out, part_lse, seq_lens, batch, rows_upto, programs * pieces,
         *out.stride(), *part_out.stride(), *part_lse.stride(),
         num_warps=4, **common,
     )

@@ -95,6 +95,12 @@ def main() -> None:
         # (its merge as a second launch: the option the inline merge replaced)
         balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512,
                         inline_merge=False)
+        # (pieces taken from a counter: a tooling option, compiled here so that a GPU A/B
+        # does not meet a compile error)
+        import sparse_kernels.balanced_decode as bd
+        bd.PIECES_PER_PROGRAM = 2
+        balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)
+        bd.PIECES_PER_PROGRAM = 1
         # the layer-0 read counters of a step (an engine's first eager decode compiles them)
         sums = torch.zeros(4, dtype=torch.float64)
         k_default, _, _ = decode_budget_pages(SparseConfig(), 16)

@@ -33,9 +33,9 @@ def _close(got, want, dtype):
     torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=tol, atol=tol)
 
 
-def _poisoned_workspace(batch, q, programs, partial_dtype=None):
+def _poisoned_workspace(batch, q, programs, partial_dtype=None, pieces=1):
     ws = DecodeWorkspace(batch, q.shape[1], q.shape[2], max_splits=2, device=DEVICE,
-                         partial_dtype=partial_dtype, segments=programs + batch)
+                         partial_dtype=partial_dtype, segments=programs * pieces + batch + 2)
     # the merge must read only the segments the programs wrote; the split partials are not
     # used (a sparse_decode launch beside this one may own them)
     for buf in (ws.partial_out, ws.partial_lse, ws.segment_out, ws.segment_lse):
@@ -196,3 +196,39 @@ def test_tooling_env_sets_launch_constants(monkeypatch):
     assert bd._apply_tooling_env(None) == {}
     with pytest.raises(ValueError, match="unknown constant"):
         bd._apply_tooling_env("WAVES=3")
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
+@pytest.mark.parametrize("inline", [True, False])
+def test_pieces_taken_from_a_counter(pieces, inline, monkeypatch):
+    """PIECES_PER_PROGRAM > 1: each program attends its own piece, then takes the next free
+    one from a per-head counter. Rows cut into many pieces (and programs with none) merge to
+    dense attention, padding rows are zeros, every counter is back at zero, and a second
+    launch (another order of taking pieces on a GPU) gives the same output bit for bit."""
+    from sparse_kernels import balanced_decode as bd
+
+    monkeypatch.setattr(bd, "PIECES_PER_PROGRAM", pieces)
+    seq_lens = [1, 77, 53, 0, 33, 300, 0]
+    q, k, v, bt, sl = _setup(seq_lens, 4, 64, 16, torch.float32, "NHD", seed=21)
+    want = _dense_ref(q, k, v, bt, sl)
+    want[torch.tensor(seq_lens) == 0] = 0
+    for programs in (1, 3, 40):
+        ws = _poisoned_workspace(len(seq_lens), q, programs, pieces=pieces)
+        out = torch.full_like(q, float("nan"))
+        balanced_decode(q, k, v, bt, sl, out=out, workspace=ws, programs=programs, block_n=16,
+                        inline_merge=inline)
+        _close(out, want, torch.float32)
+        _counters_reset(ws)
+        again = balanced_decode(q, k, v, bt, sl, workspace=ws, programs=programs, block_n=16,
+                                inline_merge=inline)
+        assert torch.equal(again, out)
+        _counters_reset(ws)
+
+
+def test_workspace_segments_cover_the_pieces(monkeypatch):
+    from sparse_kernels import balanced_decode as bd
+
+    monkeypatch.setattr(bd, "_device_sms", lambda device: 132)
+    assert bd.workspace_segments(16, 8, torch.device("cpu")) == 16 + 66 + 2
+    monkeypatch.setattr(bd, "PIECES_PER_PROGRAM", 3)
+    assert bd.workspace_segments(16, 8, torch.device("cpu")) == 16 + 3 * 66 + 2
