@@ -18,7 +18,9 @@ row, attend a few short ones whole and start another. Grid ``(programs, num_kv_h
   :func:`_merge_segments_kernel`, grid ``(batch, num_kv_heads)``, merges them.
 
 So the partials are at most ``programs + batch`` segments, not ``batch x splits``, and no
-program waits on a long row while others idle. Each program finds its first row by a prefix
+program waits on a long row while others idle. With :data:`PIECES_PER_PROGRAM` N > 1 (a
+tooling option) the ranges are N x ``programs`` pieces: each program attends its own, then
+takes the next free one from a per-KV-head counter, and "program" above reads "piece". Each program finds its first row by a prefix
 sum of the tile counts (``seq_lens`` read in chunks of :data:`SCAN_BLOCK`): no host work, no
 metadata built per step, static grid, so it runs inside CUDA graphs. Empty rows (``seq_len``
 0, padding) hold no tiles: with the inline merge, program ``p`` writes those of rows ``p, p +
