@@ -20,12 +20,13 @@ row, attend a few short ones whole and start another. Grid ``(programs, num_kv_h
 So the partials are at most ``programs + batch`` segments, not ``batch x splits``, and no
 program waits on a long row while others idle. With :data:`PIECES_PER_PROGRAM` N > 1 (a
 tooling option) the ranges are N x ``programs`` pieces: each program attends its own, then
-takes the next free one from a per-KV-head counter, and "program" above reads "piece". Each program finds its first row by a prefix
-sum of the tile counts (``seq_lens`` read in chunks of :data:`SCAN_BLOCK`): no host work, no
-metadata built per step, static grid, so it runs inside CUDA graphs. Empty rows (``seq_len``
-0, padding) hold no tiles: with the inline merge, program ``p`` writes those of rows ``p, p +
-programs, ...``, only in a batch that has any (the first prefix-sum pass counts them); else
-the merge launch does.
+takes the next free one from a per-KV-head counter, and "program" above reads "piece".
+
+Each program finds its first row by a prefix sum of the tile counts (``seq_lens`` read in
+chunks of :data:`SCAN_BLOCK`): no host work, no metadata built per step, static grid, so it
+runs inside CUDA graphs. Empty rows (``seq_len`` 0, padding) hold no tiles: with the inline
+merge, program ``p`` writes those of rows ``p, p + programs, ...``, only in a batch that has
+any (the first prefix-sum pass counts them); else the merge launch does.
 
 ``rows_upto``: only sequences of at most that many pages are served (the others get no tiles
 and their rows of ``out`` are not written): the rows a top-k decode reads whole, beside the
@@ -51,7 +52,7 @@ from sparse_kernels.sparse_decode import (
     _finish_softmax,
     _interpreting,
 )
-from sparse_kernels.tooling_env import apply_tooling_env
+from sparse_kernels.tooling_env import apply_tooling_env, maxnreg_option
 
 # Programs per SM (times the SMs, over the KV heads: the grid's first dimension). 4 is as many
 # as an H100 SM holds at once (114 registers per thread, 4 warps): one wave. Measured at 4K x
@@ -131,6 +132,12 @@ def _tile_counts(seq_lens, rows_upto, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.const
     """Tiles of each sequence served (of at most ``rows_upto`` pages), else 0."""
     n_pages = (seq_lens + PAGE_SIZE - 1) // PAGE_SIZE
     return tl.where(n_pages <= rows_upto, (seq_lens + BLOCK_N - 1) // BLOCK_N, 0)
+
+
+@triton.jit
+def _row_tiles(seq_lens_ptr, row, rows_upto, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tiles of row ``row`` served (:func:`_tile_counts` of its length)."""
+    return _tile_counts(tl.load(seq_lens_ptr + row), rows_upto, PAGE_SIZE, BLOCK_N)
 
 
 @triton.jit
@@ -415,18 +422,15 @@ def _balanced_decode_kernel(
                 # here costs ~40 registers more for the whole kernel).
                 if hi > lo:  # back to the last row attended
                     row -= 1
-                    row_start -= _tile_counts(tl.load(seq_lens_ptr + row), rows_upto,
-                                              PAGE_SIZE, BLOCK_N)
+                    row_start -= _row_tiles(seq_lens_ptr, row, rows_upto, PAGE_SIZE, BLOCK_N)
                 lo64, hi64 = _program_tiles(v.to(tl.int64), total, pieces)
                 lo, hi = lo64.to(tl.int32), hi64.to(tl.int32)
                 if hi > lo:  # (an empty piece, with more pieces than tiles, has no row)
-                    n_r = _tile_counts(tl.load(seq_lens_ptr + row), rows_upto, PAGE_SIZE,
-                                       BLOCK_N)
+                    n_r = _row_tiles(seq_lens_ptr, row, rows_upto, PAGE_SIZE, BLOCK_N)
                     while row_start + n_r <= lo:
                         row_start += n_r
                         row += 1
-                        n_r = _tile_counts(tl.load(seq_lens_ptr + row), rows_upto, PAGE_SIZE,
-                                           BLOCK_N)
+                        n_r = _row_tiles(seq_lens_ptr, row, rows_upto, PAGE_SIZE, BLOCK_N)
     if PIECES > 1:
         # Every program took its last (failed) piece before this: the last one out resets
         # both counters for the next launch (CUDA-graph replays).
@@ -491,11 +495,6 @@ def _merge_segments_kernel(
                offs_d < HEAD_DIM, p0, p1, total, programs, stride_o_b, stride_o_h, stride_o_d,
                stride_po_s, stride_po_h, stride_po_d, stride_pl_s, stride_pl_h,
                GROUP, GROUP_M, HEAD_DIM_PAD, MERGE_SEGMENTS, MERGE_UNROLL)
-
-
-def _maxnreg() -> dict[str, int]:
-    """``maxnreg`` launch option (:data:`MAXNREG`; the interpreter takes none)."""
-    return {"maxnreg": MAXNREG} if MAXNREG and not _interpreting() else {}
 
 
 def balanced_fits(batch: int, num_kv_heads: int, device: torch.device) -> bool:
@@ -606,7 +605,7 @@ def balanced_decode(
         LOCATE_ONE_PASS=bool(LOCATE_ONE_PASS), UPCAST_DOT=upcast, DOT_PRECISION=precision,
         INLINE_MERGE=inline, PIECES=pieces,
         TIMING=timing is not None,
-        num_warps=num_warps, num_stages=num_stages, **common, **_maxnreg(),
+        num_warps=num_warps, num_stages=num_stages, **common, **maxnreg_option(MAXNREG),
     )
     if inline:
         return out

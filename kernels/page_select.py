@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from sparse_kernels.page_summary import _summarize_page
-from sparse_kernels.tooling_env import apply_tooling_env
+from sparse_kernels.tooling_env import apply_tooling_env, maxnreg_option
 
 # Slot 0 of a selection row holding this (the rest -1): the row reads every page of its sequence.
 DENSE_ROW = -2
@@ -1182,9 +1182,7 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
         # reads whole rows, the fused path counts every program, reuse keeps raw scores.
         SKIP_TAIL=skip_tail and not do_select and raw_scores is None,
         num_warps=num_warps,
-        **({"maxnreg": SCORE_MAXNREG}
-           if SCORE_MAXNREG and not do_select
-           and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else {}),
+        **maxnreg_option(0 if do_select else SCORE_MAXNREG),
     )
 
 

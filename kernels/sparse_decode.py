@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from sparse_kernels.page_select import DENSE_ROW
-from sparse_kernels.tooling_env import apply_tooling_env
+from sparse_kernels.tooling_env import apply_tooling_env, maxnreg_option
 
 _DENSE_ROW = tl.constexpr(DENSE_ROW)
 _LOG2E = 1.4426950408889634
@@ -652,7 +652,7 @@ def sparse_decode(
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=num_warps,
         num_stages=num_stages,
-        **({"maxnreg": MAXNREG} if MAXNREG and not _interpreting() else {}),
+        **maxnreg_option(MAXNREG),
     )
     if split and not merge_in_kernel:
         _merge_splits_kernel[(batch, num_q_heads)](

@@ -8,6 +8,8 @@ own engine process. Unknown names raise: a typo must not measure the default by 
 
 from __future__ import annotations
 
+import os
+
 
 def apply_tooling_env(namespace: dict, env_name: str, tunable: tuple[str, ...],
                       value: str | None) -> dict[str, int]:
@@ -22,3 +24,11 @@ def apply_tooling_env(namespace: dict, env_name: str, tunable: tuple[str, ...],
         got[name] = int(num)
     namespace.update(got)
     return got
+
+
+def maxnreg_option(maxnreg: int) -> dict[str, int]:
+    """A launch's ``maxnreg`` keyword for a register-cap constant (0: no cap); none under
+    ``TRITON_INTERPRET``, whose launcher takes no such option."""
+    if not maxnreg or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return {}
+    return {"maxnreg": maxnreg}

@@ -232,3 +232,15 @@ def test_workspace_segments_cover_the_pieces(monkeypatch):
     assert bd.workspace_segments(16, 8, torch.device("cpu")) == 16 + 66 + 2
     monkeypatch.setattr(bd, "PIECES_PER_PROGRAM", 3)
     assert bd.workspace_segments(16, 8, torch.device("cpu")) == 16 + 3 * 66 + 2
+
+
+def test_maxnreg_option(monkeypatch):
+    """A register cap becomes the launch's ``maxnreg`` keyword, except at 0 and under the
+    interpreter (whose launcher takes none)."""
+    from sparse_kernels.tooling_env import maxnreg_option
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert maxnreg_option(128) == {"maxnreg": 128}
+    assert maxnreg_option(0) == {}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert maxnreg_option(128) == {}
