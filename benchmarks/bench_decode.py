@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import triton
 
-from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms
+from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms, vllm_version
 from sparse_kernels import page_select
 from sparse_kernels.page_select import (
     SelectWorkspace,
@@ -360,12 +360,6 @@ def main(argv=None):
         if args.require_fa3:
             sys.exit(msg)
         print("WARNING:", msg, flush=True)
-    try:
-        import vllm
-
-        vllm_version = vllm.__version__
-    except Exception:  # noqa: BLE001
-        vllm_version = None
 
     timer = _Timer(not args.no_graphs, args.iters, args.warmup)
     print(" ".join(h.rjust(w) for h, (_, w) in zip(_HEAD, _COLS)), flush=True)
@@ -383,7 +377,7 @@ def main(argv=None):
                 "device": torch.cuda.get_device_name(),
                 "torch": torch.__version__,
                 "triton": triton.__version__,
-                "vllm": vllm_version,
+                "vllm": vllm_version(),
                 "fa3": fa3 is not None,
                 "cuda_graphs": not args.no_graphs,
                 "shapes": {"num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads,

@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 import triton
 
-from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms
+from gpu_bench import add_shape_args, capture_graph, load_fa3, median_ms, vllm_version
 from sparse_kernels import balanced_decode as bd
 from sparse_kernels import page_select as ps
 from sparse_kernels import pipeline as pl
@@ -590,12 +590,6 @@ def main(argv=None):
         if args.require_fa3:
             sys.exit(f"FA3 unavailable ({why})")
         print(f"WARNING: FA3 unavailable ({why})", flush=True)
-    try:
-        import vllm
-
-        vllm_version = vllm.__version__
-    except Exception:  # noqa: BLE001
-        vllm_version = None
     now = _dt.datetime.now()
     out = args.out or str(Path(__file__).parent / "results" / f"decode_engine_{now:%Y%m%d}.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -612,7 +606,7 @@ def main(argv=None):
                       "date": now.isoformat(timespec="seconds"),
                       "device": (torch.cuda.get_device_name() if dev == "cuda"
                                  else "cpu (interpreted)"), "torch": torch.__version__,
-                      "triton": triton.__version__, "vllm": vllm_version,
+                      "triton": triton.__version__, "vllm": vllm_version(),
                       "shapes": {"num_q_heads": args.num_q_heads,
                                  "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
                                  "page_size": args.page_size, "dtype": args.dtype},

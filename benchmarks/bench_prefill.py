@@ -33,7 +33,7 @@ import time
 import torch
 import triton
 
-from gpu_bench import load_fa3
+from gpu_bench import load_fa3, vllm_version
 from sparse_kernels.block_sparse_prefill import (
     all_causal_block_lists,
     block_sparse_prefill_attention,
@@ -269,17 +269,12 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     date = _dt.datetime.now().strftime("%Y-%m-%d")
-    try:
-        import vllm
-        vllm_version = vllm.__version__
-    except Exception:  # noqa: BLE001
-        vllm_version = None
     doc = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                     "vllm": vllm_version, "cuda": torch.version.cuda},
+                     "vllm": vllm_version(), "cuda": torch.version.cuda},
         "shapes": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": HEAD_DIM,
                    "dtype": "bfloat16", "page_size": PAGE, "block_size": bs,
                    "kv_layout": "FA [2, num_blocks, page, H, D]"},

@@ -7,6 +7,16 @@ from __future__ import annotations
 import torch
 
 
+def vllm_version() -> str | None:
+    """The installed vLLM's version for a result's JSON (None where vLLM does not import)."""
+    try:
+        import vllm
+
+        return vllm.__version__
+    except Exception:  # noqa: BLE001 - a missing or broken engine is recorded as None
+        return None
+
+
 def add_shape_args(p) -> None:
     """The attention shape of the benchmarks (argparse): Llama-3.1-8B's by default (32 query
     heads, 8 KV heads, head dim 128, bf16, pages of 16 tokens), as the kernels issue names it."""

@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     from sparse_kernels.balanced_decode import default_programs, workspace_segments
     from sparse_kernels.balanced_decode import balanced_decode
     from sparse_kernels.sparse_decode import DecodeWorkspace
-    from gpu_bench import capture_graph, load_fa3, median_ms
+    from gpu_bench import capture_graph, load_fa3, median_ms, vllm_version
 
     dev = torch.device("cuda")
     B, ctx, hq, hkv, d, page = (args.batch, args.context, args.num_q_heads, args.num_kv_heads,
@@ -130,6 +130,7 @@ def main(argv=None) -> None:
         "command": " ".join([sys.executable, *sys.argv]),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "vllm": vllm_version(),
         "shape": {"context": ctx, "batch": B, "num_q_heads": hq, "num_kv_heads": hkv,
                   "head_dim": d, "page_size": page, "table_pages": bt.shape[1],
                   "programs_per_kv_head": programs, "full_pages": full},

@@ -176,13 +176,12 @@ def decode_attention(
             side.wait_event(fork)
             with torch.cuda.stream(side):
                 sel = select_and_attend()
-            main.wait_stream(side)
-            return sel
-        sel = on_side(select_and_attend)
-        if full_rows_attention is None:
-            attend(None, "full", full_pages)  # dense mode: reads no selection
-        else:  # the engine's kernel, writing only the full rows
-            full_rows_attention(full_rows_seq_lens, out, full_pages * page_size)
+        else:
+            sel = on_side(select_and_attend)
+            if full_rows_attention is None:
+                attend(None, "full", full_pages)  # dense mode: reads no selection
+            else:  # the engine's kernel, writing only the full rows
+                full_rows_attention(full_rows_seq_lens, out, full_pages * page_size)
     else:
         sel = on_side(select)
         full_rows_attention(full_rows_seq_lens, out, full_pages * page_size)
