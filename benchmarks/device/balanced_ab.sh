@@ -5,6 +5,9 @@
 # engine (short_prompts_e2e.sh, ROUNDS interleaved with FLASH_ATTN), then a profile of
 # CUSTOM's default decode step (profile_decode.sh). Results under $RES (/tmp/res): tests.log,
 # eng4k.json/.log, e/, prof/. SETTINGS (short_prompts_e2e.sh's) given: no pick, those run.
+# MIXED_VARIANTS: also those variants on mixed batches (8 x 4K + 8 x 32K / 128K; mixed.json).
+# TRACES: tooling settings (SPARSE_SERVE_BALANCED_DECODE values, "-" for the defaults) to trace
+# per program at 4K x 16 (trace_balanced.py; trace_K.json). SKIP_E2E=1: stop before the e2e.
 #   VARIANTS="balanced balanced_p3" ROUNDS=2 bash benchmarks/device/balanced_ab.sh
 set -uo pipefail
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
@@ -24,6 +27,21 @@ timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_decode_engine.py --requir
   --variant-plans topk_auto dense --out "$RES/eng4k.json" > "$RES/eng4k.log" 2>&1
 echo "bench rc=$?"
 python3 benchmarks/device/print_decode_engine.py "$RES/eng4k.json" 2>/dev/null | tail -30
+if [ -n "${MIXED_VARIANTS:-}" ]; then
+  timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_decode_engine.py --require-fa3 \
+    --contexts 131072 32768 --batches 16 --iters 20 ${BENCH_ARGS:-} --short-rows 8 \
+    --variants $MIXED_VARIANTS --variant-plans topk_auto --out "$RES/mixed.json" > "$RES/mixed.log" 2>&1
+  echo "mixed rc=$?"
+  python3 benchmarks/device/print_decode_engine.py "$RES/mixed.json" 2>/dev/null | tail -20
+fi
+k=0
+for t in ${TRACES:-}; do
+  k=$((k + 1)); [ "$t" = - ] && t=""
+  SPARSE_SERVE_BALANCED_DECODE="$t" timeout 200 python3 benchmarks/trace_balanced.py --context 4096 \
+    --batch 16 --repeats 5 --out "$RES/trace_$k.json" > "$RES/trace_$k.log" 2>&1
+  echo "trace $k (${t:-defaults}) rc=$?"; tail -6 "$RES/trace_$k.log"
+done
+[ "${SKIP_E2E:-0}" = 1 ] && exit 0
 if [ -n "${SETTINGS:-}" ]; then
   settings=$SETTINGS value=""
 else
