@@ -9,7 +9,8 @@ separately, since only same-machine ratios compare), and prints per prompt lengt
 TPOT ratio (best and mean of the repeats) and the batch-16 step ratio, FLASH_ATTN time over
 CUSTOM time (above 1: CUSTOM faster), then per (engine, setting) the median and range over
 rounds, then per folder the ratio of the medians of every timed batch-16 pair pooled over the
-rounds (``step_ms_all``). Not a test; no GPU needed.
+rounds (``step_ms_in_run_all``, the in-run steps, where a file has them; else ``step_ms_all``).
+Not a test; no GPU needed.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def _rows(path: Path) -> dict:
     if b.get("cache_hits") is False:  # the batch did not fit in the KV cache: no decode step
         print(f"{path}: the batch missed the prefix cache; its step is left out")
         b = {}
+    # the in-run steps where the file has them (session 19 on), else the wall-time differences
+    steps = b.get("step_ms_in_run_all") or b.get("step_ms_all")
     return {"b1": out, "b16": b.get("step_ms"),
-            "b16_all": b.get("step_ms_all") or ([b["step_ms"]] if b.get("step_ms") else [])}
+            "b16_all": steps or ([b["step_ms"]] if b.get("step_ms") else [])}
 
 
 def compare(dirs: list[str]) -> list[dict]:

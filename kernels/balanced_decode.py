@@ -43,6 +43,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import cdiv, next_power_of_2
 
 from sparse_kernels.sparse_decode import (
     _LOG2E,
@@ -506,7 +507,7 @@ def balanced_fits(batch: int, num_kv_heads: int, device: torch.device) -> bool:
 
 def default_programs(num_kv_heads: int, device: torch.device) -> int:
     """Programs per KV head: :data:`PROGRAMS_PER_SM` times the SMs, over the KV heads."""
-    return max(1, triton.cdiv(PROGRAMS_PER_SM * _device_sms(device), num_kv_heads))
+    return max(1, cdiv(PROGRAMS_PER_SM * _device_sms(device), num_kv_heads))
 
 
 def use_inline_merge(full_pages: int | None) -> bool:
@@ -592,8 +593,8 @@ def balanced_decode(
     upcast = _interpreting() and k_cache.dtype == torch.bfloat16
     precision = "ieee" if k_cache.dtype == torch.float32 else None
     common = dict(PAGE_SIZE=page_size, GROUP=group,
-                  GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-                  BLOCK_N=block_n, SCAN=SCAN_BLOCK, GROUP_M=triton.next_power_of_2(group),
+                  GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim),
+                  BLOCK_N=block_n, SCAN=SCAN_BLOCK, GROUP_M=next_power_of_2(group),
                   MERGE_SEGMENTS=MERGE_SEGMENTS, MERGE_UNROLL=MERGE_UNROLL)
     _balanced_decode_kernel[(programs, num_kv_heads)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import next_power_of_2
 
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta, block_density
 
@@ -231,8 +232,8 @@ def build_block_lists(
     group = 1 if hq is None else hq // num_kv_heads
     if hq is not None and hq != group * num_kv_heads:
         raise ValueError(f"{hq} query heads are not a multiple of {num_kv_heads} KV heads")
-    g_pad = triton.next_power_of_2(group)
-    block_k = min(triton.next_power_of_2(nkb), max(16, max_block_k // g_pad))
+    g_pad = next_power_of_2(group)
+    block_k = min(next_power_of_2(nkb), max(16, max_block_k // g_pad))
     dummy = torch.zeros(1, 1, 1, device=dev, dtype=torch.float32)
     on_all = torch.ones(1, 1, device=dev, dtype=torch.int8)
 

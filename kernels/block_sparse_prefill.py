@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import cdiv, next_power_of_2
 
 __all__ = [
     "PrefillBlockMeta",
@@ -173,7 +174,7 @@ def prefill_block_metadata(
     return PrefillBlockMeta(
         block_size=block_size,
         num_q_blocks=nqb,
-        max_kv_blocks=max(triton.cdiv(max_seq_len, block_size), 1),
+        max_kv_blocks=max(cdiv(max_seq_len, block_size), 1),
         max_seq_len=max_seq_len,
         num_tokens=num_tokens,
         batch_size=batch,
@@ -367,7 +368,7 @@ def _tile_config(block_size: int, group: int, head_dim: int) -> dict:
     256 rows / 16 warps / 3 stages ~400 TF/s; 128 rows / 8 warps ~270; 128 rows / 4 warps ~260.
     A 128-key tile with 256 rows spills registers (~30x slower): keep BLOCK_N at 64.
     """
-    g_pad = triton.next_power_of_2(group)
+    g_pad = next_power_of_2(group)
     block_q = max(1, min(block_size, 256 // g_pad))
     if block_q * g_pad < 16:  # tl.dot needs M >= 16
         block_q = min(block_size, 16 // g_pad)

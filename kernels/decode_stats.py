@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import next_power_of_2
 
 from sparse_kernels.page_select import DENSE_ROW
 
@@ -75,7 +76,7 @@ def accumulate_decode_reads(selected: torch.Tensor | None, seq_lens: torch.Tenso
     _decode_reads_kernel[(batch, num_kv_heads)](
         sel, seq_lens, sums, k, *strides,
         PAGE_SIZE=page_size, HAS_SEL=has_sel,
-        BLOCK=min(1024, triton.next_power_of_2(max(k, 16))), DENSE=DENSE_ROW, num_warps=4)
+        BLOCK=min(1024, next_power_of_2(max(k, 16))), DENSE=DENSE_ROW, num_warps=4)
 
 
 __all__ = ["accumulate_decode_reads"]

@@ -26,6 +26,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import next_power_of_2
 
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta
@@ -154,7 +155,7 @@ def pooled_block_logits(q: torch.Tensor, kbar: torch.Tensor, meta: PrefillBlockM
         q.stride(0), q.stride(1), q.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        G=group, ROWS=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=meta.block_size,
+        G=group, ROWS=max(16, next_power_of_2(group)), BLOCK_SIZE=meta.block_size,
         BLOCK_J=64, HEAD_DIM=d,
         DOT_PRECISION="tf32x3" if q.is_cuda else "ieee",  # ~fp32 accuracy on tensor cores
         num_warps=4,

@@ -12,13 +12,14 @@ import triton
 
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta
+from sparse_kernels.host_math import cdiv
 
 __all__ = ["streaming_block_counts", "estimate_streaming"]
 
 
 def streaming_block_counts(block_size: int, sink_tokens: int, local_tokens: int) -> tuple[int, int]:
     """(sink blocks, local blocks) covering ``sink_tokens`` / ``local_tokens``."""
-    return triton.cdiv(sink_tokens, block_size), triton.cdiv(local_tokens, block_size)
+    return cdiv(sink_tokens, block_size), cdiv(local_tokens, block_size)
 
 
 def estimate_streaming(

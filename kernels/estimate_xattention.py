@@ -28,6 +28,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import next_power_of_2
 
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import (
@@ -216,7 +217,7 @@ _SCORE_TILE = {"rows": 64, "block_c": 128, "num_warps": 4}
 
 
 def _score_tiles(block_size: int, stride: int, group: int) -> dict:
-    g_pad = triton.next_power_of_2(group)
+    g_pad = next_power_of_2(group)
     rt = max(1, _SCORE_TILE["rows"] // g_pad)
     if rt * g_pad < 16:
         rt = 16 // g_pad
@@ -281,8 +282,8 @@ def xattention_block_scores(
         lse.stride(0), lse.stride(1), lse.stride(2),
         scores.stride(0), scores.stride(1), scores.stride(2),
         nkb,
-        RT=rt, STRIDE=stride, R=r, R_PAD=triton.next_power_of_2(r),
-        BLOCK_K=min(triton.next_power_of_2(nkb), 2048),
+        RT=rt, STRIDE=stride, R=r, R_PAD=next_power_of_2(r),
+        BLOCK_K=min(next_power_of_2(nkb), 2048),
         num_warps=4,
     )
     return scores

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import next_power_of_2
 
 
 @triton.jit(
@@ -139,9 +140,9 @@ def write_kv_and_summaries(
         key, value, k_cache, v_cache, slot_mapping, summ, num_slots,
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), *s_strides,
         PAGE_SIZE=page_size,
-        PAGE_PAD=triton.next_power_of_2(page_size),
+        PAGE_PAD=next_power_of_2(page_size),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
         SUMMARIZE=summaries is not None,
         num_warps=1 if page_size * head_dim < 4096 else 4,
     )

@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import cdiv, next_power_of_2
 
 from sparse_kernels.block_sparse_prefill import (
     PrefillBlockMeta,
@@ -143,15 +144,15 @@ def last_q_scores(
     batch = meta.batch_size
     width = meta.max_kv_blocks * meta.block_size
     block_n = 64
-    nkt = triton.cdiv(width, block_n)
-    n_pad = max(16, triton.next_power_of_2(last_q))
+    nkt = cdiv(width, block_n)
+    n_pad = max(16, next_power_of_2(last_q))
     dev = q.device
     part = torch.full((batch, hq, n_pad, nkt), float("-inf"), device=dev, dtype=torch.float32)
     vert = torch.zeros(batch, hq, width, device=dev, dtype=torch.float32)
     slash = torch.zeros(batch, hq, width, device=dev, dtype=torch.float32)
     common = dict(
         LAST_Q=last_q, N_PAD=n_pad, G=group, BLOCK_N=block_n,
-        W=triton.next_power_of_2(block_n + n_pad - 1), HEAD_DIM=d, PAGE_SIZE=page_size,
+        W=next_power_of_2(block_n + n_pad - 1), HEAD_DIM=d, PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpret_upcast(q.dtype),
         num_warps=4,

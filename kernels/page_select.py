@@ -58,6 +58,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import cdiv, next_power_of_2
 
 from sparse_kernels.page_summary import _summarize_page
 from sparse_kernels.tooling_env import apply_tooling_env, maxnreg_option
@@ -777,18 +778,18 @@ def two_stage_plan(batch: int, num_kv_heads: int, max_pages: int, num_select: in
         return None
     if segment_pages is not None:
         seg = max(1, int(segment_pages))
-        n_seg = triton.cdiv(max_pages, seg)
-        if (triton.next_power_of_2(seg) > _MAX_SEGMENT_BLOCK
-                or triton.next_power_of_2(n_seg * num_select) > _MAX_CANDIDATE_BLOCK):
+        n_seg = cdiv(max_pages, seg)
+        if (next_power_of_2(seg) > _MAX_SEGMENT_BLOCK
+                or next_power_of_2(n_seg * num_select) > _MAX_CANDIDATE_BLOCK):
             return None
         return seg, n_seg
     rows = max(1, batch * num_kv_heads)
     max_segments = max(2, _sms(device) // rows)
     best = None
-    seg = triton.next_power_of_2(max(2 * num_select, 1))
+    seg = next_power_of_2(max(2 * num_select, 1))
     while seg < max_pages and seg <= _MAX_SEGMENT_BLOCK:
-        n_seg = triton.cdiv(max_pages, seg)
-        cand = triton.next_power_of_2(n_seg * num_select)
+        n_seg = cdiv(max_pages, seg)
+        cand = next_power_of_2(n_seg * num_select)
         if n_seg <= max_segments and cand <= _MAX_CANDIDATE_BLOCK:
             cost = seg + cand
             if best is None or cost < best[0]:
@@ -821,8 +822,8 @@ def use_two_stage(batch: int, num_kv_heads: int, max_pages: int, num_select: int
     # The plan's cost model against the single-stage row tile (the whole row in registers):
     # at most half of it, to pay for the second launch.
     seg, n_seg = plan
-    cost = triton.next_power_of_2(seg) + triton.next_power_of_2(n_seg * num_select)
-    return 2 * cost <= triton.next_power_of_2(max_pages)
+    cost = next_power_of_2(seg) + next_power_of_2(n_seg * num_select)
+    return 2 * cost <= next_power_of_2(max_pages)
 
 
 def default_candidate_capacity(max_batch: int, num_kv_heads: int, max_pages: int,
@@ -838,7 +839,7 @@ def default_candidate_capacity(max_batch: int, num_kv_heads: int, max_pages: int
 
 def default_stage1_warps(segment_pages: int) -> int:
     """Warps of a two-stage segment program: 4 up to 1024 pages, 8 up to 4096, else 16."""
-    blk = triton.next_power_of_2(max(1, segment_pages))
+    blk = next_power_of_2(max(1, segment_pages))
     return 4 if blk <= 1024 else (8 if blk <= 4096 else 16)
 
 
@@ -846,7 +847,7 @@ def _row_block(max_pages: int, num_warps: int, block: int | None = None):
     """(BLOCK, IN_REGS) of :func:`_select_row` for rows of ``max_pages``."""
     if block is not None:
         return block, False
-    row = max(256, triton.next_power_of_2(max(1, max_pages)))
+    row = max(256, next_power_of_2(max(1, max_pages)))
     if row <= _IN_REGS_PAGES_PER_8_WARPS * max(1, num_warps // 8) and row <= 16384:
         return row, True
     return _LOOP_BLOCK, False
@@ -972,7 +973,7 @@ def _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink
         cp = torch.empty_like(ck)
     else:
         ck, cp = workspace.candidate_views(batch, num_kv_heads, width)
-    seg_block = triton.next_power_of_2(seg)
+    seg_block = next_power_of_2(seg)
     _topk_stage1_kernel[(n_seg, batch, num_kv_heads)](
         scores, seq_lens, ck, cp, out, num_select, dense_pages, sink, local, seg,
         *scores.stride(), *ck.stride(), *out.stride(),
@@ -981,7 +982,7 @@ def _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink
         FORCE=force,
         num_warps=stage1_warps or default_stage1_warps(seg),
     )
-    cand_block = triton.next_power_of_2(width)
+    cand_block = next_power_of_2(width)
     _topk_stage2_kernel[(batch, num_kv_heads)](
         seq_lens, ck, cp, out, num_select, dense_pages, seg, n_seg,
         *ck.stride(), *out.stride(),
@@ -1155,22 +1156,22 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
     num_warps = num_warps or (8 if do_select else SCORE_NUM_WARPS)
     chunk = chunk_pages or default_chunk_pages(batch, num_kv_heads, max_pages, q.device,
                                                do_select)
-    chunk = min(chunk, max(16, triton.next_power_of_2(max_pages)))
+    chunk = min(chunk, max(16, next_power_of_2(max_pages)))
     block_p = min(64, chunk)
     assert chunk % block_p == 0 and block_p & (block_p - 1) == 0, chunk
     row_block, in_regs = _row_block(max_pages, num_warps)
-    grid = (triton.cdiv(max_pages, chunk), batch, num_kv_heads)
+    grid = (cdiv(max_pages, chunk), batch, num_kv_heads)
     _select_fused_kernel[grid](
         q, summaries, block_table, seq_lens, kc, scores, raw, out, counters,
         sink_pages, local_pages, max_pages, num_select, dense_pages, skip_pages,
         *q.stride(), *summaries.stride(), *k_strides, block_table.stride(0),
         *scores.stride(), *raw.stride(), *out.stride(),
         PAGE_SIZE=page_size,
-        PAGE_PAD=triton.next_power_of_2(page_size),
+        PAGE_PAD=next_power_of_2(page_size),
         GROUP=group,
-        GROUP_PAD=triton.next_power_of_2(group),
+        GROUP_PAD=next_power_of_2(group),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
         BLOCK_P=block_p,
         SUB_BLOCKS=chunk // block_p,
         STORE_RAW=raw_scores is not None,
@@ -1201,7 +1202,7 @@ def default_chunk_pages(batch: int, num_kv_heads: int, max_pages: int,
     chunk = 128 if fused else SCORE_CHUNK_PAGES
 
     def programs(c):
-        return batch * num_kv_heads * triton.cdiv(max_pages, c)
+        return batch * num_kv_heads * cdiv(max_pages, c)
 
     while chunk < min(256, SCORE_CHUNK_MAX) and programs(chunk) > SCORE_PROGRAMS_PER_SM * 132:
         chunk *= 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import next_power_of_2
 
 
 @triton.jit
@@ -233,9 +234,9 @@ def update_page_summaries(
         k_cache, summaries, block_table, query_start_loc, seq_lens, batch,
         *k_cache.stride(), *summaries.stride(), block_table.stride(0),
         PAGE_SIZE=page_size,
-        PAGE_PAD=triton.next_power_of_2(page_size),
+        PAGE_PAD=next_power_of_2(page_size),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
         num_warps=4 if page_size * head_dim >= 4096 else 1,
     )
 
@@ -268,8 +269,8 @@ def build_page_summaries(
         k_cache, summaries, block_table, seq_lens,
         *k_cache.stride(), *summaries.stride(), block_table.stride(0),
         PAGE_SIZE=page_size,
-        PAGE_PAD=triton.next_power_of_2(page_size),
+        PAGE_PAD=next_power_of_2(page_size),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
         num_warps=4 if page_size * head_dim >= 4096 else 1,
     )

@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from sparse_kernels.host_math import cdiv, next_power_of_2
 
 from sparse_kernels.page_select import DENSE_ROW
 from sparse_kernels.tooling_env import apply_tooling_env, maxnreg_option
@@ -488,8 +489,8 @@ def default_num_splits(batch: int, num_kv_heads: int, max_slot_tokens: int,
     """
     sms = _device_sms(device)
     waves = 4 if _small_grid(batch, num_kv_heads, device) else LARGE_GRID_WAVES
-    splits = triton.cdiv(waves * sms, max(1, batch * num_kv_heads))
-    max_useful = max(1, triton.cdiv(max_slot_tokens, block_n))
+    splits = cdiv(waves * sms, max(1, batch * num_kv_heads))
+    max_useful = max(1, cdiv(max_slot_tokens, block_n))
     return max(1, min(splits, max_useful, MAX_SPLITS))
 
 
@@ -640,16 +641,16 @@ def sparse_decode(
         *sel_strides, *out.stride(), *part_out.stride(), *part_lse.stride(),
         PAGE_SIZE=page_size,
         GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
         BLOCK_N=block_n,
         DENSE=dense,
         SPLIT=split,
         UPCAST_DOT=upcast,
         DOT_PRECISION=precision,
         MERGE_IN_KERNEL=merge_in_kernel,
-        SPLITS_PAD=triton.next_power_of_2(num_splits),
+        SPLITS_PAD=next_power_of_2(num_splits),
         num_warps=num_warps,
         num_stages=num_stages,
         **maxnreg_option(MAXNREG),
@@ -662,10 +663,10 @@ def sparse_decode(
             PAGE_SIZE=page_size,
             GROUP=group,
             HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            HEAD_DIM_PAD=next_power_of_2(head_dim),
             BLOCK_N=block_n,
             DENSE=dense,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_PAD=next_power_of_2(num_splits),
             num_warps=4,
         )
     return out

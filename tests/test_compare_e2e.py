@@ -64,3 +64,16 @@ def test_batch_that_missed_the_cache_is_left_out(tmp_path, capsys):
     assert rec["b16"] is None
     assert rec["b1"][4096] == pytest.approx((1.5, 1.5))
     assert "missed the prefix cache" in capsys.readouterr().out
+
+
+def test_pooled_steps_prefer_the_in_run_steps(tmp_path):
+    """Files with in-run decode steps (``step_ms_in_run_all``) pool those, not the wall-time
+    differences (``step_ms_all``), which carry the eager cached pass's noise."""
+    cmp = _load()
+    for name, in_run, diff in (("e2e_FLASH_ATTN.json", [9.5, 9.6], [9.8, 9.3]),
+                               ("e2e_CUSTOM.json", [9.8, 9.9], [10.6, 8.8])):
+        d = {"rows": [], "decode_batch": {"step_ms": in_run[0], "step_ms_in_run_all": in_run,
+                                          "step_ms_all": diff}}
+        (tmp_path / name).write_text(json.dumps(d))
+    (rec,) = cmp.compare([str(tmp_path)])
+    assert rec["b16_all"] == [9.8, 9.9] and rec["dense_b16_all"] == [9.5, 9.6]

@@ -131,6 +131,10 @@ class SparseAttentionMetadata:
     full_rows: object | None = None
     # Every decode row reads every page in this engine (short max_model_len): decode is dense.
     decode_all_full: bool = False
+    # The first this many requests are decode rows that read every page, attended by the
+    # first (dense) prefill run's FlashAttention launch (eager batches with prefill rows);
+    # num_decodes counts the others (0).
+    folded_decodes: int = 0
     # No cascade attention; vLLM's runner reads this.
     use_cascade: bool = False
     causal: bool = True
@@ -395,15 +399,23 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             m, decode_threshold=1)
         runs: list[PrefillRun] = []
+        folded = 0
         if num_prefills:
-            runs = self._prefill_runs(m, num_decodes)
+            # A batch with prefill rows runs attention eagerly (never in a full CUDA graph), so
+            # host lengths may shape it. Decode rows that read every page anyway join the dense
+            # FlashAttention launch of the prefill rows: no selection launches, no launch of
+            # ours for them (each costs host time in every layer of an eager step).
+            seq_cpu = self._seq_lens_cpu(m)
+            if num_decodes and self._decodes_read_every_page(seq_cpu[:num_decodes]):
+                folded = num_decodes
+            runs = self._prefill_runs(m, num_decodes - folded, seq_cpu, dense_below=folded)
         from sparse_kernels.pipeline import use_engine_dense_rows
 
         full_rows = None
         if num_decodes:
             PATH_COUNTERS.decode_steps += 1
             schedule = self.full_rows_schedule
-            if schedule is not None and use_engine_dense_rows(
+            if not folded and schedule is not None and use_engine_dense_rows(
                     self.cfg, num_decodes, self.num_heads_kv, m.seq_lens.device,
                     all_full=self.decode_all_full):
                 full_rows = schedule.prepare(m.seq_lens, m.query_start_loc, num_decodes,
@@ -413,27 +425,44 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
-            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, prefill_runs=runs,
+            num_decodes=num_decodes - folded,
+            num_decode_tokens=0 if folded else num_decode_tokens, prefill_runs=runs,
             selected=self.selected, workspace=self.workspace,
             select_workspace=self.select_workspace, side_stream=self.side_stream,
-            full_rows=full_rows, decode_all_full=self.decode_all_full)
+            full_rows=full_rows, decode_all_full=self.decode_all_full, folded_decodes=folded)
+
+    def _decodes_read_every_page(self, decode_seq_lens: list[int]) -> bool:
+        """Whether top-k decode would read every page of each of these rows (host lengths,
+        upper bounds): at most :func:`~sparse_kernels.pipeline.decode_full_pages` pages."""
+        from sparse_kernels.pipeline import decode_full_pages
+
+        if self.decode_all_full:
+            return True
+        limit = decode_full_pages(self.cfg, self.block_size) * self.block_size
+        return max(decode_seq_lens) <= limit
+
+    @staticmethod
+    def _seq_lens_cpu(m: CommonAttentionMetadata) -> list[int]:
+        # vLLM's CPU copy is exact for prefill rows and an upper bound for decode rows; older
+        # or hand-built metadata without it costs one device-to-host copy.
+        upper = getattr(m, "seq_lens_cpu_upper_bound", None)
+        return (upper if upper is not None else m.seq_lens.cpu()).tolist()
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
                                     ) -> SparseAttentionMetadata:
         PATH_COUNTERS.reset()  # start-up batches are not served requests
         return self.build(0, common_attn_metadata)
 
-    def _prefill_runs(self, m: CommonAttentionMetadata, first: int) -> list[PrefillRun]:
+    def _prefill_runs(self, m: CommonAttentionMetadata, first: int, seq_cpu: list[int],
+                      dense_below: int = 0) -> list[PrefillRun]:
+        """Runs of the requests from ``first`` on; those below ``dense_below`` (decode rows
+        folded into the dense launch) are dense."""
         from sparse_kernels.block_sparse_prefill import prefill_block_metadata
 
         qsl_cpu = m.query_start_loc_cpu.tolist()
-        # vLLM's CPU copy is exact for prefill rows (the only rows read here); older or
-        # hand-built metadata without it costs one device-to-host copy.
-        upper = getattr(m, "seq_lens_cpu_upper_bound", None)
-        seq_cpu = (upper if upper is not None else m.seq_lens.cpu()).tolist()
         sparse_method = self.cfg.prefill_method != "dense" or any(
             o.prefill_method not in (None, "dense") for o in self.cfg.head_overrides)
-        kinds = [sparse_method and seq_cpu[r] > self.cfg.min_seq_len
+        kinds = [sparse_method and r >= dense_below and seq_cpu[r] > self.cfg.min_seq_len
                  for r in range(first, m.num_reqs)]
         runs: list[PrefillRun] = []
         r = first
@@ -457,7 +486,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                 run.causal_blocks = _causal_blocks(run.block_meta)
                 PATH_COUNTERS.sparse_prefill_reqs += e - r
             else:
-                PATH_COUNTERS.dense_prefill_reqs += e - r
+                PATH_COUNTERS.dense_prefill_reqs += e - max(r, dense_below)
             runs.append(run)
             r = e
         return runs
@@ -714,6 +743,9 @@ class SparseAttentionImpl(AttentionImpl):
                           summaries, self.max_model_len, self.scale)
         nd = m.num_decodes
         stats = PATH_COUNTERS.sums_for(q.device)
+        if m.folded_decodes and self._decode_stats:  # read whole, by the dense launch below
+            accumulate_decode_reads(None, m.seq_lens[:m.folded_decodes], key_cache.shape[1],
+                                    self.num_kv_heads, stats)
         if nd:
             full_rows, fr = None, m.full_rows
             if fr is not None and (decode_method == "topk" or m.decode_all_full):

@@ -139,14 +139,71 @@ def test_mixed_batch_matches_dense_attention(monkeypatch, prefill_method):
     k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, q_lens, seed=0)
     qsl, n = m.query_start_loc, m.num_actual_tokens
     meta = _builder(cfg, 8).build(0, m)
-    assert meta.num_decodes == 2
+    # The decode rows read every page (within the budget): they join the dense launch.
+    assert meta.num_decodes == 0 and meta.folded_decodes == 2
     assert [(r.sparse, r.req_start, r.req_end) for r in meta.prefill_runs] == [
-        (True, 2, 3), (False, 3, 4)]
+        (False, 0, 2), (True, 2, 3), (False, 3, 4)]
     q = torch.randn(n, HQ, D)
     out = torch.full((n, HQ, D), float("nan"))
     _impl(cfg).forward(_Layer(), q, None, None, kv_cache, meta, out)
     want = reference.dense_attention(q, k_cache, v_cache, bt, qsl, m.seq_lens)
     torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
+
+
+def test_mixed_batch_folds_short_decode_rows_into_the_dense_launch(monkeypatch):
+    """Eager (mixed) batches: decode rows that read every page go to the dense prefill launch,
+    merged with a following dense run; no decode launch of ours runs (sparse_decode and the
+    selection are replaced by failures); the read counters count them as read whole, and the
+    prefill counters do not count them."""
+    from sparse_kernels import pipeline
+
+    _fake_fa3(monkeypatch)
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+
+    def no_decode_launch(*a, **k):
+        raise AssertionError("a decode launch ran for folded rows")
+
+    monkeypatch.setattr(pipeline, "decode_attention", no_decode_launch)
+    seq_lens, q_lens = [120, 90, 60], [1, 1, 20]
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=100,
+                       decode_min_seq_len=128)
+    k_cache, v_cache, kv_cache, bt, m = _batch(seq_lens, q_lens, seed=5)
+    meta = _builder(cfg, 4).build(0, m)
+    assert meta.num_decodes == 0 and meta.folded_decodes == 2 and meta.num_decode_tokens == 0
+    assert [(r.sparse, r.req_start, r.req_end, r.tok_start, r.tok_end, r.max_query_len)
+            for r in meta.prefill_runs] == [(False, 0, 3, 0, 22, 20)]
+
+    class Layer0:
+        layer_name = "model.layers.0.self_attn.attn"
+
+    q = torch.randn(22, HQ, D)
+    out = torch.full((22, HQ, D), float("nan"))
+    _impl(cfg).forward(Layer0(), q, None, None, kv_cache, meta, out)
+    want = reference.dense_attention(q, k_cache, v_cache, bt, m.query_start_loc, m.seq_lens)
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
+    snap = backend.PATH_COUNTERS.snapshot()
+    assert snap["decode_steps"] == 1 and snap["decode_kv_fraction_read"] == 1.0
+    assert snap["prefill_chunks_dense"] == 1
+    sums = backend.PATH_COUNTERS.device_sums.tolist()
+    assert sums[0] == sums[1] == (120 + 90) * HKV
+
+
+@pytest.mark.parametrize("longest", [128, 129])
+def test_fold_only_where_every_decode_row_reads_every_page(longest):
+    """One decode row past the dense threshold (decode_min_seq_len, here above the budget)
+    keeps every decode row on the decode path; a pure-decode batch (CUDA graphs) never folds;
+    an engine whose decode is dense (decode_all_full) always folds in mixed batches."""
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=100,
+                       decode_min_seq_len=128)
+    _, _, _, _, m = _batch([60, longest, 40], [1, 1, 20], seed=6)
+    meta = _builder(cfg, 4).build(0, m)
+    folded = longest <= 128
+    assert (meta.folded_decodes, meta.num_decodes) == ((2, 0) if folded else (0, 2))
+    assert meta.prefill_runs[0].req_start == (0 if folded else 2)
+    assert _builder(cfg, 4, all_full=True).build(0, m).folded_decodes == 2
+    _, _, _, _, d = _batch([60, 40], [1, 1], seed=6)
+    meta = _builder(cfg, 4).build(0, d)
+    assert (meta.folded_decodes, meta.num_decodes, meta.prefill_runs) == (0, 2, [])
 
 
 def test_decode_reads_only_the_budget(monkeypatch):
