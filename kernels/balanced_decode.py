@@ -43,8 +43,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import cdiv, next_power_of_2
 
+from sparse_kernels.host_math import cdiv, next_power_of_2
+from sparse_kernels.launch import fast_launch
 from sparse_kernels.sparse_decode import (
     _LOG2E,
     DecodeWorkspace,
@@ -279,6 +280,7 @@ def _merge_row(out_ptr, part_out_ptr, part_lse_ptr, row64, head0, offs_d, mask_d
              mask=mask_m[:, None] & mask_d[None, :])
 
 
+@fast_launch
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=["batch", "rows_upto", "programs", "piece_ctr_off", "stride_bt"],
@@ -451,6 +453,7 @@ def _balanced_decode_kernel(
         tl.store(rec + 7, _clock())
 
 
+@fast_launch
 @triton.jit(
     do_not_specialize=["batch", "rows_upto", "programs"],
     do_not_specialize_on_alignment=["seq_lens_ptr"],

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import next_power_of_2
 
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta, block_density
+from sparse_kernels.host_math import next_power_of_2
 
 __all__ = ["build_block_lists"]
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from sparse_kernels.host_math import cdiv, next_power_of_2
 
 __all__ = [

@@ -15,11 +15,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import next_power_of_2
 
+from sparse_kernels.host_math import next_power_of_2
+from sparse_kernels.launch import fast_launch
 from sparse_kernels.page_select import DENSE_ROW
 
 
+@fast_launch
 @triton.jit(
     # not specialized on values that change with the batch or engine: compiled once
     do_not_specialize=["num_select", "stride_sel_b", "stride_sel_h", "stride_sel_k"],

@@ -26,10 +26,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import next_power_of_2
 
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta
+from sparse_kernels.host_math import next_power_of_2
 from sparse_kernels.last_q_scores import last_q_scores
 
 __all__ = ["block_mean_keys", "pooled_block_logits", "flexprefill_parts", "estimate_flexprefill"]

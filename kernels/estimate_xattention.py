@@ -28,7 +28,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import next_power_of_2
 
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import (
@@ -39,6 +38,7 @@ from sparse_kernels.block_sparse_prefill import (
     interpret_upcast,
     max_tiles,
 )
+from sparse_kernels.host_math import next_power_of_2
 
 __all__ = ["xattention_block_scores", "estimate_xattention"]
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sparse_kernels.host_math import next_power_of_2
+from sparse_kernels.launch import fast_launch
 
 
+@fast_launch
 @triton.jit(
     # not specialized on values that change with the batch: no compile while serving
     do_not_specialize=["num_slots"],

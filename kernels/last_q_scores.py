@@ -21,13 +21,13 @@ import math
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import cdiv, next_power_of_2
 
 from sparse_kernels.block_sparse_prefill import (
     PrefillBlockMeta,
     chunk_of_sequence,
     interpret_upcast,
 )
+from sparse_kernels.host_math import cdiv, next_power_of_2
 
 __all__ = ["last_q_scores"]
 

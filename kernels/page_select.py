@@ -58,8 +58,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import cdiv, next_power_of_2
 
+from sparse_kernels.host_math import cdiv, next_power_of_2
+from sparse_kernels.launch import fast_launch
 from sparse_kernels.page_summary import _summarize_page
 from sparse_kernels.tooling_env import apply_tooling_env, maxnreg_option
 
@@ -328,6 +329,7 @@ def _select_row(row, stride_p, n_pages, num_select, dense_pages, sink_pages, loc
             ties += tl.sum(eq, axis=0)
 
 
+@fast_launch
 @triton.jit
 def _topk_pages_kernel(
     scores_ptr,
@@ -373,6 +375,7 @@ def _topk_pages_kernel(
                     local_pages, out, stride_sel_k, FORCE, False, BLOCK, IN_REGS)
 
 
+@fast_launch
 @triton.jit
 def _topk_stage1_kernel(
     scores_ptr,
@@ -451,6 +454,7 @@ def _topk_stage1_kernel(
             tl.store(cp + pos * stride_c_k, pages, mask=take)
 
 
+@fast_launch
 @triton.jit
 def _topk_stage2_kernel(
     seq_lens_ptr,
@@ -501,6 +505,7 @@ def _topk_stage2_kernel(
         tl.store(out + pos * stride_sel_k, pages, mask=take)
 
 
+@fast_launch
 @triton.jit
 def _select_fused_kernel(
     q_ptr,

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sparse_kernels.host_math import next_power_of_2
+from sparse_kernels.launch import fast_launch
 
 
 @triton.jit
@@ -80,6 +82,7 @@ def _summarize_page(
     tl.store(s_ptrs + stride_s_kind, k_max.to(summ_ptr.dtype.element_ty), mask=mask_d)
 
 
+@fast_launch
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
@@ -137,6 +140,7 @@ def _update_summaries_kernel(
     )
 
 
+@fast_launch
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[

@@ -33,8 +33,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from sparse_kernels.host_math import cdiv, next_power_of_2
 
+from sparse_kernels.host_math import cdiv, next_power_of_2
+from sparse_kernels.launch import fast_launch
 from sparse_kernels.page_select import DENSE_ROW
 from sparse_kernels.tooling_env import apply_tooling_env, maxnreg_option
 
@@ -150,6 +151,7 @@ def _finish_softmax(acc, m_i, l_i):
     return acc / l_safe[:, None], lse
 
 
+@fast_launch
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
@@ -352,6 +354,7 @@ def _merge_head(
     )
 
 
+@fast_launch
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[

@@ -11,6 +11,8 @@ import os
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
+# launches go through JITFunction.run (patched below), never a kept kernel's own launcher
+os.environ["SPARSE_SERVE_FAST_LAUNCH"] = "0"
 
 import torch  # noqa: E402
 import triton.runtime.jit as jit  # noqa: E402
