@@ -335,6 +335,7 @@ def _topk_pages_kernel(
     scores_ptr,
     seq_lens_ptr,
     sel_ptr,
+    keep_ptr,
     num_select,
     dense_pages,
     sink_pages,
@@ -350,15 +351,20 @@ def _topk_pages_kernel(
     IN_REGS: tl.constexpr,
     FORCE: tl.constexpr,
     SHORT_BLOCK: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
 ):
     """Grid ``(batch, num_kv_heads)``: :func:`_select_row` of each row of ``scores``.
 
     ``BLOCK`` covers the longest row the buffers allow (an engine's block-table width); with
     ``IN_REGS``, rows of at most ``SHORT_BLOCK`` pages take a register tile of that size
     instead (same algorithm, a quarter or less of the work: at 32K context and page 16 a row
-    is 2048 pages while a 128K engine sizes BLOCK for 8192)."""
+    is 2048 pages while a 128K engine sizes BLOCK for 8192). ``HAS_KEEP``: rows whose
+    ``keep`` flag is set keep their selection in ``sel`` (selection reuse) and are skipped."""
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
+    if HAS_KEEP:
+        if tl.load(keep_ptr + seq_idx) != 0:
+            return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     row = scores_ptr + seq_idx.to(tl.int64) * stride_sc_b + kv_head * stride_sc_h
@@ -383,6 +389,7 @@ def _topk_stage1_kernel(
     cand_key_ptr,
     cand_page_ptr,
     sel_ptr,
+    keep_ptr,
     num_select,
     dense_pages,
     sink_pages,
@@ -400,6 +407,7 @@ def _topk_stage1_kernel(
     PAGE_SIZE: tl.constexpr,
     SEG_BLOCK: tl.constexpr,
     FORCE: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
 ):
     """Two-stage top-k, stage 1. Grid ``(num_segments, batch, num_kv_heads)``.
 
@@ -417,6 +425,9 @@ def _topk_stage1_kernel(
     seg = tl.program_id(0)
     seq_idx = tl.program_id(1)
     kv_head = tl.program_id(2)
+    if HAS_KEEP:  # (a row that keeps its selection: nothing to do in either stage)
+        if tl.load(keep_ptr + seq_idx) != 0:
+            return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     start = seg * seg_pages
@@ -461,6 +472,7 @@ def _topk_stage2_kernel(
     cand_key_ptr,
     cand_page_ptr,
     sel_ptr,
+    keep_ptr,
     num_select,
     dense_pages,
     seg_pages,
@@ -473,6 +485,7 @@ def _topk_stage2_kernel(
     stride_sel_k,
     PAGE_SIZE: tl.constexpr,
     CAND_BLOCK: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
 ):
     """Two-stage top-k, stage 2. Grid ``(batch, num_kv_heads)``.
 
@@ -485,6 +498,9 @@ def _topk_stage2_kernel(
     taken by lowest page, and the output is ascending: identical to :func:`_select_row`."""
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
+    if HAS_KEEP:
+        if tl.load(keep_ptr + seq_idx) != 0:
+            return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     n_pages = (seq_len + PAGE_SIZE - 1) // PAGE_SIZE
     out = sel_ptr + seq_idx.to(tl.int64) * stride_sel_b + kv_head * stride_sel_h
@@ -517,6 +533,7 @@ def _select_fused_kernel(
     raw_ptr,
     sel_ptr,
     counter_ptr,
+    keep_ptr,
     sink_pages,
     local_pages,
     max_pages,
@@ -558,6 +575,7 @@ def _select_fused_kernel(
     IN_REGS: tl.constexpr,
     DO_SELECT: tl.constexpr,
     SKIP_TAIL: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
 ):
     """Grid ``(num_chunks, batch, num_kv_heads)``; a chunk is ``BLOCK_P * SUB_BLOCKS`` pages.
 
@@ -568,6 +586,8 @@ def _select_fused_kernel(
     ``DO_SELECT`` (method "fused"): the last program of a row to finish (per-row arrival
     counter, acq_rel atomics; it resets the counter, so the launch is replayable in a CUDA
     graph) runs the top-k of the whole row. One launch, grid scaling with the pages.
+    ``HAS_KEEP``: a row whose ``keep`` flag is set (selection reuse) is neither scored nor
+    selected (its summary refresh, ``FUSE_SUMMARY``, still runs).
     """
     pid_c = tl.program_id(0)
     seq_idx = tl.program_id(1)
@@ -601,6 +621,9 @@ def _select_fused_kernel(
             )
         tl.debug_barrier()
 
+    if HAS_KEEP:
+        if tl.load(keep_ptr + seq_idx) != 0:
+            return
     scored = n_pages > skip_pages  # else no summary loads (short and dense rows)
     if SKIP_TAIL:
         # ... and no scores: the radix top-k reads none of such a row (it writes the row's
@@ -927,15 +950,20 @@ def resolve_topk_method(topk_method: str, batch: int, num_kv_heads: int, max_pag
 
 def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local, force, out,
                  method, block, num_warps, topk_method=DEFAULT_TOPK_METHOD, segment_pages=None,
-                 stage1_warps=None, workspace=None):
+                 stage1_warps=None, workspace=None, keep=None):
     batch, num_kv_heads, max_pages = scores.shape
     if out is None:
+        if keep is not None:
+            raise ValueError("keep (selection reuse) needs the output buffer of earlier steps")
         out = torch.empty((batch, num_kv_heads, num_select), dtype=torch.int32,
                           device=scores.device)
     if method == "torch":
         if force:
             scores = _force_torch(scores, seq_lens, page_size, sink, local)
-        out.copy_(_topk_pages_torch(scores, seq_lens, page_size, num_select, dense_pages))
+        new = _topk_pages_torch(scores, seq_lens, page_size, num_select, dense_pages)
+        if keep is not None:
+            new = torch.where(keep[:batch, None, None] != 0, out, new)
+        out.copy_(new)
         return out
     if batch == 0 or num_select == 0:
         return out
@@ -943,7 +971,7 @@ def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, loc
                                scores.device, segment_pages, block)
     if path == "two_stage":
         _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local,
-                          force, out, segment_pages, stage1_warps, num_warps, workspace)
+                          force, out, segment_pages, stage1_warps, num_warps, workspace, keep)
         return out
     if not num_warps:
         from sparse_kernels.sparse_decode import _small_grid
@@ -952,20 +980,22 @@ def _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, loc
                                        wide=not _small_grid(batch, num_kv_heads, scores.device))
     blk, in_regs = _row_block(max_pages, num_warps, block)
     _topk_pages_kernel[(batch, num_kv_heads)](
-        scores, seq_lens, out, num_select, dense_pages, sink, local,
+        scores, seq_lens, out, seq_lens if keep is None else keep, num_select, dense_pages,
+        sink, local,
         *scores.stride(), *out.stride(),
         PAGE_SIZE=page_size,
         BLOCK=blk,
         IN_REGS=in_regs,
         FORCE=force,
         SHORT_BLOCK=min(blk, SHORT_ROW_BLOCK),
+        HAS_KEEP=keep is not None,
         num_warps=num_warps,
     )
     return out
 
 
 def _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink, local, force,
-                      out, segment_pages, stage1_warps, stage2_warps, workspace):
+                      out, segment_pages, stage1_warps, stage2_warps, workspace, keep=None):
     """Two launches: per-segment exact top-k into candidate buffers (grid ``(num_segments,
     batch, num_kv_heads)``), then the top-k of each row's candidates (grid ``(batch,
     num_kv_heads)``). Static shapes (the plan depends on host ints only), no host sync."""
@@ -980,19 +1010,23 @@ def _two_stage_launch(scores, seq_lens, page_size, num_select, dense_pages, sink
         ck, cp = workspace.candidate_views(batch, num_kv_heads, width)
     seg_block = next_power_of_2(seg)
     _topk_stage1_kernel[(n_seg, batch, num_kv_heads)](
-        scores, seq_lens, ck, cp, out, num_select, dense_pages, sink, local, seg,
+        scores, seq_lens, ck, cp, out, seq_lens if keep is None else keep, num_select,
+        dense_pages, sink, local, seg,
         *scores.stride(), *ck.stride(), *out.stride(),
         PAGE_SIZE=page_size,
         SEG_BLOCK=seg_block,
         FORCE=force,
+        HAS_KEEP=keep is not None,
         num_warps=stage1_warps or default_stage1_warps(seg),
     )
     cand_block = next_power_of_2(width)
     _topk_stage2_kernel[(batch, num_kv_heads)](
-        seq_lens, ck, cp, out, num_select, dense_pages, seg, n_seg,
+        seq_lens, ck, cp, out, seq_lens if keep is None else keep, num_select, dense_pages,
+        seg, n_seg,
         *ck.stride(), *out.stride(),
         PAGE_SIZE=page_size,
         CAND_BLOCK=cand_block,
+        HAS_KEEP=keep is not None,
         num_warps=stage2_warps or default_topk_warps(cand_block),
     )
 
@@ -1050,6 +1084,7 @@ def select_pages(
     topk_method: str = DEFAULT_TOPK_METHOD,
     segment_pages: int | None = None,
     stage1_warps: int | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quest top-k selection of logical pages for each (sequence, KV head).
 
@@ -1089,6 +1124,10 @@ def select_pages(
         segment_pages: two-stage segment size (default: :func:`two_stage_plan`); given with
             ``topk_method="auto"``, it selects the two-stage path where a plan exists.
         stage1_warps: warps of the two-stage segment programs.
+        keep: optional int32 ``[>= batch]`` (selection reuse,
+            :mod:`sparse_kernels.selection_reuse`): rows with a nonzero flag are neither
+            scored nor selected, their rows of ``out`` (which must then be given) keep what an
+            earlier step wrote there. A device tensor: CUDA graphs stay valid.
 
     Returns:
         ``selected`` int32 ``[batch, num_kv_heads, num_select]``: logical page indices sorted
@@ -1108,6 +1147,9 @@ def select_pages(
                           device=q.device)
     if batch == 0 or num_select == 0:
         return out
+    if keep is not None:
+        assert keep.shape[0] >= batch and keep.dtype == torch.int32, (keep.shape, keep.dtype)
+        keep = keep[:batch]
     if max_pages == 0:
         return out.fill_(-1)
     if workspace is None:
@@ -1124,20 +1166,20 @@ def select_pages(
     if method == "fused":
         _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages,
                         local_pages, scores, raw_scores, out, counters, num_select,
-                        dense_pages, skip_pages, k_cache, chunk_pages, num_warps)
+                        dense_pages, skip_pages, k_cache, chunk_pages, num_warps, keep=keep)
         return out
     _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
                     scores, raw_scores, None, None, num_select, dense_pages, skip_pages,
-                    k_cache, chunk_pages, num_warps, skip_tail=method == "triton")
+                    k_cache, chunk_pages, num_warps, skip_tail=method == "triton", keep=keep)
     return _topk_launch(scores, seq_lens, page_size, num_select, dense_pages, 0, 0, False, out,
                         method, None, topk_warps, topk_method=topk_method,
                         segment_pages=segment_pages, stage1_warps=stage1_warps,
-                        workspace=workspace)
+                        workspace=workspace, keep=keep)
 
 
 def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, local_pages,
                     scores, raw_scores, out, counters, num_select, dense_pages, skip_pages,
-                    k_cache, chunk_pages, num_warps, skip_tail=False):
+                    k_cache, chunk_pages, num_warps, skip_tail=False, keep=None):
     """Scoring launch (``out is None``) or the fused scoring + top-k launch. Rows of at most
     ``skip_pages`` pages load no summaries (their valid pages score ``+inf``)."""
     batch, num_q_heads, head_dim = q.shape
@@ -1168,7 +1210,7 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
     grid = (cdiv(max_pages, chunk), batch, num_kv_heads)
     _select_fused_kernel[grid](
         q, summaries, block_table, seq_lens, kc, scores, raw, out, counters,
-        sink_pages, local_pages, max_pages, num_select, dense_pages, skip_pages,
+        seq_lens if keep is None else keep, sink_pages, local_pages, max_pages, num_select, dense_pages, skip_pages,
         *q.stride(), *summaries.stride(), *k_strides, block_table.stride(0),
         *scores.stride(), *raw.stride(), *out.stride(),
         PAGE_SIZE=page_size,
@@ -1187,6 +1229,7 @@ def _launch_scoring(q, summaries, block_table, seq_lens, page_size, sink_pages, 
         # Only the two-launch radix top-k reads just the first n_pages scores; torch.topk
         # reads whole rows, the fused path counts every program, reuse keeps raw scores.
         SKIP_TAIL=skip_tail and not do_select and raw_scores is None,
+        HAS_KEEP=keep is not None,
         num_warps=num_warps,
         **maxnreg_option(0 if do_select else SCORE_MAXNREG),
     )

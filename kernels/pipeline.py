@@ -77,6 +77,7 @@ def decode_attention(
     full_rows_attention: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None,
     full_rows_seq_lens: torch.Tensor | None = None,
     full_rows_disjoint: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Decode attention of ``q [B, Hq, D]`` into ``out``; returns the page selection (topk).
 
@@ -114,6 +115,12 @@ def decode_attention(
     where every row is a full row (an engine whose longest sequence is at most
     :func:`decode_full_pages` pages, :func:`all_decode_rows_full`), with ``full_rows_seq_lens``
     (or ``seq_lens``) and an upper bound of the block table's tokens.
+
+    ``keep`` (topk; selection reuse, :mod:`sparse_kernels.selection_reuse`): int32 flags per
+    row; a flagged row skips scoring and top-k and is attended over its rows of ``selected``
+    (required then) as an earlier step selected them. Flags come from
+    :func:`~sparse_kernels.selection_reuse.update_reuse_rows`, once per engine step, and
+    ``selected`` must be this layer's own buffer, kept between steps.
     """
     if method == "dense":
         if full_rows_attention is not None:  # every row read whole by the engine's kernel
@@ -129,11 +136,13 @@ def decode_attention(
         return None
     if method != "topk":
         raise ValueError(f"unknown decode method {method!r}")
+    if keep is not None and selected is None:
+        raise ValueError("keep (selection reuse) needs the layer's selection buffer (selected)")
 
     def select() -> torch.Tensor:
         return decode_select_pages(cfg, q, k_cache, summaries, block_table, seq_lens,
                                    selected=selected, select_workspace=select_workspace,
-                                   fuse_summary=fuse_summary)
+                                   fuse_summary=fuse_summary, keep=keep)
 
     balanced = use_balanced_decode(cfg, q.shape[0], k_cache.shape[2], q.device)
 
@@ -290,9 +299,11 @@ def decode_select_pages(
     selected: torch.Tensor | None = None,
     select_workspace: SelectWorkspace | None = None,
     fuse_summary: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The page selection of :func:`decode_attention` (method "topk"): the budget, sink, local
-    window and dense rows of ``cfg``, launched as ``cfg.decode_select`` says."""
+    window and dense rows of ``cfg``, launched as ``cfg.decode_select`` says; rows flagged in
+    ``keep`` keep their rows of ``selected`` (selection reuse)."""
     page_size = k_cache.shape[1]
     k, sink, local = decode_budget_pages(cfg, page_size)
     fused = cfg.decode_select == "fused"
@@ -302,7 +313,7 @@ def decode_select_pages(
                         topk_method="auto" if fused else cfg.decode_select,
                         workspace=select_workspace,
                         k_cache=k_cache if fuse_summary else None,
-                        dense_pages=decode_dense_pages(cfg, page_size))
+                        dense_pages=decode_dense_pages(cfg, page_size), keep=keep)
 
 
 def estimate_prefill_blocks(

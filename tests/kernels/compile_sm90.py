@@ -91,6 +91,16 @@ def main() -> None:
             ws = ps.SelectWorkspace(batch, hkv, max_pages, device=cpu, counters=False)
             ps.select_pages(q, summ, bt, sl, 16, 256, 4, 32, workspace=ws, k_cache=kc,
                             dense_pages=512, topk_method=topk_method)
+            # selection reuse: rows flagged to keep an earlier step's selection
+            ps.select_pages(q, summ, bt, sl, 16, 256, 4, 32, workspace=ws,
+                            dense_pages=512, topk_method=topk_method,
+                            out=torch.zeros(batch, hkv, 256, dtype=torch.int32),
+                            keep=torch.zeros(batch, dtype=torch.int32))
+        from sparse_kernels.selection_reuse import new_reuse_state, update_reuse_rows
+
+        state, keep = new_reuse_state(512, cpu)
+        update_reuse_rows(state, keep, sl, bt, batch, 16, 4,
+                          counts=torch.zeros(2, dtype=torch.float64))
         sel = torch.zeros(batch, hkv, 256, dtype=torch.int32)
         sparse_decode(q, kc, kc, bt, sl, selected=sel, out=torch.zeros_like(q), num_splits=4)
         balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)

@@ -34,6 +34,7 @@ def test_kernels_compile_for_sm90():
             "_update_summaries_kernel", "_write_kv_kernel", "_block_sparse_prefill_kernel",
             "_build_block_lists_kernel", "_last_q_kernel", "_xattn_strided_lse_kernel",
             "_xattn_block_scores_kernel", "_block_mean_k_kernel", "_pooled_logits_kernel",
-            "_balanced_decode_kernel", "_merge_segments_kernel", "_decode_reads_kernel"}
+            "_balanced_decode_kernel", "_merge_segments_kernel", "_decode_reads_kernel",
+            "_reuse_rows_kernel"}
     assert want <= names, want - names
     assert all(kind == "cubin" for _, kind in lines), lines
