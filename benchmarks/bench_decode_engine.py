@@ -30,6 +30,8 @@ reports microseconds per layer for
     instead of before them (session 13); the same ahead-of-time schedule, with ``seqused_q``;
   * ``topk_auto_serial`` -- ``decode_overlap`` off: the selection, then one decode launch
     over every row (the path before session 9);
+  * ``topk_auto_kept`` -- a step in which every row keeps an earlier step's selection
+    (selection reuse, ``SPARSE_SELECTION_REUSE``): no scoring, no top-k;
 
 the KV write of the step's tokens, ``kv_write_vllm`` (vLLM's ``reshape_and_cache_flash``, what
 FLASH_ATTN runs) and ``kv_write_sparse`` (:func:`sparse_kernels.kv_write.write_kv_and_summaries`,
@@ -328,7 +330,9 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
 
     masked_ops = _fa3_masked_ops() if fa3 is not None else None
 
-    def step(method: str, cfg: SparseConfig, schedule: str | None = None):
+    kept = torch.ones(batch, dtype=torch.int32, device=dev)  # (selection reuse: every row)
+
+    def step(method: str, cfg: SparseConfig, schedule: str | None = None, keep=None):
         """``schedule``: None (FA3's own heuristic), "aot" (the ahead-of-time schedule) or
         "masked" (that schedule and FA3 writing only the full rows, beside the others)."""
         fr = None
@@ -363,7 +367,7 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
                                  workspace=ws, select_workspace=sws, fuse_summary=False,
                                  side_stream=side, full_rows_attention=rows,
                                  full_rows_seq_lens=None if fr is None else fr.seq_lens,
-                                 full_rows_disjoint=masked)
+                                 full_rows_disjoint=masked, keep=keep)
         return fn
 
     def fa3_step():
@@ -390,6 +394,10 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
                 base, decode_dense_rows="engine"))
     # the same selection with every row attended after it (one decode launch, no side stream)
     plans["topk_auto_serial"] = ("topk", dataclasses.replace(base, decode_overlap=False))
+    # a step in which every row keeps the selection of an earlier step (selection reuse,
+    # SparseConfig.selection_reuse): no scoring or top-k, the attention over the stored pages.
+    # With reuse R, a row's steps average (topk_auto + (R - 1) * topk_auto_kept) / R.
+    plans["topk_auto_kept"] = ("topk", dataclasses.replace(base, selection_reuse=4))
     runs = [(name, m, c, None) for name, (m, c) in plans.items()]
     for v in args.variants:
         for name in args.variant_plans:
@@ -465,7 +473,13 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
     for name, method, cfg, variant in runs:
         ctxm = variant if variant is not None else contextlib.nullcontext()
         with ctxm:
-            fn = step(method, cfg, schedule=_schedule_of(name))
+            if name.startswith("topk_auto_kept"):
+                # selected: the default plan's selection of the last layer (whose output is
+                # the one compared; every layer reads it, which changes no timing)
+                decode_select_pages(base, q, k_cache, layers[-1].summaries,
+                                    layers[-1].block_table, seq_lens, selected, sws)
+            fn = step(method, cfg, schedule=_schedule_of(name),
+                      keep=kept if name.startswith("topk_auto_kept") else None)
             out.fill_(float("nan"))
             t = _graph_time_us(fn, args.iters, flush) / L
             replayed = out.clone()  # what the captured graph (its branches joined) wrote
@@ -475,6 +489,11 @@ def run_config(args, ctx: int, batch: int, fa3, flush) -> dict:
         row["us_per_layer"][name] = t
         if fa3 is not None:
             row["max_abs_diff_vs_fa3"][name] = (out.float() - ref.float()).abs().max().item()
+        if name == "topk_auto":
+            topk_out = out.clone()
+        elif name == "topk_auto_kept":  # the same pages as topk_auto's fresh selection
+            row["max_abs_diff_kept_vs_topk_auto"] = (
+                (out.float() - topk_out.float()).abs().max().item())
         if name == "dense":
             dense_out = out.clone()
         else:  # equal to dense where the rows read every page (short and dense rows)

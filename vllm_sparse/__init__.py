@@ -25,18 +25,6 @@ logger = logging.getLogger("vllm.sparse_serve")
 BACKEND_CLASS_PATH = "vllm_sparse.backend.SparseAttentionBackend"
 
 
-def check_supported(cfg) -> None:
-    """Refuse, before serving, settings the config accepts but this adapter does not
-    implement (instead of ignoring them)."""
-    from sparse_kernels.config import SparseConfigError
-
-    if cfg.selection_reuse != 1:
-        raise SparseConfigError(
-            f"selection_reuse={cfg.selection_reuse}: reusing a decode page selection across "
-            "steps exists in the kernels (sparse_kernels.page_select.reselect_pages) but not in "
-            "the vLLM backend yet; leave SPARSE_SELECTION_REUSE at 1")
-
-
 def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
@@ -44,8 +32,7 @@ def register() -> None:
     from vllm_sparse import compat
     from vllm_sparse.env_switch import env_switch_enabled, install_env_switch
 
-    # raises SparseConfigError on a bad SPARSE_* value, before serving starts
-    check_supported(get_config())
+    get_config()  # raises SparseConfigError on a bad SPARSE_* value, before serving starts
     if str(compat.vllm_version()) not in compat.TESTED_VERSIONS:
         logger.warning("sparse-serve is tested with vLLM %s; this is vLLM %s",
                        ", ".join(compat.TESTED_VERSIONS), compat.vllm_version())

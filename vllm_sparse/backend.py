@@ -76,10 +76,7 @@ def vllm_sparse_config(vllm_config: VllmConfig | None = None) -> SparseConfig:
             raise SparseConfigError(
                 "--additional-config key 'sparse' must be an object, e.g. "
                 "'{\"sparse\": {\"token_budget\": 4096}}'")
-    cfg = get_config(overrides)
-    from vllm_sparse import check_supported
-
-    check_supported(cfg)  # --additional-config values too
+    cfg = get_config(overrides)  # --additional-config values validated too
     global _logged_config
     if not _logged_config:
         _logged_config = True
@@ -135,6 +132,10 @@ class SparseAttentionMetadata:
     # first (dense) prefill run's FlashAttention launch (eager batches with prefill rows);
     # num_decodes counts the others (0).
     folded_decodes: int = 0
+    # Selection reuse (SparseConfig.selection_reuse > 1): int32 flags per decode row, 1 where
+    # the row keeps the page selection an earlier step stored in each layer's own buffer
+    # (sparse_kernels.selection_reuse; written by the builder, once per step); else None.
+    reuse_keep: torch.Tensor | None = None
     # No cascade attention; vLLM's runner reads this.
     use_cascade: bool = False
     causal: bool = True
@@ -163,6 +164,9 @@ class _PathCounters:
         # first layer with a sparse prefill method)
         self.prefill_dense_fallbacks = 0
         self.device_sums: torch.Tensor | None = None
+        # selection reuse: [decode rows that kept a stored selection, decode rows] (fp64
+        # device counters, written by the builder's reuse update; None while reuse is off)
+        self.reuse_sums: torch.Tensor | None = None
         # layer index -> decode method, of the attention layers this process runs (not reset:
         # the model's layers do not change)
         self.decode_layers: dict[int | None, str] = {}
@@ -188,11 +192,18 @@ class _PathCounters:
             # inference mode: the worker's warm-up hook calls this outside it.
             with torch.inference_mode():
                 self.device_sums.zero_()
+                if self.reuse_sums is not None:
+                    self.reuse_sums.zero_()
 
     def sums_for(self, device: torch.device) -> torch.Tensor:
         if self.device_sums is None:
             self.device_sums = torch.zeros(4, dtype=torch.float64, device=device)
         return self.device_sums
+
+    def reuse_sums_for(self, device: torch.device) -> torch.Tensor:
+        if self.reuse_sums is None:
+            self.reuse_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        return self.reuse_sums
 
     def layer_weighted(self, raw: list[float]) -> list[float]:
         """The device sums with the decode pair over every layer: ``[n_topk * read + n_dense *
@@ -208,7 +219,7 @@ class _PathCounters:
     def snapshot(self) -> dict:
         raw = [0.0] * 4 if self.device_sums is None else self.device_sums.tolist()
         sums = self.layer_weighted(raw)
-        return {
+        snap = {
             "prefill_chunks_sparse": self.sparse_prefill_reqs,
             "prefill_chunks_dense": self.dense_prefill_reqs,
             "prefill_chunks_dense_fallback": self.prefill_dense_fallbacks,
@@ -216,6 +227,11 @@ class _PathCounters:
             **metrics.fractions_from_sums(sums),
             "device_sums": sums,
         }
+        if self.reuse_sums is not None:
+            kept, rows = self.reuse_sums.tolist()
+            snap["selection_reuse_sums"] = [kept, rows]
+            snap["decode_selection_reuse_fraction"] = kept / rows if rows else None
+        return snap
 
     def maybe_report(self, cfg: SparseConfig) -> None:
         """Write the metrics file every ``metrics.WRITE_EVERY_S`` and log every
@@ -247,6 +263,10 @@ class _PathCounters:
             snap["prefill_chunks_sparse"], snap["prefill_chunks_dense"], cfg.min_seq_len,
             snap["prefill_chunks_dense_fallback"], cfg.prefill_dense_above, snap["decode_steps"],
             _fmt(snap["decode_kv_fraction_read"]), _fmt(snap["prefill_block_density"]))
+        if "decode_selection_reuse_fraction" in snap:
+            logger.info("sparse-serve stats: decode rows that kept a stored page selection "
+                        "(selection_reuse=%d) fraction=%s", cfg.selection_reuse,
+                        _fmt(snap["decode_selection_reuse_fraction"]))
 
 
 def _fmt(x: float | None) -> str:
@@ -343,6 +363,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         # vLLM pads its block table's width; keep headroom and re-check in build().
         max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
         self.select_workspace = self._select_workspace(max_pages)
+        self.reuse_state = self.reuse_keep = None
         # An engine whose longest sequence reads every page at decode (max_model_len at most
         # the decode_min_seq_len threshold or the budget) never selects: its decode is dense.
         self.decode_all_full = all_decode_rows_full(self.cfg, self.block_size,
@@ -354,6 +375,16 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                 "decode reads every page: decode runs dense in this engine (no page selection); "
                 "raise max_model_len for top-k decode", mc.max_model_len,
                 decode_full_pages(self.cfg, self.block_size) * self.block_size)
+        if self.cfg.selection_reuse > 1 and not self.decode_all_full:
+            # Tags of the request each row last selected for, and this step's keep flags
+            # (sparse_kernels.selection_reuse); each top-k layer keeps its own selections.
+            from sparse_kernels.selection_reuse import new_reuse_state
+
+            self.reuse_state, self.reuse_keep = new_reuse_state(max_seqs, device)
+            logger.info("sparse-serve: decode page selections are reused for up to %d steps "
+                        "(selection_reuse); per top-k layer %.1f MiB of stored selections",
+                        self.cfg.selection_reuse,
+                        self.selected.numel() * self.selected.element_size() / 2**20)
         # made here, before CUDA-graph capture, and shared by every layer
         self.side_stream = (decode_side_stream(torch.device(device))
                             if self.cfg.decode_overlap and not self.decode_all_full else None)
@@ -420,6 +451,15 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                     all_full=self.decode_all_full):
                 full_rows = schedule.prepare(m.seq_lens, m.query_start_loc, num_decodes,
                                              m.max_seq_len)
+        if self.reuse_state is not None:
+            # Every step, whatever the batch: rows that select in it get new tags, the rest
+            # (prefill rows, folded rows, padding, rows past the batch) lose theirs.
+            from sparse_kernels.selection_reuse import update_reuse_rows
+
+            update_reuse_rows(self.reuse_state, self.reuse_keep, m.seq_lens,
+                              m.block_table_tensor, num_decodes - folded, self.block_size,
+                              self.cfg.selection_reuse,
+                              counts=PATH_COUNTERS.reuse_sums_for(m.seq_lens.device))
         PATH_COUNTERS.maybe_report(self.cfg)
         return SparseAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
@@ -429,7 +469,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             num_decode_tokens=0 if folded else num_decode_tokens, prefill_runs=runs,
             selected=self.selected, workspace=self.workspace,
             select_workspace=self.select_workspace, side_stream=self.side_stream,
-            full_rows=full_rows, decode_all_full=self.decode_all_full, folded_decodes=folded)
+            full_rows=full_rows, decode_all_full=self.decode_all_full, folded_decodes=folded,
+            reuse_keep=self.reuse_keep)
 
     def _decodes_read_every_page(self, decode_seq_lens: list[int]) -> bool:
         """Whether top-k decode would read every page of each of these rows (host lengths,
@@ -612,6 +653,8 @@ class SparseAttentionImpl(AttentionImpl):
                 "decode step selects one page budget per KV head); give decode_method per layer "
                 "(\"heads\": \"all\") and per-head entries prefill_method only")
         self._summaries: torch.Tensor | None = None
+        # this layer's own page selections, kept between steps (selection reuse only)
+        self._selected: torch.Tensor | None = None
         self._methods: tuple[str | dict[int | None, str], str] | None = None
         self._layer_index: int | None = None
         # this layer measures decode reads / counts prefill fallbacks (see _PathCounters)
@@ -678,6 +721,18 @@ class SparseAttentionImpl(AttentionImpl):
             if self._layer_index in (0, None):  # once, not once per layer
                 logger.info("sparse-serve: page summaries %s, %.1f MiB per attention layer",
                             tuple(s.shape), s.numel() * s.element_size() / 2**20)
+        return s
+
+    def _get_selected(self, shared: torch.Tensor) -> torch.Tensor:
+        """This layer's selection buffer for selection reuse (the builder's ``selected`` is
+        shared by every layer and rewritten by each: a kept selection must be the layer's
+        own). Allocated on the first forward, before CUDA-graph capture."""
+        s = self._selected
+        if s is None or s.shape != shared.shape or s.device != shared.device:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("sparse-serve: selection buffers must be allocated before "
+                                   "CUDA graph capture")
+            s = self._selected = torch.full_like(shared, -1)
         return s
 
     # -- KV write (vLLM calls this before forward: forward_includes_kv_cache_update=False) ---
@@ -747,6 +802,7 @@ class SparseAttentionImpl(AttentionImpl):
             accumulate_decode_reads(None, m.seq_lens[:m.folded_decodes], key_cache.shape[1],
                                     self.num_kv_heads, stats)
         if nd:
+            keep = m.reuse_keep if decode_method == "topk" else None
             full_rows, fr = None, m.full_rows
             if fr is not None and (decode_method == "topk" or m.decode_all_full):
                 # the builder chose vLLM's FlashAttention for the full rows (here every row,
@@ -758,7 +814,10 @@ class SparseAttentionImpl(AttentionImpl):
                     num_splits=fr.num_splits, q_lens=fr.q_lens)
             sel = decode_attention(decode_method, self.cfg, q[:nd], key_cache, value_cache,
                                    summaries, m.block_table[:nd], m.seq_lens[:nd], out[:nd],
-                                   self.scale, selected=m.selected, workspace=m.workspace,
+                                   self.scale,
+                                   selected=m.selected if keep is None
+                                   else self._get_selected(m.selected),
+                                   workspace=m.workspace,
                                    select_workspace=m.select_workspace,
                                    fuse_summary=not self._write_keeps_summaries(
                                        layer, key_cache.shape[1]),
@@ -766,7 +825,7 @@ class SparseAttentionImpl(AttentionImpl):
                                    full_rows_seq_lens=None if full_rows is None
                                    else fr.seq_lens,
                                    full_rows_disjoint=full_rows is not None
-                                   and fr.q_lens is not None)
+                                   and fr.q_lens is not None, keep=keep)
             if self._decode_stats:  # one launch (a dense row counts its whole sequence)
                 accumulate_decode_reads(sel, m.seq_lens[:nd], key_cache.shape[1],
                                         self.num_kv_heads, stats)

@@ -51,6 +51,7 @@ def test_bench_decode_engine_smoke(tmp_path, monkeypatch):
                                "dense+balanced_p4", "topk_auto+balanced_p4",
                                "topk_auto+balanced_bf16"}
         assert all(v == 0 for v in replay.values()), replay
+        assert "topk_auto_kept" in replay and r["max_abs_diff_kept_vs_topk_auto"] == 0
         diffs = r["max_abs_diff_vs_dense"]
         if r["row_kind"].startswith(("short", "dense")):
             assert max(diffs.values()) < 1e-2, diffs

@@ -45,6 +45,11 @@ def _builder(cfg: SparseConfig, max_seqs: int, all_full: bool = False,
     b.side_stream = None  # CPU: the overlapped launches run one after the other
     b.decode_all_full = all_full
     b.full_rows_schedule = None
+    b.reuse_state = b.reuse_keep = None
+    if cfg.selection_reuse > 1:
+        from sparse_kernels.selection_reuse import new_reuse_state
+
+        b.reuse_state, b.reuse_keep = new_reuse_state(max_seqs, torch.device("cpu"))
     if engine_dense_rows_enabled(cfg, all_full):
         b.full_rows_schedule = _schedule(cfg, max_seqs, masked)
     return b
@@ -684,3 +689,64 @@ def test_short_engine_decodes_dense(monkeypatch, dense_rows):
     k_cache, v_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
     want = reference.dense_attention(q, k_cache, v_cache, bt, m.query_start_loc, m.seq_lens)
     torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
+
+
+def test_selection_reuse_keeps_each_layers_selection(monkeypatch):
+    """selection_reuse=4 through the builder and two layers: step 1 selects; step 2 (one token
+    more, same pages, new queries) keeps every row's selection, each layer its own, and
+    attends over it; a mixed step keeps the decode row and clears the prefill row's tag; the
+    counters add kept and decode rows."""
+    import dataclasses
+
+    from sparse_kernels.page_summary import build_page_summaries
+    from sparse_kernels.reference_decode import ref_sparse_decode
+
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
+                       decode_min_seq_len=64, selection_reuse=4)
+    k_cache, v_cache, kv_cache, bt, m = _batch([310, 130], [1, 1], seed=11)
+    builder = _builder(cfg, 4)
+    layers = []
+    for i in (3, 4):
+        layer = type("L", (), {"layer_name": f"model.layers.{i}.self_attn.attn"})()
+        impl = _impl(cfg)
+        impl._summaries = torch.zeros(k_cache.shape[0], 2, HKV, D)
+        layers.append((layer, impl))
+    g = torch.Generator().manual_seed(12)
+    sels = []
+    for step, lens in enumerate(([300, 120], [301, 121])):
+        sl = torch.tensor(lens, dtype=torch.int32)
+        meta = builder.build(0, dataclasses.replace(m, seq_lens=sl, max_seq_len=max(lens),
+                                                    seq_lens_cpu_upper_bound=sl.clone()))
+        assert builder.reuse_keep[:2].tolist() == [step, step]
+        per_layer = []
+        for layer, impl in layers:
+            build_page_summaries(k_cache, impl._summaries, bt, sl)
+            q = torch.randn(2, HQ, D, generator=g)
+            out = torch.empty(2, HQ, D)
+            impl.forward(layer, q, None, None, kv_cache, meta, out)
+            sel = impl._selected[:2].clone()
+            want = ref_sparse_decode(q, k_cache, v_cache, bt, sl, sel, 1 / math.sqrt(D))
+            torch.testing.assert_close(out, want.to(out.dtype), atol=2e-4, rtol=2e-4)
+            assert (sel >= 0).sum(-1).tolist() == [[4] * HKV] * 2
+            per_layer.append(sel)
+        assert not torch.equal(per_layer[0], per_layer[1])  # each layer its own selection
+        sels.append(per_layer)
+    assert all(torch.equal(a, b) for a, b in zip(sels[0], sels[1]))  # kept, not re-selected
+    # A mixed step: row 0 decodes (kept: 2 tokens since its selection), row 1 is a prefill
+    # chunk (its tag cleared); the shared buffer is not the layers' own
+    sl = torch.tensor([302, 130], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 10], dtype=torch.int32)
+    mixed = dataclasses.replace(m, seq_lens=sl, query_start_loc=qsl,
+                                query_start_loc_cpu=qsl.clone(), num_actual_tokens=10,
+                                max_query_len=9, max_seq_len=302,
+                                seq_lens_cpu_upper_bound=sl.clone(),
+                                slot_mapping=torch.zeros(10, dtype=torch.long))
+    meta = builder.build(0, mixed)
+    assert meta.num_decodes == 1 and builder.reuse_keep[:2].tolist() == [1, 0]
+    assert builder.reuse_state[2, :2].tolist() == [300, 0]
+    assert builder.selected.data_ptr() != layers[0][1]._selected.data_ptr()
+    kept, rows = backend.PATH_COUNTERS.reuse_sums.tolist()
+    assert (kept, rows) == (3.0, 5.0)
+    snap = backend.PATH_COUNTERS.snapshot()
+    assert snap["decode_selection_reuse_fraction"] == 0.6

@@ -59,24 +59,22 @@ def test_register_fails_early_on_bad_config(monkeypatch):
         vllm_sparse.register()
 
 
-def test_unimplemented_settings_are_refused_at_startup(monkeypatch):
-    """selection_reuse > 1 is accepted by the config (the kernels implement it) but not by the
-    vLLM backend: refused at registration (env) and when the config is read (additional
-    config), never silently ignored."""
+def test_selection_reuse_is_accepted_from_env_and_additional_config(monkeypatch):
+    """selection_reuse > 1 (implemented by the backend since session 20) registers from the
+    environment and reads from --additional-config; a bad value still fails at startup."""
     from vllm_sparse.backend import vllm_sparse_config
 
     monkeypatch.setenv("SPARSE_SELECTION_REUSE", "4")
-    with pytest.raises(SparseConfigError, match="selection_reuse=4"):
+    vllm_sparse.register()
+    monkeypatch.setenv("SPARSE_SELECTION_REUSE", "0")
+    with pytest.raises(SparseConfigError, match="selection_reuse must be >= 1"):
         vllm_sparse.register()
     monkeypatch.delenv("SPARSE_SELECTION_REUSE")
 
     class FakeVllmConfig:
         additional_config = {"sparse": {"selection_reuse": 2}}
 
-    with pytest.raises(SparseConfigError, match="selection_reuse=2"):
-        vllm_sparse_config(FakeVllmConfig())
-    FakeVllmConfig.additional_config = {"sparse": {"selection_reuse": 1}}
-    assert vllm_sparse_config(FakeVllmConfig()).selection_reuse == 1
+    assert vllm_sparse_config(FakeVllmConfig()).selection_reuse == 2
 
 
 def _validate(**overrides):
