@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     b.decode_all_full = False
     b.side_stream = decode_side_stream(dev) if cfg.decode_overlap else None
     b.full_rows_schedule = None
+    b.reuse_state = b.reuse_keep = None  # (selection reuse off: the default)
     impl = backend.SparseAttentionImpl(hq, d, 1 / math.sqrt(d), hkv, None, None, "auto")
     impl.max_model_len = args.max_model_len
 

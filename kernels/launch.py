@@ -44,12 +44,21 @@ def fast_launch_enabled() -> bool:
 
 
 def _hooks_set() -> bool:
+    """Whether a launch hook is installed (profilers): Triton 3.6 keeps them in a
+    ``HookChain`` (never ``None``; installed hooks are in its ``calls``)."""
     try:
         from triton import knobs
 
-        return knobs.runtime.launch_enter_hook is not None
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
     except Exception:  # no knobs: be safe
         return True
+    for h in hooks:
+        if h is None:
+            continue
+        calls = getattr(h, "calls", None)
+        if calls is None or calls:  # a plain callable, or a chain holding hooks
+            return True
+    return False
 
 
 def _int_width(v: int) -> int:

@@ -27,6 +27,10 @@ Exported (names in vLLM's ``prefix:name`` style):
 * ``sparse_serve:prefill_blocks_computed_total`` and ``..._causal_total``, and
   ``sparse_serve:prefill_block_density`` -- the same for prefill blocks of sparse-eligible
   chunks, summed over every layer (a layer that head_config keeps dense computes all).
+* With selection reuse (``SPARSE_SELECTION_REUSE`` > 1):
+  ``sparse_serve:decode_selection_rows_total{selection="kept"|"fresh"}`` -- decode rows that
+  kept an earlier step's page selection or selected afresh, and their ratio
+  ``sparse_serve:decode_selection_reuse_fraction``.
 
 With several API servers vLLM serves metrics from a multiprocess registry, which this
 collector does not join; the numbers are then in the logs only (``sparse-serve stats`` lines).
@@ -127,6 +131,20 @@ class SparseServeCollector:
         ):
             if snap.get(key) is not None:
                 yield GaugeMetricFamily(f"sparse_serve:{name}", doc, value=snap[key])
+        reuse = snap.get("selection_reuse_sums")
+        if reuse is not None:  # (selection reuse on)
+            rows = CounterMetricFamily(
+                "sparse_serve:decode_selection_rows",
+                "Decode rows by page selection: kept (an earlier step's, selection reuse) "
+                "or fresh", labels=["selection"])
+            rows.add_metric(["kept"], reuse[0])
+            rows.add_metric(["fresh"], reuse[1] - reuse[0])
+            yield rows
+            if snap.get("decode_selection_reuse_fraction") is not None:
+                yield GaugeMetricFamily(
+                    "sparse_serve:decode_selection_reuse_fraction",
+                    "Fraction of decode rows that kept an earlier step's page selection",
+                    value=snap["decode_selection_reuse_fraction"])
 
 
 def register_collector() -> None:

@@ -83,6 +83,30 @@ def test_enabled_only_where_verified(monkeypatch):
     assert not fast_launch_enabled()
 
 
+def test_launch_hooks_are_the_chains_contents():
+    """Triton 3.6 keeps launch hooks in a HookChain that is never None: an empty chain is no
+    hook (the fast path stays on; session 20 found it always off on the GPU because of this),
+    a chain holding a hook or a plain callable is one (Triton's path)."""
+    from triton import knobs
+
+    from sparse_kernels.launch import _hooks_set
+
+    saved = knobs.runtime.launch_enter_hook
+    try:
+        if hasattr(saved, "calls"):
+            assert not saved.calls and not _hooks_set()
+            saved.add(print)
+            try:
+                assert _hooks_set()
+            finally:
+                saved.remove(print)
+            assert not _hooks_set()
+        knobs.runtime.launch_enter_hook = print
+        assert _hooks_set()
+    finally:
+        knobs.runtime.launch_enter_hook = saved
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="launches need a GPU")
 def test_kept_kernels_launch_like_triton():
     """On a GPU: the same kernel through the wrapper and through Triton agree, across

@@ -48,6 +48,14 @@ def test_counters_reach_metrics_text(tmp_path, monkeypatch):
     assert v["sparse_serve:prefill_blocks_causal_total"] == 120.0
     assert v["sparse_serve:decode_kv_fraction_read"] == 0.25
     assert v["sparse_serve:prefill_block_density"] == 0.25
+    assert not any("selection" in k for k in v)  # selection reuse off: no such metrics
+    # selection reuse on: kept / fresh decode rows and their ratio
+    c.reuse_sums_for(torch.device("cpu")).copy_(torch.tensor([30.0, 40.0]))
+    c.maybe_report(SparseConfig(selection_reuse=4))
+    v = _scrape(path)
+    assert v['sparse_serve:decode_selection_rows_total{selection="kept"}'] == 30.0
+    assert v['sparse_serve:decode_selection_rows_total{selection="fresh"}'] == 10.0
+    assert v["sparse_serve:decode_selection_reuse_fraction"] == 0.75
 
 
 def test_no_file_no_metrics_and_rate_limit(tmp_path, monkeypatch):
