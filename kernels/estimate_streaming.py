@@ -8,8 +8,6 @@ blocks covering the ``local_tokens`` positions before the query block starts) an
 
 from __future__ import annotations
 
-import triton
-
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta
 from sparse_kernels.host_math import cdiv

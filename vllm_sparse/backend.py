@@ -185,15 +185,16 @@ class _PathCounters:
         requests count."""
         self.sparse_prefill_reqs = self.dense_prefill_reqs = 0
         self.decode_steps = self.prefill_dense_fallbacks = 0
-        if self.device_sums is not None and not (
-                torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            # In place (CUDA graphs captured so far add into this very tensor). It was made
-            # inside vLLM's inference mode, and an inference tensor can only be written to in
-            # inference mode: the worker's warm-up hook calls this outside it.
-            with torch.inference_mode():
-                self.device_sums.zero_()
-                if self.reuse_sums is not None:
-                    self.reuse_sums.zero_()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        # In place (CUDA graphs captured so far add into these very tensors). They were made
+        # inside vLLM's inference mode, and an inference tensor can only be written to in
+        # inference mode: the worker's warm-up hook calls this outside it. (The reuse counters
+        # are made by the builder, the others by the first forward: either may exist alone.)
+        with torch.inference_mode():
+            for sums in (self.device_sums, self.reuse_sums):
+                if sums is not None:
+                    sums.zero_()
 
     def sums_for(self, device: torch.device) -> torch.Tensor:
         if self.device_sums is None:
