@@ -241,6 +241,8 @@ def summary_lines(doc: dict) -> list[str]:
     es = doc.get("engine_stats") or {}
     for st in es.get("by_length", []):
         counts = {k: v for k, v in st.items() if isinstance(v, int) and k != "length"}
+        if st.get("decode_selection_reuse_fraction") is not None:
+            counts["selection_reuse"] = f"{st['decode_selection_reuse_fraction']:.3f}"
         if counts or st.get("error"):
             lines.append(f"  engine {st['length']:>6}: " + " ".join(f"{k}={v}" for k, v in counts.items())
                          + (f" error {st['error']}" if st.get("error") else ""))

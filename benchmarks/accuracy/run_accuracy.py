@@ -216,7 +216,8 @@ class EngineStats:
     PATH_COUNTERS``, looked up on every call): ``device_sums`` (a tensor of [decode KV tokens
     read, decode KV tokens held, prefill blocks computed, prefill causal blocks], or None before
     the first forward) and ``snapshot()`` (whose ``device_sums``, when given, are those over
-    every layer: what ``read()`` reports). ``reset()`` zeroes the sums in place (CUDA graphs
+    every layer: what ``read()`` reports), and with selection reuse on ``reuse_sums`` ([decode
+    rows that kept a selection, decode rows]). ``reset()`` zeroes the sums in place (CUDA graphs
     captured with them keep accumulating into the same memory) and notes the host counters;
     ``read()`` returns the fractions since the reset and the host counters' increments.
     """
@@ -237,14 +238,14 @@ class EngineStats:
 
     def reset(self) -> None:
         c = self._counters()
-        sums = getattr(c, "device_sums", None)
-        if sums is not None:
-            import torch
+        for sums in (getattr(c, "device_sums", None), getattr(c, "reuse_sums", None)):
+            if sums is not None:
+                import torch
 
-            # The engine created the tensor under inference mode; updating it in place
-            # outside that mode is refused.
-            with torch.inference_mode():
-                sums.zero_()
+                # The engine created the tensor under inference mode; updating it in place
+                # outside that mode is refused.
+                with torch.inference_mode():
+                    sums.zero_()
         self._host0 = self._host_counts(c.snapshot())
 
     def read(self) -> dict:
@@ -257,6 +258,13 @@ class EngineStats:
             float(x) for x in snap.get("device_sums", sums.tolist())]
         for k, v in self._host_counts(snap).items():
             out[k] = v - self._host0.get(k, 0)
+        # selection reuse (SPARSE_SELECTION_REUSE > 1): [rows that kept a selection, decode
+        # rows of top-k layers' steps], zeroed by reset() like the sums above
+        reuse = getattr(c, "reuse_sums", None)
+        if reuse is not None:
+            kept, rows = (float(x) for x in reuse.tolist())
+            out["selection_reuse_sums"] = [kept, rows]
+            out["decode_selection_reuse_fraction"] = round(kept / rows, 6) if rows else None
         return out
 
 

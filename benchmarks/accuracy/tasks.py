@@ -20,6 +20,11 @@ Tasks (``TASKS``):
   far more often than the rest; asked for those ten (RULER cwe).
 * ``qa``              -- a fact planted at the given depth in the essay haystack, asked as a
   question (RULER's QA prompt; the fact replaces SQuAD/HotpotQA, which are not shipped here).
+* ``kv_list``         -- a long answer: 16 needles with distinct keys at random depths; asked to
+  list every key with its number, one per line, in the order of the text (~200 answer tokens).
+  Every line needs a different needle, so decode has to find a new part of the context many
+  times in one answer: the task for decode-time changes (e.g. reusing a page selection over
+  several steps) that short answers barely exercise.
 
 Depth (``niah``, ``niah_multikey``, ``qa``): the fraction of the haystack's tokens before the
 inserted sentence, moved back to the previous sentence end as in Kamradt's NIAH; 0 is the
@@ -373,6 +378,9 @@ NIAH_Q_ONE = "What is the special magic number for {key} mentioned in the provid
 NIAH_A_ONE = "The special magic number for {key} mentioned in the provided text is"
 NIAH_Q_ALL = "What are all the special magic numbers for {key} mentioned in the provided text?"
 NIAH_A_ALL = "The special magic numbers for {key} mentioned in the provided text are"
+LIST_Q = ("List every special magic number mentioned in the provided text together with its "
+          "key, one per line in the form 'key: number', in the order in which they appear.")
+LIST_A = "The special magic numbers mentioned in the provided text, in order, are:\n"
 
 VT_TEMPLATE = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
@@ -429,6 +437,7 @@ TASKS: dict[str, TaskSpec] = {
     "vt": TaskSpec("vt", "all", 32, "noise", False),
     "cwe": TaskSpec("cwe", "all", 96, None, False),
     "qa": TaskSpec("qa", "part", 24, "essays", True),
+    "kv_list": TaskSpec("kv_list", "all", 320, "essays", False),
 }
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -439,6 +448,7 @@ class TaskOptions:
     haystack: str = "essays"  # what "essays" tasks use: "essays" or "builtin"
     num_distractors: int = 3  # niah_multikey
     num_values: int = 4  # niah_multivalue
+    list_items: int = 16  # kv_list
     vt_hops: int = 4  # vt: variables in the chain = hops + 1
     cwe_num_words: int = 10
     cwe_freq_common: int = 30
@@ -472,6 +482,14 @@ def _plan(spec: TaskSpec, rng: random.Random, opts: TaskOptions, depth: float | 
             q, a = NIAH_Q_ONE.format(key=key), NIAH_A_ONE.format(key=key)
             answers = [value]
         return (lambda ctx: NIAH_TEMPLATE.format(context=ctx, question=q)), needles, answers, a, {"key": key}
+    if spec.name == "kv_list":
+        nums: set = set()
+        keys = [_key(rng, taken) for _ in range(opts.list_items)]
+        values = [_number(rng, nums) for _ in keys]
+        depths = sorted(rng.random() for _ in keys)
+        needles = [(d, NIAH_NEEDLE.format(key=k, value=v)) for d, k, v in zip(depths, keys, values)]
+        return (lambda ctx: NIAH_TEMPLATE.format(context=ctx, question=LIST_Q)), needles, values, \
+            LIST_A, {"keys": keys}
     if spec.name == "vt":
         value = _number(rng, set(), digits=5)
         names = [_var_name(rng, taken) for _ in range(opts.vt_hops + 1)]

@@ -191,6 +191,16 @@ def test_engine_stats_real_backend_counters(monkeypatch):
     assert backend.PATH_COUNTERS.device_sums is sums and sums.tolist() == [0.0] * 4
     r = st.read()
     assert r["decode_kv_fraction_read"] is None and r["decode_steps"] == 0
+    assert "decode_selection_reuse_fraction" not in r  # reuse off: the builder made no counters
+    # Selection reuse on: the builder's counters, zeroed in place by reset() as well.
+    reuse = backend.PATH_COUNTERS.reuse_sums_for(torch.device("cpu"))
+    reuse += torch.tensor([9.0, 12.0], dtype=torch.float64)
+    r = st.read()
+    assert r["selection_reuse_sums"] == [9.0, 12.0] and r["decode_selection_reuse_fraction"] == 0.75
+    st.reset()
+    assert backend.PATH_COUNTERS.reuse_sums is reuse and reuse.tolist() == [0.0, 0.0]
+    r = st.read()
+    assert r["decode_selection_reuse_fraction"] is None
 
 
 # --- generated token ids ---------------------------------------------------------------------

@@ -106,6 +106,23 @@ def test_multivalue_all_values_present():
     assert s.metric == "all"
 
 
+def test_kv_list_needles_in_order_and_long_answer():
+    s = sample("kv_list", length=8192, depth=None)
+    keys, values = s.meta["keys"], s.answers
+    assert len(keys) == len(values) == OPTS.list_items
+    assert len(set(keys)) == len(keys) and len(set(values)) == len(values)
+    pos = []
+    for k, v in zip(keys, values):
+        needle = T.NIAH_NEEDLE.format(key=k, value=v)
+        assert s.prompt.count(needle) == 1 and s.prompt.count(v) == 1
+        pos.append(s.prompt.index(needle))
+    assert pos == sorted(pos)  # the keys are listed in the order of the text
+    assert s.depth is None and s.metric == "all" and s.max_tokens >= 20 * len(keys)
+    # An answer that lists half the numbers scores half.
+    half = "\n".join(f"{k}: {v}" for k, v in list(zip(keys, values))[::2])
+    assert s.score(half) == pytest.approx(0.5)
+
+
 def test_variable_tracking_chain_in_order():
     s = sample("vt", length=6000)
     names = s.answers
