@@ -145,17 +145,10 @@ def main(argv=None) -> int:
         seq_lens_cpu_upper_bound=seq_cpu)
 
     cfg = backend.vllm_sparse_config()  # the defaults, or SPARSE_* from the environment
-    b = object.__new__(backend.SparseAttentionMetadataBuilder)  # no VllmConfig needed
-    b.cfg, b.block_size = cfg, page
-    b.num_heads_q, b.num_heads_kv, b.head_size = hq, hkv, d
-    k = cfg.token_budget // page
-    b.selected = torch.full((256, hkv, k), -1, dtype=torch.int32, device=dev)
-    b.workspace = b._decode_workspace(256, dev)
-    b.select_workspace = b._select_workspace(table_w)
-    b.decode_all_full = False
-    b.side_stream = decode_side_stream(dev) if cfg.decode_overlap else None
-    b.full_rows_schedule = None
-    b.reuse_state = b.reuse_keep = None  # (selection reuse off: the default)
+    b = backend.SparseAttentionMetadataBuilder.without_engine(  # no VllmConfig needed
+        cfg, block_size=page, num_heads_q=hq, num_heads_kv=hkv, head_size=d, max_seqs=256,
+        max_pages=table_w, device=dev,
+        side_stream=decode_side_stream(dev) if cfg.decode_overlap else None)
     impl = backend.SparseAttentionImpl(hq, d, 1 / math.sqrt(d), hkv, None, None, "auto")
     impl.max_model_len = args.max_model_len
 

@@ -336,69 +336,103 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         from sparse_kernels.pipeline import (
             all_decode_rows_full,
-            decode_budget_pages,
             decode_full_pages,
             decode_side_stream,
         )
         from vllm_sparse.full_rows_fa import make_full_rows_schedule
 
-        self.cfg = vllm_sparse_config(vllm_config)
+        cfg = vllm_sparse_config(vllm_config)
         PATH_COUNTERS.write_metrics = _tp_rank() == 0
         # Builders are made when the KV cache is set up, before the worker's warm-up.
         reset_counts_after_warm_up()
         mc = vllm_config.model_config
         pc = vllm_config.parallel_config
-        self.block_size = kv_cache_spec.block_size
-        self.num_heads_q = mc.get_num_attention_heads(pc)
-        self.num_heads_kv = mc.get_num_kv_heads(pc)
-        self.head_size = mc.get_head_size()
-        self.cfg.check_model(head_size=self.head_size, page_size=self.block_size,
-                             num_kv_heads=self.num_heads_kv)
+        block_size = kv_cache_spec.block_size
+        num_heads_kv = mc.get_num_kv_heads(pc)
+        cfg.check_model(head_size=mc.get_head_size(), page_size=block_size,
+                        num_kv_heads=num_heads_kv)
         # Decode buffers cover every batch vLLM may run or capture as a CUDA graph.
         max_seqs = max(vllm_config.scheduler_config.max_num_seqs,
                        vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-        k, _, _ = decode_budget_pages(self.cfg, self.block_size)
-        self.selected = torch.full((max_seqs, self.num_heads_kv, k), -1, dtype=torch.int32,
-                                   device=device)
-        self.workspace = self._decode_workspace(max_seqs, torch.device(device))
-        # vLLM pads its block table's width; keep headroom and re-check in build().
-        max_pages = (-(-mc.max_model_len // self.block_size) + 127) // 64 * 64
-        self.select_workspace = self._select_workspace(max_pages)
-        self.reuse_state = self.reuse_keep = None
         # An engine whose longest sequence reads every page at decode (max_model_len at most
         # the decode_min_seq_len threshold or the budget) never selects: its decode is dense.
-        self.decode_all_full = all_decode_rows_full(self.cfg, self.block_size,
-                                                    mc.max_model_len)
-        if self.decode_all_full and "topk" in {self.cfg.decode_method} | {
-                o.decode_method for o in self.cfg.head_overrides}:
+        all_full = all_decode_rows_full(cfg, block_size, mc.max_model_len)
+        dev = torch.device(device)
+        self._init_decode_state(
+            cfg, block_size=block_size, num_heads_q=mc.get_num_attention_heads(pc),
+            num_heads_kv=num_heads_kv, head_size=mc.get_head_size(), max_seqs=max_seqs,
+            # vLLM pads its block table's width; keep headroom and re-check in build().
+            max_pages=(-(-mc.max_model_len // block_size) + 127) // 64 * 64,
+            decode_all_full=all_full, device=dev,
+            # made here, before CUDA-graph capture, and shared by every layer
+            side_stream=(decode_side_stream(dev)
+                         if cfg.decode_overlap and not all_full else None))
+        if self.decode_all_full and "topk" in {cfg.decode_method} | {
+                o.decode_method for o in cfg.head_overrides}:
             logger.info(
                 "sparse-serve: max_model_len %d is at most the %d tokens below which top-k "
                 "decode reads every page: decode runs dense in this engine (no page selection); "
                 "raise max_model_len for top-k decode", mc.max_model_len,
-                decode_full_pages(self.cfg, self.block_size) * self.block_size)
-        if self.cfg.selection_reuse > 1 and not self.decode_all_full:
+                decode_full_pages(cfg, block_size) * block_size)
+        if self.reuse_state is not None:
+            logger.info("sparse-serve: decode page selections are reused for up to %d steps "
+                        "(selection_reuse); per top-k layer %.1f MiB of stored selections",
+                        cfg.selection_reuse,
+                        self.selected.numel() * self.selected.element_size() / 2**20)
+        self.full_rows_schedule = make_full_rows_schedule(
+            cfg, vllm_config, page_size=block_size, num_heads_q=self.num_heads_q,
+            num_heads_kv=num_heads_kv, head_size=self.head_size, max_seqs=max_seqs,
+            device=dev, all_full=all_full)
+        if self.full_rows_schedule is not None:
+            logger.info("sparse-serve: decode rows that read every page go to vLLM's "
+                        "FlashAttention (decode_dense_rows=%s), %s", cfg.decode_dense_rows,
+                        "with an ahead-of-time FA3 schedule per step"
+                        if self.full_rows_schedule.get_scheduler_metadata is not None
+                        else "with FlashAttention's own split heuristic (no FA3 scheduler)")
+
+    @classmethod
+    def without_engine(cls, cfg: SparseConfig, *, block_size: int, num_heads_q: int,
+                       num_heads_kv: int, head_size: int, max_seqs: int, max_pages: int,
+                       device: torch.device, decode_all_full: bool = False,
+                       side_stream: torch.cuda.Stream | None = None,
+                       full_rows_schedule=None) -> SparseAttentionMetadataBuilder:
+        """A builder made without a VllmConfig (CPU tests, benchmarks): the decode state
+        ``build()`` reads, made by the same code as in ``__init__``; what vLLM's config
+        decides there is given here (``decode_all_full``, the side stream, the FA schedule)."""
+        b = object.__new__(cls)
+        b._init_decode_state(cfg, block_size=block_size, num_heads_q=num_heads_q,
+                             num_heads_kv=num_heads_kv, head_size=head_size,
+                             max_seqs=max_seqs, max_pages=max_pages,
+                             decode_all_full=decode_all_full, device=torch.device(device),
+                             side_stream=side_stream)
+        b.full_rows_schedule = full_rows_schedule
+        return b
+
+    def _init_decode_state(self, cfg: SparseConfig, *, block_size: int, num_heads_q: int,
+                           num_heads_kv: int, head_size: int, max_seqs: int, max_pages: int,
+                           decode_all_full: bool, device: torch.device,
+                           side_stream: torch.cuda.Stream | None) -> None:
+        """The buffers and settings ``build()`` reads, for decode batches of up to
+        ``max_seqs`` rows and block tables of up to ``max_pages`` pages."""
+        from sparse_kernels.pipeline import decode_budget_pages
+
+        self.cfg, self.block_size = cfg, block_size
+        self.num_heads_q, self.num_heads_kv, self.head_size = num_heads_q, num_heads_kv, head_size
+        k, _, _ = decode_budget_pages(cfg, block_size)
+        self.selected = torch.full((max_seqs, num_heads_kv, k), -1, dtype=torch.int32,
+                                   device=device)
+        self.workspace = self._decode_workspace(max_seqs, device)
+        self.select_workspace = self._select_workspace(max_pages)
+        self.decode_all_full = decode_all_full
+        self.reuse_state = self.reuse_keep = None
+        if cfg.selection_reuse > 1 and not decode_all_full:
             # Tags of the request each row last selected for, and this step's keep flags
             # (sparse_kernels.selection_reuse); each top-k layer keeps its own selections.
             from sparse_kernels.selection_reuse import new_reuse_state
 
             self.reuse_state, self.reuse_keep = new_reuse_state(max_seqs, device)
-            logger.info("sparse-serve: decode page selections are reused for up to %d steps "
-                        "(selection_reuse); per top-k layer %.1f MiB of stored selections",
-                        self.cfg.selection_reuse,
-                        self.selected.numel() * self.selected.element_size() / 2**20)
-        # made here, before CUDA-graph capture, and shared by every layer
-        self.side_stream = (decode_side_stream(torch.device(device))
-                            if self.cfg.decode_overlap and not self.decode_all_full else None)
-        self.full_rows_schedule = make_full_rows_schedule(
-            self.cfg, vllm_config, page_size=self.block_size, num_heads_q=self.num_heads_q,
-            num_heads_kv=self.num_heads_kv, head_size=self.head_size, max_seqs=max_seqs,
-            device=torch.device(device), all_full=self.decode_all_full)
-        if self.full_rows_schedule is not None:
-            logger.info("sparse-serve: decode rows that read every page go to vLLM's "
-                        "FlashAttention (decode_dense_rows=%s), %s", self.cfg.decode_dense_rows,
-                        "with an ahead-of-time FA3 schedule per step"
-                        if self.full_rows_schedule.get_scheduler_metadata is not None
-                        else "with FlashAttention's own split heuristic (no FA3 scheduler)")
+        self.side_stream = side_stream
+        self.full_rows_schedule = None
 
     def _decode_workspace(self, max_seqs: int, device: torch.device):
         """Split-KV scratch for decode batches of up to ``max_seqs`` sequences, and the

@@ -35,24 +35,57 @@ def _builder(cfg: SparseConfig, max_seqs: int, all_full: bool = False,
     """The builder without a VllmConfig; ``all_full``: an engine whose max_model_len is at
     most the dense decode threshold (its decode_all_full); ``masked``: FA3 takes seqused_q
     (vllm_sparse.full_rows_fa.fa3_masked_ops)."""
-    b = object.__new__(backend.SparseAttentionMetadataBuilder)  # no VllmConfig on the CPU
-    b.cfg, b.block_size = cfg, PAGE
-    b.num_heads_q, b.num_heads_kv, b.head_size = HQ, HKV, D
-    k = cfg.token_budget // PAGE
-    b.selected = torch.full((max_seqs, HKV, k), -1, dtype=torch.int32)
-    b.workspace = b._decode_workspace(max_seqs, torch.device("cpu"))
-    b.select_workspace = b._select_workspace(64)
-    b.side_stream = None  # CPU: the overlapped launches run one after the other
-    b.decode_all_full = all_full
-    b.full_rows_schedule = None
-    b.reuse_state = b.reuse_keep = None
-    if cfg.selection_reuse > 1:
-        from sparse_kernels.selection_reuse import new_reuse_state
+    return backend.SparseAttentionMetadataBuilder.without_engine(
+        cfg, block_size=PAGE, num_heads_q=HQ, num_heads_kv=HKV, head_size=D, max_seqs=max_seqs,
+        max_pages=64, device=torch.device("cpu"), decode_all_full=all_full,
+        side_stream=None,  # CPU: the overlapped launches run one after the other
+        full_rows_schedule=_schedule(cfg, max_seqs, masked)
+        if engine_dense_rows_enabled(cfg, all_full) else None)
 
-        b.reuse_state, b.reuse_keep = new_reuse_state(max_seqs, torch.device("cpu"))
-    if engine_dense_rows_enabled(cfg, all_full):
-        b.full_rows_schedule = _schedule(cfg, max_seqs, masked)
-    return b
+
+@pytest.mark.parametrize("max_model_len, sparse, reuse", [
+    (32768, {}, False),
+    (32768, {"selection_reuse": 4}, True),
+    (8192, {"selection_reuse": 4}, False),  # every decode row reads every page: no reuse state
+])
+def test_builder_from_vllm_config_matches_without_engine(monkeypatch, max_model_len, sparse,
+                                                         reuse):
+    """The builder vLLM makes (a VllmConfig, CPU device) holds the decode state the tests' and
+    benchmarks' config-less builder holds: one code path makes both."""
+    from pathlib import Path
+
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    shape = Path(__file__).resolve().parents[2] / "examples" / "model_shapes" / "llama-3.1-8b"
+    mc = ModelConfig(model=str(shape), skip_tokenizer_init=True, max_model_len=max_model_len,
+                     dtype="bfloat16")
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"),
+                    additional_config={"sparse": sparse} if sparse else {})
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
+    b = backend.SparseAttentionMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], vc, cpu)
+    assert b.cfg.selection_reuse == sparse.get("selection_reuse", 1)
+    assert b.decode_all_full == (max_model_len <= 2 * b.cfg.token_budget)
+    assert (b.reuse_state is not None) == reuse and (b.reuse_keep is not None) == reuse
+    assert b.side_stream is None  # (CPU)
+    # vLLM's FlashAttention for the rows read whole: where every row is (the auto rule)
+    assert (b.full_rows_schedule is not None) == engine_dense_rows_enabled(b.cfg,
+                                                                          b.decode_all_full)
+    assert (b.full_rows_schedule is not None) == b.decode_all_full
+    ref = backend.SparseAttentionMetadataBuilder.without_engine(
+        b.cfg, block_size=16, num_heads_q=32, num_heads_kv=8, head_size=128,
+        max_seqs=b.selected.shape[0], max_pages=b.select_workspace.max_pages, device=cpu,
+        decode_all_full=b.decode_all_full)
+    assert (b.num_heads_q, b.num_heads_kv, b.head_size, b.block_size) == (32, 8, 128, 16)
+    assert b.selected.shape == ref.selected.shape == (b.selected.shape[0], 8, 512)
+    assert b.selected.shape[0] >= vc.scheduler_config.max_num_seqs
+    assert b.select_workspace.max_pages >= max_model_len // 16
+    for name in ("reuse_state", "reuse_keep"):
+        x, y = getattr(b, name), getattr(ref, name)
+        assert (x is None and y is None) or x.shape == y.shape
+    assert vars(b.workspace).keys() == vars(ref.workspace).keys()
 
 
 def _schedule(cfg: SparseConfig, max_seqs: int, masked: bool = False):
