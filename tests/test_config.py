@@ -143,3 +143,16 @@ def test_get_config_parses_once(monkeypatch):
     assert get_config() is a and a.token_budget == 2048
     monkeypatch.setenv("SPARSE_TOKEN_BUDGET", "1024")
     assert get_config().token_budget == 1024
+
+
+def test_selection_reuse_after():
+    """A request's first tokens select afresh before reuse starts: 32 by default, from the env
+    and the engine dict, 0 allowed (reuse from the first token), negative refused."""
+    assert SparseConfig().selection_reuse_after == 32
+    cfg = SparseConfig.from_sources(environ={"SPARSE_SELECTION_REUSE": "4",
+                                             "SPARSE_SELECTION_REUSE_AFTER": "0"})
+    assert (cfg.selection_reuse, cfg.selection_reuse_after) == (4, 0)
+    cfg = SparseConfig.from_sources(environ={}, overrides={"selection_reuse_after": 64})
+    assert json.loads(cfg.summary())["selection_reuse_after"] == 64
+    with pytest.raises(SparseConfigError, match="selection_reuse_after must be >= 0"):
+        SparseConfig.from_sources(environ={"SPARSE_SELECTION_REUSE_AFTER": "-1"})

@@ -376,8 +376,9 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
                 decode_full_pages(cfg, block_size) * block_size)
         if self.reuse_state is not None:
             logger.info("sparse-serve: decode page selections are reused for up to %d steps "
-                        "(selection_reuse); per top-k layer %.1f MiB of stored selections",
-                        cfg.selection_reuse,
+                        "(selection_reuse) after a request's first %d generated tokens "
+                        "(selection_reuse_after); per top-k layer %.1f MiB of stored "
+                        "selections", cfg.selection_reuse, cfg.selection_reuse_after,
                         self.selected.numel() * self.selected.element_size() / 2**20)
         self.full_rows_schedule = make_full_rows_schedule(
             cfg, vllm_config, page_size=block_size, num_heads_q=self.num_heads_q,
@@ -494,7 +495,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             update_reuse_rows(self.reuse_state, self.reuse_keep, m.seq_lens,
                               m.block_table_tensor, num_decodes - folded, self.block_size,
                               self.cfg.selection_reuse,
-                              counts=PATH_COUNTERS.reuse_sums_for(m.seq_lens.device))
+                              counts=PATH_COUNTERS.reuse_sums_for(m.seq_lens.device),
+                              reuse_after=self.cfg.selection_reuse_after)
         PATH_COUNTERS.maybe_report(self.cfg)
         return SparseAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,

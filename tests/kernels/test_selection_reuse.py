@@ -26,12 +26,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if (not INTERPRET and torch.cuda.is_available()) else "cpu"
 
 
-def _step(state, keep, seq_lens, bt, nd, page, r, counts=None):
+def _step(state, keep, seq_lens, bt, nd, page, r, counts=None, after=0):
     """One kernel update, checked against the reference (state before the update)."""
     want_state, want_keep = update_reuse_rows_reference(state.cpu(), seq_lens.cpu(), bt.cpu(),
-                                                        nd, page, r)
+                                                        nd, page, r, reuse_after=after)
     update_reuse_rows(state, keep, seq_lens.to(DEVICE), bt.to(DEVICE), nd, page, r,
-                      counts=counts)
+                      counts=counts, reuse_after=after)
     assert torch.equal(state.cpu(), want_state), (state, want_state)
     assert torch.equal(keep.cpu(), want_keep), (keep, want_keep)
     return keep.cpu().tolist()
@@ -59,6 +59,33 @@ def test_one_request_keeps_until_r_steps_or_a_new_page(page, r):
         assert sum(got) > 0
     if r == 1 or page == 1:
         assert sum(got) == 0  # page 1: every token starts a page
+
+
+@pytest.mark.parametrize("page,r,after", [(16, 4, 32), (16, 4, 5), (64, 8, 20), (16, 4, 0)])
+def test_first_tokens_of_a_request_always_select(page, r, after):
+    """``reuse_after``: a request's first ``after`` generated tokens select every step (page
+    crossings do not restart the count); after them it keeps as without the option; a new
+    request in the row (after a prefill step) starts counting again."""
+    state, keep = new_reuse_state(2, DEVICE)
+    bt = torch.arange(1, 1 + 64, dtype=torch.int32)[None].repeat(2, 1) * 3
+    for _ in range(2):  # the second request: the same row after a step as a prefill row
+        n0 = 5 * page + 3
+        got, want = [], []
+        sel_len = None
+        for n in range(n0, n0 + after + 3 * max(page, r) + 5):
+            seq = torch.tensor([n, 0], dtype=torch.int32)
+            got.append(_step(state, keep, seq, bt, 1, page, r, after=after)[0])
+            same_page = sel_len is not None and (sel_len - 1) // page == (n - 1) // page
+            k = int(sel_len is not None and same_page and 1 <= n - sel_len < r
+                    and n - n0 >= after)
+            want.append(k)
+            if not k:
+                sel_len = n
+        assert got == want
+        assert sum(got[:after]) == 0 and sum(got[after:]) > 0
+        # a prefill step in the row: the next decode is a new request
+        _step(state, keep, torch.tensor([n + 1, 0], dtype=torch.int32), bt, 0, page, r,
+              after=after)
 
 
 def test_moved_new_and_non_decode_rows_select():
@@ -103,7 +130,7 @@ def test_random_steps_match_reference():
     """Random batches over many steps (requests finishing, joining, moving, prefill rows,
     padding) against the reference, page sizes 1, 16 and 64."""
     rng = random.Random(5)
-    for page, r in ((16, 4), (1, 3), (64, 16)):
+    for page, r, after in ((16, 4, 0), (1, 3, 0), (64, 16, 0), (16, 4, 7), (64, 8, 32)):
         max_rows, width = 8, 12
         state, keep = new_reuse_state(max_rows, DEVICE)
         reqs = []
@@ -127,7 +154,7 @@ def test_random_steps_match_reference():
             for i, q in enumerate(reqs):
                 seq[i] = q["n"] if rng.random() > 0.05 else 0
                 bt[i] = torch.tensor(q["pages"], dtype=torch.int32)
-            _step(state, keep, seq, bt, nd, page, r)
+            _step(state, keep, seq, bt, nd, page, r, after=after)
 
 
 def _case(seq_lens, page, group=4, d=32, hkv=2, seed=0):

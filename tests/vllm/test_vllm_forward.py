@@ -735,8 +735,10 @@ def test_selection_reuse_keeps_each_layers_selection(monkeypatch):
     from sparse_kernels.reference_decode import ref_sparse_decode
 
     monkeypatch.setattr(backend, "PATH_COUNTERS", backend._PathCounters())
+    # (selection_reuse_after=0: from a request's first generated token, as the kernel tests
+    # check the warm-up itself)
     cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
-                       decode_min_seq_len=64, selection_reuse=4)
+                       decode_min_seq_len=64, selection_reuse=4, selection_reuse_after=0)
     k_cache, v_cache, kv_cache, bt, m = _batch([310, 130], [1, 1], seed=11)
     builder = _builder(cfg, 4)
     layers = []
