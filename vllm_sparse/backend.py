@@ -348,9 +348,8 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         mc = vllm_config.model_config
         pc = vllm_config.parallel_config
         block_size = kv_cache_spec.block_size
-        num_heads_kv = mc.get_num_kv_heads(pc)
-        cfg.check_model(head_size=mc.get_head_size(), page_size=block_size,
-                        num_kv_heads=num_heads_kv)
+        num_heads_kv, head_size = mc.get_num_kv_heads(pc), mc.get_head_size()
+        cfg.check_model(head_size=head_size, page_size=block_size, num_kv_heads=num_heads_kv)
         # Decode buffers cover every batch vLLM may run or capture as a CUDA graph.
         max_seqs = max(vllm_config.scheduler_config.max_num_seqs,
                        vllm_config.compilation_config.max_cudagraph_capture_size or 0)
@@ -360,7 +359,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         dev = torch.device(device)
         self._init_decode_state(
             cfg, block_size=block_size, num_heads_q=mc.get_num_attention_heads(pc),
-            num_heads_kv=num_heads_kv, head_size=mc.get_head_size(), max_seqs=max_seqs,
+            num_heads_kv=num_heads_kv, head_size=head_size, max_seqs=max_seqs,
             # vLLM pads its block table's width; keep headroom and re-check in build().
             max_pages=(-(-mc.max_model_len // block_size) + 127) // 64 * 64,
             decode_all_full=all_full, device=dev,

@@ -258,13 +258,12 @@ class EngineStats:
             float(x) for x in snap.get("device_sums", sums.tolist())]
         for k, v in self._host_counts(snap).items():
             out[k] = v - self._host0.get(k, 0)
-        # selection reuse (SPARSE_SELECTION_REUSE > 1): [rows that kept a selection, decode
-        # rows of top-k layers' steps], zeroed by reset() like the sums above
-        reuse = getattr(c, "reuse_sums", None)
-        if reuse is not None:
-            kept, rows = (float(x) for x in reuse.tolist())
-            out["selection_reuse_sums"] = [kept, rows]
-            out["decode_selection_reuse_fraction"] = round(kept / rows, 6) if rows else None
+        # selection reuse (SPARSE_SELECTION_REUSE > 1): the snapshot's [rows that kept a
+        # selection, decode rows of top-k layers' steps] and their fraction, since reset()
+        if "selection_reuse_sums" in snap:
+            frac = snap["decode_selection_reuse_fraction"]
+            out["selection_reuse_sums"] = [float(x) for x in snap["selection_reuse_sums"]]
+            out["decode_selection_reuse_fraction"] = None if frac is None else round(frac, 6)
         return out
 
 
