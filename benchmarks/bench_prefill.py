@@ -138,6 +138,29 @@ def bench(fn, warmup: int, rep: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def kernel_breakdown(fn, calls: int = 5, top: int = 12) -> list[dict]:
+    """The GPU kernels (and copies) of ``fn``: device time per call of each, most first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = ev.time_range.elapsed_us()  # a kernel (or copy) on the device
+        if t > 0:
+            n, c = per.get(ev.name, (0.0, 0))
+            per[ev.name] = (n + t, c + 1)
+    rows = [{"name": k, "us_per_call": v / calls, "launches_per_call": c / calls}
+            for k, (v, c) in per.items()]
+    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+
+
 def search_setting(method, run, target: float, iters: int = 12):
     """Find the method's knob giving density ~target (density grows with the knob)."""
     if method == "streaming":
@@ -177,6 +200,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-estimators", action="store_true",
+                    help="also record each estimator's GPU kernels at its setting (torch "
+                         "profiler, 5 calls): row['estimator_kernels'], us per call, top 12")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -261,6 +287,10 @@ def main(argv=None):
                 "attn_mass_recall": recall, "rel_l2_err_vs_dense": rel_err,
                 "setting_search_s": search_s,
             }
+            if args.profile_estimators:
+                row["estimator_kernels"] = kernel_breakdown(est_fn)
+                print("    " + "; ".join(f"{k['name'][:60]} {k['us_per_call']:.1f} us"
+                                         for k in row["estimator_kernels"][:6]), flush=True)
             rows.append(row)
             print(f"  {method:15s} density {density:.3f} recall {recall:.3f} est {est_ms:7.3f} "
                   f"attn {attn_ms:7.3f} total {total_ms:7.3f} ms  speedup {row['speedup']:.2f}x  "

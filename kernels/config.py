@@ -94,7 +94,11 @@ class SparseConfig:
     # streaming prefill's local window in tokens; 0 means local_tokens. Separate so that the
     # A-shape window can be swept without changing what decode always keeps (nor its budget)
     streaming_local_tokens: int = 0
-    selection_reuse: int = 1  # reuse a page selection for R decode steps (LServe)
+    # reuse a page selection for up to R decode steps (LServe); 1 selects afresh every step.
+    # 4 since session 22: with the 32-token warm-up below, Qwen2.5-0.5B at 32K kept all 150
+    # depth-0 short answers identical to R=1 and long answers within noise (-0.4 points;
+    # benchmarks/results/accuracy_2026-11-24_h100_session21_reuse_after/)
+    selection_reuse: int = 4
     # with selection_reuse > 1: a request's first this-many generated tokens always select
     # afresh (a short answer is all such tokens). Measured (Qwen2.5-0.5B, 32K, session 21):
     # R=4 from the first token flipped 4 of 270 short retrieval answers, mostly in their first

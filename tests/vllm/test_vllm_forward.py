@@ -44,7 +44,8 @@ def _builder(cfg: SparseConfig, max_seqs: int, all_full: bool = False,
 
 
 @pytest.mark.parametrize("max_model_len, sparse, reuse", [
-    (32768, {}, False),
+    (32768, {}, True),  # reuse 4 is the default
+    (32768, {"selection_reuse": 1}, False),
     (32768, {"selection_reuse": 4}, True),
     (8192, {"selection_reuse": 4}, False),  # every decode row reads every page: no reuse state
 ])
@@ -66,7 +67,7 @@ def test_builder_from_vllm_config_matches_without_engine(monkeypatch, max_model_
     spec = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
     cpu = torch.device("cpu")
     b = backend.SparseAttentionMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], vc, cpu)
-    assert b.cfg.selection_reuse == sparse.get("selection_reuse", 1)
+    assert b.cfg.selection_reuse == sparse.get("selection_reuse", 4)
     assert b.decode_all_full == (max_model_len <= 2 * b.cfg.token_budget)
     assert (b.reuse_state is not None) == reuse and (b.reuse_keep is not None) == reuse
     assert b.side_stream is None  # (CPU)
@@ -262,7 +263,9 @@ def test_decode_reads_only_the_budget(monkeypatch):
     q = torch.randn(2, HQ, D)
     out = torch.empty(2, HQ, D)
     impl.forward(_Layer(), q, None, None, kv_cache, meta, out)
-    sel = builder.selected[:2]
+    # with selection reuse (the default) each layer selects into its own buffer
+    assert (impl._selected is not None) == (cfg.selection_reuse > 1)
+    sel = (builder.selected if impl._selected is None else impl._selected)[:2]
     k = cfg.token_budget // PAGE
     assert (sel[0] >= 0).sum(-1).tolist() == [k] * HKV  # long sequence: exactly the budget
     assert (sel[1] >= 0).sum(-1).tolist() == [k] * HKV
@@ -483,7 +486,7 @@ def test_pure_decode_dense_row_and_fused_summary(monkeypatch, select, dense_rows
         assert engine_calls == [] and meta.full_rows is None
     torch.testing.assert_close(impl._summaries, want_summ, rtol=0, atol=0)
     assert not torch.equal(want_summ, before)  # the step's token changed its page's summary
-    sel = builder.selected[:2]
+    sel = (builder.selected if impl._selected is None else impl._selected)[:2]
     k = cfg.token_budget // PAGE
     assert sel[0].tolist() == [[DENSE_ROW] + [-1] * (k - 1)] * HKV
     assert (sel[1] >= 0).sum(-1).tolist() == [k] * HKV
@@ -615,8 +618,9 @@ def test_worker_warm_up_resets_the_counts(monkeypatch):
     monkeypatch.setattr(backend, "LOG_EVERY_S", 0.0)
     monkeypatch.setattr(backend.metrics, "WRITE_EVERY_S", 1e9)
     stats_lines = []
-    monkeypatch.setattr(backend.logger, "info",
-                        lambda msg, *a: stats_lines.append(a) if "stats" in msg else None)
+    monkeypatch.setattr(backend.logger, "info",  # the main stats line (not reuse's)
+                        lambda msg, *a: stats_lines.append(a)
+                        if "stats: prefill chunks" in msg else None)
 
     class Worker:
         def compile_or_warm_up_model(self):
