@@ -61,6 +61,8 @@ BATCHES = {
     "long1": ([200], [70]),
     # chunks shorter than a block, one of a single token, the last one at the end of q
     "short_tail": ([200, 70, 150], [1, 70, 17]),
+    # several 64-key tiles per sequence (last_q_scores' spans of tiles)
+    "multi_span": ([700, 260, 450], [40, 30, 1]),
 }
 
 
@@ -235,6 +237,42 @@ def test_vertical_slash_scores_and_blocks(batch, hkv, group, head_dim, page, lay
     want = ref_vs_mask_from_indices(qsl, sl, bs, hkv, v_idx, s_idx, meta.num_q_blocks,
                                     meta.max_kv_blocks)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 8])
+@pytest.mark.parametrize("batch,page,layout", [("ragged3", 16, "NHD"),
+                                               ("multi_span", 64, "interleaved")])
+def test_last_q_scores_over_spans_of_tiles(tiles, batch, page, layout):
+    """Programs that attend several key tiles each (an online log-sum-exp over their span in
+    pass 1) give the one-tile scores: spans that end past a sequence, ragged lengths, spans
+    of a tile count that does not divide the tiles."""
+    q, k, v, bt, qsl, sl = make_batch(batch, 2, 4, 64, page, layout)
+    meta = prefill_block_metadata(qsl, sl, 16)
+    width = meta.max_kv_blocks * 16
+    vr, sr = ref_last_q_scores(q, k, v, bt, qsl, sl, 24, width)
+    vert, slash = last_q_scores(q, k, bt, meta, last_q=24, tiles=tiles)
+    assert (vert.cpu() - vr).abs().max().item() < 1e-6
+    assert (slash.cpu() - sr).abs().max().item() < 1e-6
+
+
+def test_tiles_per_program_keeps_the_sms_busy():
+    from sparse_kernels.last_q_scores import MAX_TILES, MIN_PROGRAMS_PER_SM, tiles_per_program
+
+    def programs(batch, hq, nkt, t):
+        return batch * hq * -(-nkt // t)
+
+    seen = set()
+    for batch, hq, nkt, sms in [(1, 32, 2048, 132), (1, 32, 512, 132), (1, 32, 64, 132),
+                                (1, 8, 16, 132), (4, 28, 300, 78), (1, 32, 100, 132)]:
+        t = tiles_per_program(batch, hq, nkt, sms)
+        seen.add(t)
+        assert t & (t - 1) == 0 and 1 <= t <= MAX_TILES
+        # the most tiles that still leave MIN_PROGRAMS_PER_SM programs per SM
+        assert t == 1 or programs(batch, hq, nkt, t) >= MIN_PROGRAMS_PER_SM * sms
+        assert t == MAX_TILES or programs(batch, hq, nkt, 2 * t) < MIN_PROGRAMS_PER_SM * sms
+    assert tiles_per_program(1, 32, 2048, 132) == MAX_TILES  # 128K: 16 tiles, 4096 programs
+    assert tiles_per_program(1, 8, 16, 132) == 1  # too few programs to share tiles
+    assert len(seen) >= 3
 
 
 def test_vertical_slash_conversion_rules():
