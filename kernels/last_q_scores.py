@@ -13,8 +13,8 @@ program's queries kept in registers: pass 1 writes per-span row log-sum-exps (on
 span's tiles, then combined by ``torch.logsumexp``), pass 2 writes the normalised column sums
 (``vertical``) and adds the diagonal sums of each tile into ``slash`` (``tl.gather`` skews the
 tile so each diagonal becomes a column; one vector atomic add per tile). No ``[n, L]``
-probability matrix is materialised. Session 22 (H100, 16K chunk after 112K): one tile per
-program took 1.27 ms of the vertical-slash estimator's 1.82.
+probability matrix is materialised. One tile per program is the default (measured below);
+the kernel takes 1.3 ms of the vertical-slash estimator's 1.8 at 112K + 16K on an H100.
 """
 
 from __future__ import annotations
@@ -139,19 +139,14 @@ def _last_q_kernel(
                  lse, mask=r_ok)
 
 
-# Programs per SM below which last_q_scores gives each program fewer key tiles (more, shorter
-# spans): about this many waves keep the SMs busy while each program reuses its queries.
-MIN_PROGRAMS_PER_SM = 4
-MAX_TILES = 16
-
-
-def tiles_per_program(batch: int, hq: int, key_tiles: int, sms: int) -> int:
-    """Key tiles per program of :func:`last_q_scores`: the most (a power of two, at most
-    ``MAX_TILES``) that still leaves ``MIN_PROGRAMS_PER_SM`` programs per SM."""
-    t = 1
-    while t < MAX_TILES and batch * hq * cdiv(key_tiles, 2 * t) >= MIN_PROGRAMS_PER_SM * sms:
-        t *= 2
-    return t
+# Launch settings, measured on an H100 (session 22, benchmarks/bench_last_q.py, a 16K-token
+# chunk after 32K / 112K of prefix: benchmarks/results/last_q_2026-11-24_h100_session22/): one
+# key tile per program without software pipelining, 0.512 / 1.292 ms per call, against 0.550 /
+# 1.370 for the kernel before spans existed and 0.57-0.67 / 1.41-1.72 for spans of 4 or 16 tiles
+# at 1, 2 or 3 stages. The kernel is bound by its per-tile math (exp2, the skew, the atomics),
+# not by reloading its queries, so longer spans only cut the programs that hide latency.
+DEFAULT_TILES = 1
+DEFAULT_NUM_STAGES = 1
 
 
 def last_q_scores(
@@ -162,13 +157,15 @@ def last_q_scores(
     *,
     last_q: int,
     scale: float | None = None,
-    tiles: int | None = None,
+    tiles: int = DEFAULT_TILES,
+    num_stages: int = DEFAULT_NUM_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(vertical, slash)``, fp32 ``[batch, Hq, meta.max_kv_blocks * meta.block_size]`` each.
 
     q ``[num_tokens, Hq, D]``; k_cache ``[num_pages, page_size, Hkv, D]`` (any strides). Entries
     at or past ``seq_len`` are 0. See the module docstring for the definitions. ``tiles``: key
-    tiles of 64 per program (default :func:`tiles_per_program`).
+    tiles of 64 per program; ``num_stages``: Triton's software pipelining (defaults measured,
+    above).
     """
     if last_q < 1:
         raise ValueError(f"last_q must be >= 1, got {last_q}")
@@ -180,10 +177,8 @@ def last_q_scores(
     width = meta.max_kv_blocks * meta.block_size
     block_n = 64
     nkt = cdiv(width, block_n)
-    if tiles is None:
-        from sparse_kernels.sparse_decode import _device_sms
-
-        tiles = tiles_per_program(batch, hq, nkt, _device_sms(q.device))
+    if tiles < 1 or num_stages < 1:
+        raise ValueError(f"tiles and num_stages must be >= 1, got {tiles}, {num_stages}")
     spans = cdiv(nkt, tiles)
     n_pad = max(16, next_power_of_2(last_q))
     dev = q.device
@@ -195,7 +190,7 @@ def last_q_scores(
         W=next_power_of_2(block_n + n_pad - 1), HEAD_DIM=d, PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpret_upcast(q.dtype),
-        num_warps=4,
+        num_warps=4, num_stages=num_stages,
     )
     args = lambda lse: (  # noqa: E731
         q, k_cache, block_table, meta.seq_lens, meta.query_start_loc,

@@ -255,24 +255,12 @@ def test_last_q_scores_over_spans_of_tiles(tiles, batch, page, layout):
     assert (slash.cpu() - sr).abs().max().item() < 1e-6
 
 
-def test_tiles_per_program_keeps_the_sms_busy():
-    from sparse_kernels.last_q_scores import MAX_TILES, MIN_PROGRAMS_PER_SM, tiles_per_program
-
-    def programs(batch, hq, nkt, t):
-        return batch * hq * -(-nkt // t)
-
-    seen = set()
-    for batch, hq, nkt, sms in [(1, 32, 2048, 132), (1, 32, 512, 132), (1, 32, 64, 132),
-                                (1, 8, 16, 132), (4, 28, 300, 78), (1, 32, 100, 132)]:
-        t = tiles_per_program(batch, hq, nkt, sms)
-        seen.add(t)
-        assert t & (t - 1) == 0 and 1 <= t <= MAX_TILES
-        # the most tiles that still leave MIN_PROGRAMS_PER_SM programs per SM
-        assert t == 1 or programs(batch, hq, nkt, t) >= MIN_PROGRAMS_PER_SM * sms
-        assert t == MAX_TILES or programs(batch, hq, nkt, 2 * t) < MIN_PROGRAMS_PER_SM * sms
-    assert tiles_per_program(1, 32, 2048, 132) == MAX_TILES  # 128K: 16 tiles, 4096 programs
-    assert tiles_per_program(1, 8, 16, 132) == 1  # too few programs to share tiles
-    assert len(seen) >= 3
+def test_last_q_scores_rejects_bad_launch_settings():
+    q, k, v, bt, qsl, sl = make_batch("ragged3", 1, 4, 64, 16)
+    meta = prefill_block_metadata(qsl, sl, 16)
+    for kw in ({"tiles": 0}, {"num_stages": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            last_q_scores(q, k, bt, meta, last_q=8, **kw)
 
 
 def test_vertical_slash_conversion_rules():
