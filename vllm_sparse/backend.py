@@ -315,6 +315,24 @@ def reset_counts_after_warm_up() -> bool:
     return True
 
 
+def _allocate_outside_kv_budget(what: str, nbytes: int, alloc):
+    """``alloc()``, or a clear error where the GPU has no room for it. The page summaries
+    and the stored selections are allocated per layer on the first forward (vLLM's start-up
+    warm-up), after vLLM has given the KV cache its share of ``--gpu-memory-utilization``, so
+    they come out of the headroom that setting leaves; out of memory there stops start-up
+    with what to change instead of a bare CUDA error."""
+    try:
+        return alloc()
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(
+            f"sparse-serve: out of GPU memory allocating {what} ({nbytes / 2**20:.1f} MiB for "
+            f"this layer, one such buffer per top-k layer). They live outside vLLM's KV-cache "
+            f"budget: lower --gpu-memory-utilization (page summaries take about 1/block_size "
+            f"of the KV cache), size the cache with --kv-cache-memory-bytes leaving that much "
+            f"free, or set SPARSE_SELECTION_REUSE=1 (no stored selections). See the README, "
+            f"'Memory: page summaries and selections'. ({e})") from e
+
+
 def _tp_rank() -> int:
     try:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -752,7 +770,10 @@ class SparseAttentionImpl(AttentionImpl):
 
             # Zeros: a page's summary is recomputed from its tokens whenever a step writes into
             # it, and a request only ever reads pages it (or the prefix cache) wrote.
-            s = allocate_page_summaries(key_cache).zero_()
+            s = _allocate_outside_kv_budget(
+                "page summaries", key_cache.shape[0] * 2 * key_cache.shape[2]
+                * key_cache.shape[3] * key_cache.element_size(),
+                lambda: allocate_page_summaries(key_cache).zero_())
             self._summaries = s
             if self._layer_index in (0, None):  # once, not once per layer
                 logger.info("sparse-serve: page summaries %s, %.1f MiB per attention layer",
@@ -768,7 +789,9 @@ class SparseAttentionImpl(AttentionImpl):
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparse-serve: selection buffers must be allocated before "
                                    "CUDA graph capture")
-            s = self._selected = torch.full_like(shared, -1)
+            s = self._selected = _allocate_outside_kv_budget(
+                "stored page selections (selection reuse)",
+                shared.numel() * shared.element_size(), lambda: torch.full_like(shared, -1))
         return s
 
     # -- KV write (vLLM calls this before forward: forward_includes_kv_cache_update=False) ---

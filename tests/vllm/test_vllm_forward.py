@@ -789,3 +789,36 @@ def test_selection_reuse_keeps_each_layers_selection(monkeypatch):
     assert (kept, rows) == (3.0, 5.0)
     snap = backend.PATH_COUNTERS.snapshot()
     assert snap["decode_selection_reuse_fraction"] == 0.6
+
+
+@pytest.mark.parametrize("which", ["summaries", "selections"])
+def test_start_up_allocation_out_of_memory_says_what_to_change(monkeypatch, which):
+    """The per-layer buffers allocated on the first forward (outside vLLM's KV budget): out of
+    memory there names the buffer, its size and the settings that make room, and stays an
+    OutOfMemoryError."""
+    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
+                       selection_reuse=4)
+    impl = _impl(cfg)
+    k_cache = torch.zeros(40, PAGE, HKV, D)
+
+    def oom(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    if which == "summaries":
+        import sparse_kernels.page_summary as page_summary
+
+        monkeypatch.setattr(page_summary, "allocate_page_summaries", oom)
+        call, want = (lambda: impl._get_summaries(k_cache)), "page summaries"
+        size = 40 * 2 * HKV * D * 4 / 2**20
+    else:
+        monkeypatch.setattr(torch, "full_like", oom)
+        shared = torch.full((4, HKV, 4), -1, dtype=torch.int32)
+        call, want = (lambda: impl._get_selected(shared)), "stored page selections"
+        size = shared.numel() * 4 / 2**20
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        call()
+    msg = str(e.value)
+    assert want in msg and f"{size:.1f} MiB" in msg and "--gpu-memory-utilization" in msg
+    assert "Tried to allocate" in msg  # the original error is kept
+    # nothing half-made is kept: the next forward tries again
+    assert impl._summaries is None and impl._selected is None
