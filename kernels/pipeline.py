@@ -544,7 +544,8 @@ def warm_up_summary_update(k_cache: torch.Tensor, summaries: torch.Tensor) -> No
 
 def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> list[int]:
-    """Compile :func:`sparse_decode` (and its split merge) for every split-count bucket.
+    """Compile :func:`sparse_decode` (and its split merge) for every split-count bucket, the
+    balanced kernel, and the decode read counter's no-selection variant.
 
     The split count follows the batch size (:func:`~sparse_kernels.sparse_decode.default_num_splits`)
     and sets a compile-time constant (its next power of two), so a decode batch of a size no
@@ -591,4 +592,12 @@ def warm_up_decode(method: str, cfg: SparseConfig, q_like: torch.Tensor,
         # one variant whatever the batch and lengths (its grid is (programs, KV heads))
         balanced_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, scale=scale,
                         full_pages=None if selected is None else 1)
+    # The read counter's variant without a selection (decode rows an eager step folds into its
+    # dense prefill launch): nothing else compiles it before serving. Its variant with a
+    # selection is compiled by the engine's CUDA-graph capture, which runs decode steps first.
+    # (An H100 log of a 4K batch in a 128K vLLM engine showed it compiling while serving.)
+    from sparse_kernels.decode_stats import accumulate_decode_reads
+
+    accumulate_decode_reads(None, seq_lens, k_cache.shape[1], k_cache.shape[2],
+                            torch.zeros(2, dtype=torch.float64, device=dev))
     return splits

@@ -931,14 +931,6 @@ def _warm_up_once(prefill_method, decode_method, cfg, q, key_cache, value_cache,
     if decode_method == "topk":
         warm_up_summary_update(key_cache, summaries)
     warm_up_decode(decode_method, cfg, q, key_cache, value_cache, scale)
-    # The read counter's variant for decode rows folded into an eager step's dense launch
-    # (no selection): else compiled by the first such step while serving (seen on an H100:
-    # vLLM's JIT monitor warned of _decode_reads_kernel in a 4K batch of a 128K engine).
-    from sparse_kernels.decode_stats import accumulate_decode_reads
-
-    accumulate_decode_reads(None, torch.ones(1, dtype=torch.int32, device=q.device),
-                            key_cache.shape[1], key_cache.shape[2],
-                            torch.zeros(2, dtype=torch.float64, device=q.device))
     if prefill_method == "dense":
         return
     lengths = warm_up_prefill(prefill_method, cfg, q, key_cache, value_cache, max_model_len,

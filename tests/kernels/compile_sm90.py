@@ -113,12 +113,14 @@ def main() -> None:
         bd.PIECES_PER_PROGRAM = 2
         balanced_decode(q, kc, kc, bt, sl, out=torch.zeros_like(q), full_pages=512)
         bd.PIECES_PER_PROGRAM = 1
-        # the layer-0 read counters of a step (an engine's first eager decode compiles them)
+        # the layer-0 read counter of a decode step with a selection (the engine's CUDA-graph
+        # capture runs decode steps first); its variant without one (decode rows folded into
+        # an eager prefill step) must come from warm_up_decode below, which vLLM's start-up
+        # runs: served without it, a 4K batch of a 128K engine compiled it (H100, session 22)
         sums = torch.zeros(4, dtype=torch.float64)
         k_default, _, _ = decode_budget_pages(SparseConfig(), 16)
         accumulate_decode_reads(torch.zeros(batch, hkv, k_default, dtype=torch.int32), sl, 16,
                                 hkv, sums)
-        accumulate_decode_reads(None, sl, 16, hkv, sums)
         warm_up_summary_update(kc, summ)
         kv_write(batch, hkv, group, d, kc, summ)
         # Prefill: every estimator and the block-sparse kernel, through the engine's warm-up

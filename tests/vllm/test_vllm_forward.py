@@ -823,24 +823,3 @@ def test_start_up_allocation_out_of_memory_says_what_to_change(monkeypatch, whic
     # nothing half-made is kept: the next forward tries again
     assert impl._summaries is None and impl._selected is None
 
-
-def test_warm_up_compiles_the_read_counter_for_folded_decode_rows(monkeypatch):
-    """The start-up warm-up runs the decode read counter's no-selection variant (decode rows
-    folded into an eager step's dense launch), so the first such step while serving does not
-    JIT-compile it; once per shape."""
-    import sparse_kernels.decode_stats as decode_stats
-    import sparse_kernels.pipeline as pipeline
-
-    monkeypatch.setattr(backend, "_WARMED", set())
-    for name in ("warm_up_decode", "warm_up_summary_update"):
-        monkeypatch.setattr(pipeline, name, lambda *a, **kw: None)
-    calls = []
-    real = decode_stats.accumulate_decode_reads
-    monkeypatch.setattr(decode_stats, "accumulate_decode_reads",
-                        lambda sel, *a: (calls.append(sel), real(sel, *a)))
-    cfg = SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16)
-    k_cache = torch.zeros(8, PAGE, HKV, D)
-    q = torch.zeros(2, HQ, D)
-    for _ in range(2):
-        backend._warm_up_once("dense", "topk", cfg, q, k_cache, k_cache, None, 4096, 1.0)
-    assert calls == [None]
