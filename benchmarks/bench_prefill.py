@@ -138,8 +138,10 @@ def bench(fn, warmup: int, rep: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def kernel_breakdown(fn, calls: int = 5, top: int = 12) -> list[dict]:
-    """The GPU kernels (and copies) of ``fn``: device time per call of each, most first."""
+def kernel_breakdown(fn, calls: int = 5, top: int = 12) -> tuple[list[dict], dict]:
+    """The GPU kernels (and copies) of ``fn``: device time per call of each, most first (the
+    ``top`` largest), and the totals per call over all of them (``kernel_us``, ``launches``).
+    A wall time well above ``kernel_us`` is GPU idle time between launches (host-bound)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -158,7 +160,9 @@ def kernel_breakdown(fn, calls: int = 5, top: int = 12) -> list[dict]:
             per[ev.name] = (n + t, c + 1)
     rows = [{"name": k, "us_per_call": v / calls, "launches_per_call": c / calls}
             for k, (v, c) in per.items()]
-    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+    totals = {"kernel_us": sum(r["us_per_call"] for r in rows),
+              "launches": sum(r["launches_per_call"] for r in rows)}
+    return sorted(rows, key=lambda r: -r["us_per_call"])[:top], totals
 
 
 def search_setting(method, run, target: float, iters: int = 12):
@@ -202,7 +206,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile-estimators", action="store_true",
                     help="also record each estimator's GPU kernels at its setting (torch "
-                         "profiler, 5 calls): row['estimator_kernels'], us per call, top 12")
+                         "profiler, 5 calls): row['estimator_kernels'], us per call, top 12; "
+                         "row['estimator_kernel_us'] / ['estimator_launches']: all of them")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -288,9 +293,13 @@ def main(argv=None):
                 "setting_search_s": search_s,
             }
             if args.profile_estimators:
-                row["estimator_kernels"] = kernel_breakdown(est_fn)
-                print("    " + "; ".join(f"{k['name'][:60]} {k['us_per_call']:.1f} us"
-                                         for k in row["estimator_kernels"][:6]), flush=True)
+                row["estimator_kernels"], tot = kernel_breakdown(est_fn)
+                row["estimator_kernel_us"] = tot["kernel_us"]
+                row["estimator_launches"] = tot["launches"]
+                print(f"    {tot['launches']:.0f} launches, {tot['kernel_us']:.1f} us of kernels "
+                      f"per call; " + "; ".join(f"{k['name'][:60]} {k['us_per_call']:.1f} us"
+                                               for k in row["estimator_kernels"][:6]),
+                      flush=True)
             rows.append(row)
             print(f"  {method:15s} density {density:.3f} recall {recall:.3f} est {est_ms:7.3f} "
                   f"attn {attn_ms:7.3f} total {total_ms:7.3f} ms  speedup {row['speedup']:.2f}x  "
