@@ -18,7 +18,7 @@ import sys
 import torch
 import triton
 
-from bench_prefill import HEAD_DIM, make_inputs
+from bench_prefill import HEAD_DIM, bench, make_inputs
 from gpu_bench import vllm_version
 from sparse_kernels.block_sparse_prefill import prefill_block_metadata
 from sparse_kernels.last_q_scores import DEFAULT_NUM_STAGES, DEFAULT_TILES, last_q_scores
@@ -53,7 +53,7 @@ def main(argv=None):
                                                   num_stages=st)
             v, s = fn()
             diff = max((v - ref[0]).abs().max().item(), (s - ref[1]).abs().max().item())
-            ms = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            ms = bench(fn, 25, 100)  # bench_prefill.py's timing: do_bench median
             default = (t, st) == (DEFAULT_TILES, DEFAULT_NUM_STAGES)
             rows.append({"prefix": prefix, "seq_len": L, "tiles": t, "num_stages": st, "ms": ms,
                          "default": default, "max_abs_diff_vs_one_tile": diff})

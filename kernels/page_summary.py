@@ -193,12 +193,17 @@ def _check(k_cache: torch.Tensor, summaries: torch.Tensor) -> None:
     assert summaries.shape[0] >= num_pages, (summaries.shape, k_cache.shape)
 
 
-def allocate_page_summaries(k_cache: torch.Tensor) -> torch.Tensor:
-    """Empty ``[num_pages, 2, num_kv_heads, head_dim]`` buffer matching ``k_cache``."""
+def page_summaries_shape(k_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(num_pages, 2, num_kv_heads, head_dim)``: the summaries of ``k_cache``'s pages (its
+    dtype: one key-sized row each for the min and the max)."""
     num_pages, _, num_kv_heads, head_dim = k_cache.shape
-    return torch.empty(
-        (num_pages, 2, num_kv_heads, head_dim), dtype=k_cache.dtype, device=k_cache.device
-    )
+    return (num_pages, 2, num_kv_heads, head_dim)
+
+
+def allocate_page_summaries(k_cache: torch.Tensor) -> torch.Tensor:
+    """Empty :func:`page_summaries_shape` buffer matching ``k_cache``."""
+    return torch.empty(page_summaries_shape(k_cache), dtype=k_cache.dtype,
+                       device=k_cache.device)
 
 
 def update_page_summaries(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 import sys
@@ -766,13 +767,14 @@ class SparseAttentionImpl(AttentionImpl):
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparse-serve: page summaries must be allocated before "
                                    "CUDA graph capture")
-            from sparse_kernels.page_summary import allocate_page_summaries
+            from sparse_kernels.page_summary import (allocate_page_summaries,
+                                                     page_summaries_shape)
 
             # Zeros: a page's summary is recomputed from its tokens whenever a step writes into
             # it, and a request only ever reads pages it (or the prefix cache) wrote.
             s = _allocate_outside_kv_budget(
-                "page summaries", key_cache.shape[0] * 2 * key_cache.shape[2]
-                * key_cache.shape[3] * key_cache.element_size(),
+                "page summaries",
+                math.prod(page_summaries_shape(key_cache)) * key_cache.element_size(),
                 lambda: allocate_page_summaries(key_cache).zero_())
             self._summaries = s
             if self._layer_index in (0, None):  # once, not once per layer
