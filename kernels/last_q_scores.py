@@ -7,14 +7,21 @@ pages included). With ``p[r, k]`` their softmax probabilities:
 * ``vertical[b, h, k] = mean_r p[r, k]`` (sums to 1 over ``k``);
 * ``slash[b, h, d] = mean_r p[r, L - n_b + r - d]``: probability mass on diagonal offset ``d``.
 
-Two passes of one Triton kernel over (query head, key span, sequence) programs; a span is
-``TILES`` key tiles of ``BLOCK_N``, each tile a ``[n_pad, D] x [D, BLOCK_N]`` product with the
-program's queries kept in registers: pass 1 writes per-span row log-sum-exps (online over the
-span's tiles, then combined by ``torch.logsumexp``), pass 2 writes the normalised column sums
-(``vertical``) and adds the diagonal sums of each tile into ``slash`` (``tl.gather`` skews the
-tile so each diagonal becomes a column; one vector atomic add per tile). No ``[n, L]``
-probability matrix is materialised. One tile per program is the default (measured below);
-the kernel takes 1.3 ms of the vertical-slash estimator's 1.8 at 112K + 16K on an H100.
+Two passes of one Triton kernel over (head group, key span, sequence) programs. A program
+takes ``HPP`` query heads of one GQA group (``HPP x N_PAD`` query rows share each key tile it
+loads) and a span of ``TILES`` key tiles of ``BLOCK_N``; each tile is one
+``[HPP * N_PAD, D] x [D, BLOCK_N]`` product. Pass 1 writes per-span row log-sum-exps (online
+over the span's tiles, combined by ``torch.logsumexp``); pass 2 writes the normalised column
+sums (``vertical``) and the diagonal sums (``slash``). No ``[n, L]`` probability matrix is
+materialised.
+
+Diagonal sums without atomics: pass 2 rotates row ``r`` of a tile left by ``r`` (a cyclic
+``tl.gather`` within the tile's ``BLOCK_N`` columns), so column ``u`` holds, for each row, the
+element ``(u + r) mod BLOCK_N``; rows that wrapped ``w`` times lie on diagonal offset
+``L - n_b - k0 + w * BLOCK_N - u``, the rest of their class on the same one. Class ``w`` of key
+tile ``t`` covers the offsets of class 0 of tile ``t - w`` and of no other tile, so each class
+has its own output plane and every element is written by exactly one program (plain stores,
+summed over the planes at the end).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from sparse_kernels.block_sparse_prefill import (
 )
 from sparse_kernels.host_math import cdiv, next_power_of_2
 
-__all__ = ["last_q_scores"]
+__all__ = ["last_q_scores", "last_q_launch"]
 
 _LN2 = 0.6931471805599453
 
@@ -41,7 +48,7 @@ _LN2 = 0.6931471805599453
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
         "stride_bt", "stride_pb", "stride_ph", "stride_pr", "stride_lb", "stride_lh",
-        "stride_vb", "stride_vh", "stride_sb", "stride_sh",
+        "stride_vb", "stride_vh", "stride_sw", "stride_sb", "stride_sh",
     ],
     do_not_specialize_on_alignment=[
         "block_table_ptr", "seq_lens_ptr", "qsl_ptr",
@@ -51,7 +58,8 @@ def _last_q_kernel(
     q_ptr, k_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_ptr,  # fp32 [B, Hq, N_PAD, programs per row]: row lse of a span (base 2) (pass 1 out)
     lse_ptr,  # fp32 [B, Hq, N_PAD]: row lse (base 2)                             (pass 2 in)
-    vert_ptr, slash_ptr,  # fp32 [B, Hq, width]                                   (pass 2 out)
+    vert_ptr,  # fp32 [B, Hq, width]                                              (pass 2 out)
+    slash_ptr,  # fp32 [NW, B, Hq, width]: diagonal sums per wrap class           (pass 2 out)
     qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kh, stride_kd,
@@ -59,20 +67,21 @@ def _last_q_kernel(
     stride_pb, stride_ph, stride_pr, stride_pk,
     stride_lb, stride_lh,
     stride_vb, stride_vh,
-    stride_sb, stride_sh,
+    stride_sw, stride_sb, stride_sh,
     LAST_Q: tl.constexpr,
     N_PAD: tl.constexpr,
     G: tl.constexpr,
+    HPP: tl.constexpr,  # query heads per program (of one GQA group), a power of 2
     BLOCK_N: tl.constexpr,
     TILES: tl.constexpr,  # key tiles per program: its span is TILES * BLOCK_N keys
-    W: tl.constexpr,  # next_pow2(BLOCK_N + N_PAD - 1)
+    NW: tl.constexpr,  # wrap classes of the cyclic skew: (BLOCK_N + N_PAD - 2) // BLOCK_N + 1
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PASS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    h = tl.program_id(0)  # fastest: the heads of one span run together (its keys from L2)
+    hg = tl.program_id(0)  # fastest: the head groups of one span run together (keys from L2)
     span = tl.program_id(1)
     b = tl.program_id(2)
     seq_len, q_begin, chunk_start = chunk_of_sequence(b, seq_lens_ptr, qsl_ptr)
@@ -82,24 +91,36 @@ def _last_q_kernel(
     k_span = span * (TILES * BLOCK_N)
     if (k_span >= seq_len) | (n_b == 0):
         return
-    kvh = h // G
-    r = tl.arange(0, N_PAD)
-    r_ok = r < n_b
+    groups_per_kv: tl.constexpr = (G + HPP - 1) // HPP
+    kvh = hg // groups_per_kv
+    g0 = (hg % groups_per_kv) * HPP
+    rows = tl.arange(0, HPP * N_PAD)
+    r = rows % N_PAD
+    g_ok = (g0 + rows // N_PAD) < G
+    head = kvh * G + g0 + rows // N_PAD
+    r_ok = (r < n_b) & g_ok
     qpos = seq_len - n_b + r
     q_tok = (q_end - n_b + r).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
-    # the program's queries stay in registers over its key tiles
-    qv = tl.load(q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
-                 mask=r_ok[:, None], other=0.0)
+    qv = tl.load(q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh
+                 + offs_d[None, :] * stride_qd, mask=r_ok[:, None], other=0.0)
     if UPCAST:
         qv = qv.to(tl.float32)
     n_tiles = tl.minimum(TILES, tl.cdiv(seq_len - k_span, BLOCK_N))
     if PASS == 1:
-        m_i = tl.full([N_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([N_PAD], tl.float32)
+        m_i = tl.full([HPP * N_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([HPP * N_PAD], tl.float32)
     else:
-        row_lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + r, mask=r_ok, other=0.0)
+        row_lse = tl.load(lse_ptr + b * stride_lb + head * stride_lh + r, mask=r_ok, other=0.0)
         inv_n = 1.0 / n_b.to(tl.float32)
+        # per head of the program: [HPP] and the cyclic skew of a tile, [N_PAD, BLOCK_N]
+        gh = tl.arange(0, HPP)
+        head_h = kvh * G + g0 + gh
+        h_ok = (g0 + gh) < G
+        u = tl.arange(0, BLOCK_N)
+        rot = u[None, :] + r[:, None]  # row r's column u holds tile column (u + r) mod BLOCK_N
+        src = rot % BLOCK_N
+        wrap = tl.reshape(rot // BLOCK_N, (HPP, N_PAD, BLOCK_N))
     for t in range(0, n_tiles):
         k0 = k_span + t * BLOCK_N
         kpos = k0 + tl.arange(0, BLOCK_N)
@@ -121,32 +142,47 @@ def _last_q_kernel(
             m_i = m_new
         else:
             p = tl.where(ok, tl.exp2(s - row_lse[:, None]), 0.0) * inv_n
-            tl.store(vert_ptr + b * stride_vb + h * stride_vh + kpos, tl.sum(p, 0), mask=k_ok)
-            # Skew: X[r, u] = p[r, u + r - (N_PAD - 1)], so column u of X is one diagonal,
-            # offset d = (L - n_b - k0 + N_PAD - 1) - u.
-            u = tl.arange(0, W)
-            src = u[None, :] + r[:, None] - (N_PAD - 1)
-            src_ok = (src >= 0) & (src < BLOCK_N)
-            x = tl.gather(p, tl.minimum(tl.maximum(src, 0), BLOCK_N - 1), axis=1)
-            diag = tl.sum(tl.where(src_ok, x, 0.0), 0)
-            d = (seq_len - n_b - k0 + N_PAD - 1) - u
-            tl.atomic_add(slash_ptr + b * stride_sb + h * stride_sh + d, diag,
-                          mask=(d >= 0) & (d < seq_len) & (u < BLOCK_N + N_PAD - 1))
+            p3 = tl.reshape(p, (HPP, N_PAD, BLOCK_N))
+            tl.store(vert_ptr + b * stride_vb + head_h[:, None] * stride_vh + kpos[None, :],
+                     tl.sum(p3, 1), mask=h_ok[:, None] & k_ok[None, :])
+            x = tl.reshape(tl.gather(p, src, axis=1), (HPP, N_PAD, BLOCK_N))
+            for w in tl.static_range(NW):
+                diag = tl.sum(tl.where(wrap == w, x, 0.0), 1)  # [HPP, BLOCK_N]
+                d = seq_len - n_b - k0 + w * BLOCK_N - u
+                tl.store(slash_ptr + w * stride_sw + b * stride_sb
+                         + head_h[:, None] * stride_sh + d[None, :], diag,
+                         mask=h_ok[:, None] & ((d >= 0) & (d < seq_len))[None, :])
     if PASS == 1:
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         lse = tl.where(l_i > 0, m_safe + tl.log2(l_i), float("-inf"))
-        tl.store(part_ptr + b * stride_pb + h * stride_ph + r * stride_pr + span * stride_pk,
+        tl.store(part_ptr + b * stride_pb + head * stride_ph + r * stride_pr + span * stride_pk,
                  lse, mask=r_ok)
 
 
-# Launch settings, measured on an H100 (session 22, benchmarks/bench_last_q.py, a 16K-token
-# chunk after 32K / 112K of prefix: benchmarks/results/last_q_2026-11-24_h100_session22/): one
-# key tile per program without software pipelining, 0.512 / 1.292 ms per call, against 0.550 /
-# 1.370 for the kernel before spans existed and 0.57-0.67 / 1.41-1.72 for spans of 4 or 16 tiles
-# at 1, 2 or 3 stages. The kernel is bound by its per-tile math (exp2, the skew, the atomics),
-# not by reloading its queries, so longer spans only cut the programs that hide latency.
+# Launch settings. Measured on an H100 (session 22, benchmarks/bench_last_q.py, the kernel
+# before head groups and the cyclic skew; benchmarks/results/last_q_2026-11-24_h100_session22/):
+# one key tile per program without software pipelining was fastest, 6-7% ahead of the previous
+# launch; spans of 4 or 16 tiles were slower.
 DEFAULT_TILES = 1
 DEFAULT_NUM_STAGES = 1
+DEFAULT_BLOCK_N = 64
+# query rows per program that set the default head-group size: HPP = ROWS_PER_PROGRAM // N_PAD
+# (at least 1, at most the GQA group); num_warps 4 up to 128 rows, 8 above
+DEFAULT_ROWS_PER_PROGRAM = 64
+
+
+def last_q_launch(last_q: int, group: int, *, heads_per_program: int | None = None,
+                  rows_per_program: int = DEFAULT_ROWS_PER_PROGRAM,
+                  num_warps: int | None = None) -> tuple[int, int, int]:
+    """``(n_pad, heads_per_program, num_warps)`` of a ``last_q_scores`` launch."""
+    n_pad = max(16, next_power_of_2(last_q))
+    if heads_per_program is None:
+        heads_per_program = min(next_power_of_2(group), max(1, rows_per_program // n_pad))
+    if heads_per_program < 1 or heads_per_program & (heads_per_program - 1):
+        raise ValueError(f"heads_per_program must be a power of 2, got {heads_per_program}")
+    if num_warps is None:
+        num_warps = 4 if heads_per_program * n_pad <= 128 else 8
+    return n_pad, heads_per_program, num_warps
 
 
 def last_q_scores(
@@ -159,38 +195,45 @@ def last_q_scores(
     scale: float | None = None,
     tiles: int = DEFAULT_TILES,
     num_stages: int = DEFAULT_NUM_STAGES,
+    block_n: int = DEFAULT_BLOCK_N,
+    heads_per_program: int | None = None,
+    rows_per_program: int = DEFAULT_ROWS_PER_PROGRAM,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(vertical, slash)``, fp32 ``[batch, Hq, meta.max_kv_blocks * meta.block_size]`` each.
 
     q ``[num_tokens, Hq, D]``; k_cache ``[num_pages, page_size, Hkv, D]`` (any strides). Entries
-    at or past ``seq_len`` are 0. See the module docstring for the definitions. ``tiles``: key
-    tiles of 64 per program; ``num_stages``: Triton's software pipelining (defaults measured,
-    above).
+    at or past ``seq_len`` are 0. See the module docstring for the definitions. Launch settings
+    (defaults measured, above): ``tiles`` key tiles of ``block_n`` per program,
+    ``num_stages`` software pipelining, ``heads_per_program`` query heads of one GQA group per
+    program (default from ``rows_per_program``), ``num_warps``.
     """
     if last_q < 1:
         raise ValueError(f"last_q must be >= 1, got {last_q}")
+    if tiles < 1 or num_stages < 1:
+        raise ValueError(f"tiles and num_stages must be >= 1, got {tiles}, {num_stages}")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of 2 >= 16, got {block_n}")
     _num_tokens, hq, d = q.shape
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
+    n_pad, hpp, warps = last_q_launch(last_q, group, heads_per_program=heads_per_program,
+                                      rows_per_program=rows_per_program, num_warps=num_warps)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     batch = meta.batch_size
     width = meta.max_kv_blocks * meta.block_size
-    block_n = 64
-    nkt = cdiv(width, block_n)
-    if tiles < 1 or num_stages < 1:
-        raise ValueError(f"tiles and num_stages must be >= 1, got {tiles}, {num_stages}")
-    spans = cdiv(nkt, tiles)
-    n_pad = max(16, next_power_of_2(last_q))
+    spans = cdiv(cdiv(width, block_n), tiles)
+    nw = (block_n + n_pad - 2) // block_n + 1
     dev = q.device
     part = torch.full((batch, hq, n_pad, spans), float("-inf"), device=dev, dtype=torch.float32)
     vert = torch.zeros(batch, hq, width, device=dev, dtype=torch.float32)
-    slash = torch.zeros(batch, hq, width, device=dev, dtype=torch.float32)
+    slash = torch.zeros(nw, batch, hq, width, device=dev, dtype=torch.float32)
     common = dict(
-        LAST_Q=last_q, N_PAD=n_pad, G=group, BLOCK_N=block_n, TILES=tiles,
-        W=next_power_of_2(block_n + n_pad - 1), HEAD_DIM=d, PAGE_SIZE=page_size,
+        LAST_Q=last_q, N_PAD=n_pad, G=group, HPP=hpp, BLOCK_N=block_n, TILES=tiles, NW=nw,
+        HEAD_DIM=d, PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpret_upcast(q.dtype),
-        num_warps=4, num_stages=num_stages,
+        num_warps=warps, num_stages=num_stages,
     )
     args = lambda lse: (  # noqa: E731
         q, k_cache, block_table, meta.seq_lens, meta.query_start_loc,
@@ -202,10 +245,10 @@ def last_q_scores(
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1),
         vert.stride(0), vert.stride(1),
-        slash.stride(0), slash.stride(1),
+        slash.stride(0), slash.stride(1), slash.stride(2),
     )
-    grid = (hq, spans, batch)
+    grid = (hkv * cdiv(group, hpp), spans, batch)
     _last_q_kernel[grid](*args(part[..., 0]), PASS=1, **common)
     lse = (torch.logsumexp(part * _LN2, dim=-1) / _LN2).contiguous()  # [B, Hq, N_PAD]
     _last_q_kernel[grid](*args(lse), PASS=2, **common)
-    return vert, slash
+    return vert, slash.sum(0) if nw > 1 else slash[0]

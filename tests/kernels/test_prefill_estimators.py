@@ -255,12 +255,41 @@ def test_last_q_scores_over_spans_of_tiles(tiles, batch, page, layout):
     assert (slash.cpu() - sr).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize(
+    "group,hpp,block_n,last_q,warps",
+    [
+        (4, 1, 64, 24, 4),  # one head per program, two wrap classes
+        (4, 4, 64, 24, 4),  # the whole GQA group in one program
+        (7, 2, 32, 24, 4),  # a group that the head count does not divide: masked heads
+        (7, 8, 16, 40, 8),  # more heads per program than the group; 64 rows over 16 columns
+        (1, 4, 16, 24, 4),  # no GQA: three of four heads masked
+        (8, 2, 128, 64, 4),  # a tile wider than every chunk here
+    ],
+)
+def test_last_q_scores_head_groups_and_wrap_classes(group, hpp, block_n, last_q, warps):
+    """Programs over several query heads of one GQA group, and key tiles narrower than the
+    queries (the cyclic skew wraps up to four times) or wider than the sequences, equal the
+    reference; ragged chunks include one of a single token."""
+    q, k, v, bt, qsl, sl = make_batch("short_tail", 1, group, 64, 16, "HND")
+    meta = prefill_block_metadata(qsl, sl, 16)
+    width = meta.max_kv_blocks * 16
+    vr, sr = ref_last_q_scores(q, k, v, bt, qsl, sl, last_q, width)
+    vert, slash = last_q_scores(q, k, bt, meta, last_q=last_q, heads_per_program=hpp,
+                                block_n=block_n, num_warps=warps)
+    assert (vert.cpu() - vr).abs().max().item() < 1e-6
+    assert (slash.cpu() - sr).abs().max().item() < 1e-6
+
+
 def test_last_q_scores_rejects_bad_launch_settings():
     q, k, v, bt, qsl, sl = make_batch("ragged3", 1, 4, 64, 16)
     meta = prefill_block_metadata(qsl, sl, 16)
     for kw in ({"tiles": 0}, {"num_stages": 0}):
         with pytest.raises(ValueError, match="must be >= 1"):
             last_q_scores(q, k, bt, meta, last_q=8, **kw)
+    with pytest.raises(ValueError, match="power of 2"):
+        last_q_scores(q, k, bt, meta, last_q=8, heads_per_program=3)
+    with pytest.raises(ValueError, match="block_n"):
+        last_q_scores(q, k, bt, meta, last_q=8, block_n=48)
 
 
 def test_vertical_slash_conversion_rules():
