@@ -36,6 +36,7 @@ from sparse_kernels.estimate_vertical_slash import (  # noqa: E402
     slash_index_bands,
     vertical_index_blocks,
     vertical_slash_indices,
+    vs_block_maps,
 )
 from sparse_kernels.estimate_xattention import (  # noqa: E402
     estimate_xattention,
@@ -63,6 +64,9 @@ BATCHES = {
     "short_tail": ([200, 70, 150], [1, 70, 17]),
     # several 64-key tiles per sequence (last_q_scores' spans of tiles)
     "multi_span": ([700, 260, 450], [40, 30, 1]),
+    # last_q_scores with 16 last queries and 16-key tiles: a tile ends one key past the first
+    # of them (142, 78) or exactly on it (143)
+    "mask_edges": ([142, 143, 78], [20, 16, 30]),
 }
 
 
@@ -264,13 +268,18 @@ def test_last_q_scores_over_spans_of_tiles(tiles, batch, page, layout):
         (7, 8, 16, 40, 8),  # more heads per program than the group; 64 rows over 16 columns
         (1, 4, 16, 24, 4),  # no GQA: three of four heads masked
         (8, 2, 128, 64, 4),  # a tile wider than every chunk here
+        # last_q a power of 2 that chunks reach: tiles before the first query skip the masks
+        (4, 2, 16, 16, 4),
+        (7, 4, 32, 16, 4),
     ],
 )
-def test_last_q_scores_head_groups_and_wrap_classes(group, hpp, block_n, last_q, warps):
+@pytest.mark.parametrize("batch", ["short_tail", "mask_edges"])
+def test_last_q_scores_head_groups_and_wrap_classes(group, hpp, block_n, last_q, warps, batch):
     """Programs over several query heads of one GQA group, and key tiles narrower than the
     queries (the cyclic skew wraps up to four times) or wider than the sequences, equal the
-    reference; ragged chunks include one of a single token."""
-    q, k, v, bt, qsl, sl = make_batch("short_tail", 1, group, 64, 16, "HND")
+    reference; ragged chunks include one of a single token, and tiles that end one key past
+    the first of the last queries (which must keep the causal mask) or exactly on it."""
+    q, k, v, bt, qsl, sl = make_batch(batch, 1, group, 64, 16, "HND")
     meta = prefill_block_metadata(qsl, sl, 16)
     width = meta.max_kv_blocks * 16
     vr, sr = ref_last_q_scores(q, k, v, bt, qsl, sl, last_q, width)
@@ -290,6 +299,25 @@ def test_last_q_scores_rejects_bad_launch_settings():
         last_q_scores(q, k, bt, meta, last_q=8, heads_per_program=3)
     with pytest.raises(ValueError, match="block_n"):
         last_q_scores(q, k, bt, meta, last_q=8, block_n=48)
+
+
+@pytest.mark.parametrize("block_size,nkb,n_v,n_s", [(16, 5, 4, 5), (64, 33, 100, 7),
+                                                    (16, 70, 1, 2000)])
+def test_vs_block_maps_equal_the_torch_conversion(block_size, nkb, n_v, n_s):
+    """One launch gives the torch conversion's maps: padding (-1), indices on block edges,
+    the last block (whose next band is past the table), duplicates, more indices than a chunk."""
+    g = torch.Generator().manual_seed(1)
+    width = nkb * block_size
+    v_idx = torch.randint(-1, width, (2, 3, n_v), generator=g)
+    s_idx = torch.randint(-1, width, (2, 3, n_s), generator=g)
+    s_idx[0, 0, 0] = width - 1
+    s_idx[1, 2, -1] = (nkb - 1) * block_size
+    v_idx[0, 1, -1] = -1
+    s_idx[1, 0] = -1  # one diagonal on a block edge alone in its row: one band, not two
+    s_idx[1, 0, 0] = 3 * block_size
+    vb, sb = vs_block_maps(v_idx.to(DEVICE), s_idx.to(DEVICE), block_size, nkb)
+    assert torch.equal(vb.cpu(), vertical_index_blocks(v_idx, block_size, nkb))
+    assert torch.equal(sb.cpu(), slash_index_bands(s_idx, block_size, nkb))
 
 
 def test_vertical_slash_conversion_rules():
