@@ -159,10 +159,13 @@ def _last_q_kernel(
                  lse, mask=r_ok)
 
 
-# Launch settings. Measured on an H100 (session 22, benchmarks/bench_last_q.py, the kernel
+# Launch settings, measured on an H100 with benchmarks/bench_last_q.py. Session 22 (the kernel
 # before head groups and the cyclic skew; benchmarks/results/last_q_2026-11-24_h100_session22/):
 # one key tile per program without software pipelining was fastest, 6-7% ahead of the previous
-# launch; spans of 4 or 16 tiles were slower.
+# launch; spans of 4 or 16 tiles were slower. Session 23 (this kernel;
+# benchmarks/results/last_q_2026-11-25_h100_session23/): 1.227 ms per call against 1.286 for
+# session 22's at 112K + 16K (last_q 64), 2.04 against 2.44 at last_q 128; one head per
+# program, 64-key tiles and 4 warps stay the fastest (2 or 4 heads: 1.25-1.38 ms).
 DEFAULT_TILES = 1
 DEFAULT_NUM_STAGES = 1
 DEFAULT_BLOCK_N = 64
