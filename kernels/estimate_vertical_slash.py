@@ -76,7 +76,11 @@ def slash_index_bands(s_idx: torch.Tensor, block_size: int, num_kv_blocks: int) 
     return out[..., :num_kv_blocks]
 
 
-@triton.jit
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=["n_v", "n_s", "num_kv_blocks", "stride_vi", "stride_si", "stride_o"],
+    do_not_specialize_on_alignment=["band_ptr"],  # out[1]: B * Hq * num_kv_blocks bytes in
+)
 def _vs_block_maps_kernel(
     v_idx_ptr, s_idx_ptr, vert_ptr, band_ptr,
     n_v, n_s, num_kv_blocks,

@@ -170,17 +170,17 @@ DEFAULT_TILES = 1
 DEFAULT_NUM_STAGES = 1
 DEFAULT_BLOCK_N = 64
 # query rows per program that set the default head-group size: HPP = ROWS_PER_PROGRAM // N_PAD
-# (at least 1, at most the GQA group); num_warps 4 up to 128 rows, 8 above
+# (at least 1, at most the GQA group; so 1 head from 64 last queries on, the measured cases);
+# num_warps 4 up to 128 rows, 8 above
 DEFAULT_ROWS_PER_PROGRAM = 64
 
 
 def last_q_launch(last_q: int, group: int, *, heads_per_program: int | None = None,
-                  rows_per_program: int = DEFAULT_ROWS_PER_PROGRAM,
                   num_warps: int | None = None) -> tuple[int, int, int]:
     """``(n_pad, heads_per_program, num_warps)`` of a ``last_q_scores`` launch."""
     n_pad = max(16, next_power_of_2(last_q))
     if heads_per_program is None:
-        heads_per_program = min(next_power_of_2(group), max(1, rows_per_program // n_pad))
+        heads_per_program = min(next_power_of_2(group), max(1, DEFAULT_ROWS_PER_PROGRAM // n_pad))
     if heads_per_program < 1 or heads_per_program & (heads_per_program - 1):
         raise ValueError(f"heads_per_program must be a power of 2, got {heads_per_program}")
     if num_warps is None:
@@ -200,7 +200,6 @@ def last_q_scores(
     num_stages: int = DEFAULT_NUM_STAGES,
     block_n: int = DEFAULT_BLOCK_N,
     heads_per_program: int | None = None,
-    rows_per_program: int = DEFAULT_ROWS_PER_PROGRAM,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(vertical, slash)``, fp32 ``[batch, Hq, meta.max_kv_blocks * meta.block_size]`` each.
@@ -209,7 +208,7 @@ def last_q_scores(
     at or past ``seq_len`` are 0. See the module docstring for the definitions. Launch settings
     (defaults measured, above): ``tiles`` key tiles of ``block_n`` per program,
     ``num_stages`` software pipelining, ``heads_per_program`` query heads of one GQA group per
-    program (default from ``rows_per_program``), ``num_warps``.
+    program (default from ``DEFAULT_ROWS_PER_PROGRAM``), ``num_warps``.
     """
     if last_q < 1:
         raise ValueError(f"last_q must be >= 1, got {last_q}")
@@ -221,7 +220,7 @@ def last_q_scores(
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
     n_pad, hpp, warps = last_q_launch(last_q, group, heads_per_program=heads_per_program,
-                                      rows_per_program=rows_per_program, num_warps=num_warps)
+                                      num_warps=num_warps)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     batch = meta.batch_size
     width = meta.max_kv_blocks * meta.block_size
@@ -254,4 +253,4 @@ def last_q_scores(
     _last_q_kernel[grid](*args(part[..., 0]), PASS=1, **common)
     lse = (torch.logsumexp(part * _LN2, dim=-1) / _LN2).contiguous()  # [B, Hq, N_PAD]
     _last_q_kernel[grid](*args(lse), PASS=2, **common)
-    return vert, slash.sum(0) if nw > 1 else slash[0]
+    return vert, slash.sum(0)  # nw >= 2: N_PAD >= 16 rows always wrap into a second class
