@@ -2,7 +2,10 @@
 
 From the last ``vs_last_q`` queries of each chunk (``last_q_scores``): per query head, keep the
 ``vs_vertical`` key columns with the largest summed attention (vertical lines) and the
-``vs_slash`` diagonal offsets with the largest summed attention (slash lines), by ``torch.topk``.
+``vs_slash`` diagonal offsets with the largest summed attention (slash lines). A radix select
+over many programs (``radix_select``) finds each row's cut and ``vs_select_blocks`` marks the
+kept columns and diagonals straight into block maps (ties: lowest index first); the torch path,
+``vertical_slash_indices`` (a stable sort) and the two conversions below, is its reference.
 
 Block-granular approximation: MInference's own kernel computes exactly the kept columns and
 diagonals (index-based sparse attention). Here they are converted to key blocks for the
@@ -24,13 +27,20 @@ import triton.language as tl
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta
 from sparse_kernels.host_math import next_power_of_2
-from sparse_kernels.last_q_scores import last_q_scores
+from sparse_kernels.last_q_scores import last_q_score_planes
+from sparse_kernels.radix_select import (
+    DEFAULT_CHUNK,
+    DEFAULT_DIGIT_BITS,
+    radix_keep,
+    radix_select_cut,
+    radix_ties_before,
+)
 
 __all__ = [
     "vertical_slash_indices",
     "vertical_index_blocks",
     "slash_index_bands",
-    "vs_block_maps",
+    "vs_select_blocks",
     "estimate_vertical_slash",
 ]
 
@@ -39,7 +49,9 @@ def vertical_slash_indices(
     vertical: torch.Tensor, slash: torch.Tensor, seq_lens: torch.Tensor, n_vertical: int,
     n_slash: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top columns / diagonal offsets, int64 ``[B, Hq, k]``; ``-1`` marks padding (k > seq_len)."""
+    """Top columns / diagonal offsets, int64 ``[B, Hq, k]``; ``-1`` marks padding (k > seq_len).
+    Torch, the reference of :func:`vs_select_blocks` (a stable sort: among equal scores the
+    lowest index first, as the radix select)."""
     width = vertical.shape[-1]
     valid = torch.arange(width, device=vertical.device)[None, :] < seq_lens[:, None].long()
     out = []
@@ -48,14 +60,16 @@ def vertical_slash_indices(
         if k <= 0:
             out.append(torch.full((*x.shape[:2], 1), -1, device=x.device, dtype=torch.int64))
             continue
-        val, idx = torch.topk(torch.where(valid[:, None, :], x, -1.0), k, dim=-1)
+        val, idx = torch.sort(torch.where(valid[:, None, :], x, -1.0), dim=-1, descending=True,
+                              stable=True)
+        val, idx = val[..., :k], idx[..., :k]
         out.append(torch.where(val >= 0, idx, -1))
     return out[0], out[1]
 
 
 def vertical_index_blocks(v_idx: torch.Tensor, block_size: int, num_kv_blocks: int) -> torch.Tensor:
     """int8 ``[B, Hq, num_kv_blocks]``: 1 where the key block holds a kept column (torch;
-    the reference of :func:`vs_block_maps`)."""
+    the reference of :func:`vs_select_blocks`)."""
     b, h, _ = v_idx.shape
     out = torch.zeros(b, h, num_kv_blocks + 1, device=v_idx.device, dtype=torch.int8)
     blk = torch.where(v_idx >= 0, v_idx // block_size, num_kv_blocks).clamp(max=num_kv_blocks)
@@ -65,7 +79,7 @@ def vertical_index_blocks(v_idx: torch.Tensor, block_size: int, num_kv_blocks: i
 
 def slash_index_bands(s_idx: torch.Tensor, block_size: int, num_kv_blocks: int) -> torch.Tensor:
     """int8 ``[B, Hq, num_kv_blocks]``: 1 at block offset ``δ = i - j`` crossed by a kept diagonal
-    (torch; the reference of :func:`vs_block_maps`)."""
+    (torch; the reference of :func:`vs_select_blocks`)."""
     b, h, _ = s_idx.shape
     out = torch.zeros(b, h, num_kv_blocks + 1, device=s_idx.device, dtype=torch.int8)
     ok = s_idx >= 0
@@ -78,48 +92,78 @@ def slash_index_bands(s_idx: torch.Tensor, block_size: int, num_kv_blocks: int) 
 
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
-    do_not_specialize=["n_v", "n_s", "num_kv_blocks", "stride_vi", "stride_si", "stride_o"],
-    do_not_specialize_on_alignment=["band_ptr"],  # out[1]: B * Hq * num_kv_blocks bytes in
+    do_not_specialize=["num_kv_blocks", "heads", "stride_xp", "stride_xr", "stride_sp",
+                       "stride_sr", "stride_hp", "stride_hr", "stride_hc", "stride_op",
+                       "stride_or"],
+    do_not_specialize_on_alignment=["seq_lens_ptr"],
 )
-def _vs_block_maps_kernel(
-    v_idx_ptr, s_idx_ptr, vert_ptr, band_ptr,
-    n_v, n_s, num_kv_blocks,
-    stride_vi, stride_si, stride_o,
+def _vs_mark_kernel(
+    x_ptr,  # fp32 [2, B * Hq, width]: vertical, slash
+    seq_lens_ptr, state_ptr, hist_ptr,
+    out_ptr,  # int8 [2, B * Hq, num_kv_blocks]: kept key blocks, crossed block offsets
+    num_kv_blocks, heads,
+    stride_xp, stride_xr,
+    stride_sp, stride_sr,
+    stride_hp, stride_hr, stride_hc,
+    stride_op, stride_or,
     BLOCK_SIZE: tl.constexpr,
     CHUNK: tl.constexpr,
+    LAST_NBITS: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
 ):
-    row = tl.program_id(0)  # one (sequence, query head)
-    offs = tl.arange(0, CHUNK)
+    c = tl.program_id(0)
+    r = tl.program_id(1)  # (sequence, query head)
+    p = tl.program_id(2)  # 0: columns, 1: diagonals
+    length = tl.load(seq_lens_ptr + r // heads)
+    if c * CHUNK >= length:
+        return
+    st = state_ptr + p * stride_sp + r * stride_sr
+    cut = tl.load(st)
+    take_eq = tl.load(st + 1)
+    eq_before = radix_ties_before(hist_ptr + p * stride_hp + r * stride_hr, stride_hc, c, cut,
+                                  LAST_NBITS, MAX_CHUNKS)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    keep = radix_keep(x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr, idx, length, cut,
+                      take_eq, eq_before)
+    blk = idx // BLOCK_SIZE
+    out = out_ptr + p * stride_op + r.to(tl.int64) * stride_or
     one = tl.full([CHUNK], 1, tl.int8)
-    for c in range(0, n_v, CHUNK):
-        i = tl.load(v_idx_ptr + row * stride_vi + c + offs, mask=c + offs < n_v, other=-1)
-        blk = i // BLOCK_SIZE
-        tl.store(vert_ptr + row * stride_o + blk, one, mask=(i >= 0) & (blk < num_kv_blocks))
-    for c in range(0, n_s, CHUNK):
-        i = tl.load(s_idx_ptr + row * stride_si + c + offs, mask=c + offs < n_s, other=-1)
-        a = i // BLOCK_SIZE
-        tl.store(band_ptr + row * stride_o + a, one, mask=(i >= 0) & (a < num_kv_blocks))
-        # a diagonal off a block edge also crosses the next block offset
-        tl.store(band_ptr + row * stride_o + a + 1, one,
-                 mask=(i >= 0) & (i % BLOCK_SIZE > 0) & (a + 1 < num_kv_blocks))
+    tl.store(out + blk, one, mask=keep & (blk < num_kv_blocks))
+    if p == 1:  # a diagonal off a block edge also crosses the next block offset
+        tl.store(out + blk + 1, one,
+                 mask=keep & (idx % BLOCK_SIZE > 0) & (blk + 1 < num_kv_blocks))
 
 
-def vs_block_maps(v_idx: torch.Tensor, s_idx: torch.Tensor, block_size: int,
-                  num_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(vertical_index_blocks(v_idx, ...), slash_index_bands(s_idx, ...))`` in one launch
-    (those two torch functions are its reference: about twenty small launches together)."""
-    b, h, n_v = v_idx.shape
-    n_s = s_idx.shape[-1]
-    out = torch.zeros(2, b, h, num_kv_blocks, device=v_idx.device, dtype=torch.int8)
-    v_idx = v_idx.reshape(b * h, n_v)
-    s_idx = s_idx.reshape(b * h, n_s)
-    if b * h:
-        _vs_block_maps_kernel[(b * h,)](
-            v_idx, s_idx, out[0], out[1], n_v, n_s, num_kv_blocks,
-            v_idx.stride(0), s_idx.stride(0), num_kv_blocks,
-            BLOCK_SIZE=block_size, CHUNK=min(1024, max(16, next_power_of_2(max(n_v, n_s)))),
+def vs_select_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, n_vertical: int, n_slash: int,
+                     block_size: int, num_kv_blocks: int, *, chunk: int = DEFAULT_CHUNK,
+                     digit_bits: int = DEFAULT_DIGIT_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vertical_blocks, slash_bands)`` int8 ``[B, Hq, num_kv_blocks]`` from the score planes
+    ``[2, B, Hq, width]`` (``last_q_score_planes``): the top ``n_vertical`` columns and
+    ``n_slash`` diagonals of each row within its ``seq_len``, marked as blocks. Launches: the
+    maps' zeroing, the radix select's ``2 x levels``, one marking. Reference:
+    :func:`vertical_slash_indices`, then :func:`vertical_index_blocks` and
+    :func:`slash_index_bands`."""
+    _, b, h, width = scores.shape
+    x = scores.reshape(2, b * h, width)  # a view of last_q_score_planes' output
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.zeros(2, b * h, num_kv_blocks, device=scores.device, dtype=torch.int8)
+    chunk = min(chunk, max(16, next_power_of_2(width)))
+    if b * h and width:
+        cut = radix_select_cut(x, seq_lens, h, (max(0, n_vertical), max(0, n_slash)),
+                               chunk=chunk, digit_bits=digit_bits)
+        _vs_mark_kernel[(cut.max_chunks, b * h, 2)](
+            x, seq_lens, cut.state, cut.hist, out,
+            num_kv_blocks, h,
+            x.stride(0), x.stride(1),
+            cut.state.stride(0), cut.state.stride(1),
+            cut.hist.stride(0), cut.hist.stride(1), cut.hist.stride(2),
+            out.stride(0), out.stride(1),
+            BLOCK_SIZE=block_size, CHUNK=chunk, LAST_NBITS=cut.last_nbits,
+            MAX_CHUNKS=max(2, next_power_of_2(cut.max_chunks)),
             num_warps=4,
         )
+    out = out.view(2, b, h, num_kv_blocks)
     return out[0], out[1]
 
 
@@ -140,9 +184,8 @@ def estimate_vertical_slash(
     ``n_vertical``, ``n_slash`` = config ``vs_last_q``, ``vs_vertical``, ``vs_slash``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    vertical, slash = last_q_scores(q, k_cache, block_table, meta, last_q=last_q, scale=scale)
-    v_idx, s_idx = vertical_slash_indices(vertical, slash, meta.seq_lens, n_vertical, n_slash)
-    vertical_blocks, slash_bands = vs_block_maps(v_idx, s_idx, meta.block_size,
-                                                 meta.max_kv_blocks)
+    scores = last_q_score_planes(q, k_cache, block_table, meta, last_q=last_q, scale=scale)
+    vertical_blocks, slash_bands = vs_select_blocks(scores, meta.seq_lens, n_vertical, n_slash,
+                                                    meta.block_size, meta.max_kv_blocks)
     return build_block_lists(meta, k_cache.shape[2], vertical_blocks=vertical_blocks,
                              slash_bands=slash_bands)

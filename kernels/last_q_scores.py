@@ -11,7 +11,7 @@ Two passes of one Triton kernel over (head group, key span, sequence) programs. 
 takes ``HPP`` query heads of one GQA group (``HPP x N_PAD`` query rows share each key tile it
 loads) and a span of ``TILES`` key tiles of ``BLOCK_N``; each tile is one
 ``[HPP * N_PAD, D] x [D, BLOCK_N]`` product. Pass 1 writes per-span row log-sum-exps (online
-over the span's tiles, combined by ``torch.logsumexp``); pass 2 writes the normalised column
+over the span's tiles, combined by ``_lse_combine_kernel``); pass 2 writes the normalised column
 sums (``vertical``) and the diagonal sums (``slash``). No ``[n, L]`` probability matrix is
 materialised.
 
@@ -21,7 +21,7 @@ element ``(u + r) mod BLOCK_N``; rows that wrapped ``w`` times lie on diagonal o
 ``L - n_b - k0 + w * BLOCK_N - u``, the rest of their class on the same one. Class ``w`` of key
 tile ``t`` covers the offsets of class 0 of tile ``t - w`` and of no other tile, so each class
 has its own output plane and every element is written by exactly one program (plain stores,
-summed over the planes at the end).
+summed over the planes at the end, into the plane beside the vertical sums).
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ from sparse_kernels.block_sparse_prefill import (
 )
 from sparse_kernels.host_math import cdiv, next_power_of_2
 
-__all__ = ["last_q_scores", "last_q_launch"]
-
-_LN2 = 0.6931471805599453
+__all__ = ["last_q_scores", "last_q_score_planes", "last_q_launch"]
 
 
 @triton.jit(
@@ -159,6 +157,49 @@ def _last_q_kernel(
                  lse, mask=r_ok)
 
 
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=["stride_pb", "stride_ph", "stride_pr", "stride_lb", "stride_lh"],
+    do_not_specialize_on_alignment=["seq_lens_ptr", "qsl_ptr"],
+)
+def _lse_combine_kernel(
+    part_ptr,  # fp32 [B, Hq, N_PAD, spans]: pass 1's row log-sum-exp of each span (base 2)
+    lse_ptr,  # fp32 [B, Hq, N_PAD]: the rows' log-sum-exp over all spans (base 2)
+    seq_lens_ptr, qsl_ptr,
+    stride_pb, stride_ph, stride_pr,
+    stride_lb, stride_lh,
+    LAST_Q: tl.constexpr,
+    SPAN_KEYS: tl.constexpr,  # keys per span of pass 1
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Reads only what pass 1 wrote: the spans inside the sequence, of its last queries."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len, _, chunk_start = chunk_of_sequence(b, seq_lens_ptr, qsl_ptr)
+    n_b = tl.minimum(seq_len - chunk_start, LAST_Q)
+    n_spans = tl.cdiv(seq_len, SPAN_KEYS)
+    r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    r_ok = r < n_b
+    row = part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + r.to(tl.int64) * stride_pr
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    acc = tl.zeros([ROWS], tl.float32)
+    for s0 in range(0, n_spans, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        x = tl.load(row[:, None] + sp[None, :], mask=r_ok[:, None] & (sp < n_spans)[None, :],
+                    other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = tl.where(acc > 0, m_safe + tl.log2(acc), 0.0)  # rows past n_b: unused by pass 2
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + r, lse)  # the grid covers N_PAD rows
+
+
+_COMBINE_ROWS = 16
+
+
 # Launch settings, measured on an H100 with benchmarks/bench_last_q.py. Session 22 (the kernel
 # before head groups and the cyclic skew; benchmarks/results/last_q_2026-11-24_h100_session22/):
 # one key tile per program without software pipelining was fastest, 6-7% ahead of the previous
@@ -196,19 +237,40 @@ def last_q_scores(
     *,
     last_q: int,
     scale: float | None = None,
+    **launch,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vertical, slash)``, fp32 ``[batch, Hq, meta.max_kv_blocks * meta.block_size]`` each.
+
+    q ``[num_tokens, Hq, D]``; k_cache ``[num_pages, page_size, Hkv, D]`` (any strides). Entries
+    at or past ``seq_len`` are 0. See the module docstring for the definitions, and
+    :func:`last_q_score_planes` (the two as planes of one tensor) for the launch settings.
+    """
+    planes = last_q_score_planes(q, k_cache, block_table, meta, last_q=last_q, scale=scale,
+                                 **launch)
+    return planes[0], planes[1]
+
+
+def last_q_score_planes(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    meta: PrefillBlockMeta,
+    *,
+    last_q: int,
+    scale: float | None = None,
     tiles: int = DEFAULT_TILES,
     num_stages: int = DEFAULT_NUM_STAGES,
     block_n: int = DEFAULT_BLOCK_N,
     heads_per_program: int | None = None,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(vertical, slash)``, fp32 ``[batch, Hq, meta.max_kv_blocks * meta.block_size]`` each.
+) -> torch.Tensor:
+    """fp32 ``[2, batch, Hq, width]``: ``last_q_scores``' vertical (plane 0) and slash (plane 1).
 
-    q ``[num_tokens, Hq, D]``; k_cache ``[num_pages, page_size, Hkv, D]`` (any strides). Entries
-    at or past ``seq_len`` are 0. See the module docstring for the definitions. Launch settings
-    (defaults measured, above): ``tiles`` key tiles of ``block_n`` per program,
-    ``num_stages`` software pipelining, ``heads_per_program`` query heads of one GQA group per
-    program (default from ``DEFAULT_ROWS_PER_PROGRAM``), ``num_warps``.
+    Five launches (the zeroed planes, two passes, the row log-sum-exp combine, the sum of the
+    slash's wrap classes). Launch settings (defaults measured, above): ``tiles`` key tiles of
+    ``block_n`` per program, ``num_stages`` software pipelining, ``heads_per_program`` query
+    heads of one GQA group per program (default from ``DEFAULT_ROWS_PER_PROGRAM``),
+    ``num_warps``.
     """
     if last_q < 1:
         raise ValueError(f"last_q must be >= 1, got {last_q}")
@@ -227,9 +289,12 @@ def last_q_scores(
     spans = cdiv(cdiv(width, block_n), tiles)
     nw = (block_n + n_pad - 2) // block_n + 1
     dev = q.device
-    part = torch.full((batch, hq, n_pad, spans), float("-inf"), device=dev, dtype=torch.float32)
-    vert = torch.zeros(batch, hq, width, device=dev, dtype=torch.float32)
-    slash = torch.zeros(nw, batch, hq, width, device=dev, dtype=torch.float32)
+    # pass 1 writes the spans inside each sequence for its last queries: the combine reads
+    # no other entry
+    part = torch.empty(batch, hq, n_pad, spans, device=dev, dtype=torch.float32)
+    # plane 0: vertical; planes 1..nw: the wrap classes' diagonal sums (summed into plane 1)
+    planes = torch.zeros(1 + nw, batch, hq, width, device=dev, dtype=torch.float32)
+    vert, slash = planes[0], planes[1:]
     common = dict(
         LAST_Q=last_q, N_PAD=n_pad, G=group, HPP=hpp, BLOCK_N=block_n, TILES=tiles, NW=nw,
         HEAD_DIM=d, PAGE_SIZE=page_size,
@@ -251,6 +316,15 @@ def last_q_scores(
     )
     grid = (hkv * cdiv(group, hpp), spans, batch)
     _last_q_kernel[grid](*args(part[..., 0]), PASS=1, **common)
-    lse = (torch.logsumexp(part * _LN2, dim=-1) / _LN2).contiguous()  # [B, Hq, N_PAD]
+    lse = torch.empty(batch, hq, n_pad, device=dev, dtype=torch.float32)
+    _lse_combine_kernel[(batch, hq, cdiv(n_pad, _COMBINE_ROWS))](
+        part, lse, meta.seq_lens, meta.query_start_loc,
+        part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0), lse.stride(1),
+        LAST_Q=last_q, SPAN_KEYS=tiles * block_n, ROWS=min(_COMBINE_ROWS, n_pad),
+        BLOCK_S=128, num_warps=4,
+    )
     _last_q_kernel[grid](*args(lse), PASS=2, **common)
-    return vert, slash.sum(0)  # nw >= 2: N_PAD >= 16 rows always wrap into a second class
+    for w in range(2, 1 + nw):  # nw >= 2: N_PAD >= 16 rows always wrap into a second class
+        planes[1].add_(planes[w])
+    return planes[:2]

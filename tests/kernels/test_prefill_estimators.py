@@ -36,13 +36,14 @@ from sparse_kernels.estimate_vertical_slash import (  # noqa: E402
     slash_index_bands,
     vertical_index_blocks,
     vertical_slash_indices,
-    vs_block_maps,
+    vs_select_blocks,
 )
 from sparse_kernels.estimate_xattention import (  # noqa: E402
     estimate_xattention,
     xattention_block_scores,
 )
-from sparse_kernels.last_q_scores import last_q_scores  # noqa: E402
+from sparse_kernels.last_q_scores import last_q_score_planes, last_q_scores  # noqa: E402
+from sparse_kernels.radix_select import radix_select_cut, topk_keep_reference  # noqa: E402
 from sparse_kernels.reference import dense_attention, random_paged_kv  # noqa: E402
 from sparse_kernels.reference_prefill import (  # noqa: E402
     lists_to_mask,
@@ -301,23 +302,75 @@ def test_last_q_scores_rejects_bad_launch_settings():
         last_q_scores(q, k, bt, meta, last_q=8, block_n=48)
 
 
-@pytest.mark.parametrize("block_size,nkb,n_v,n_s", [(16, 5, 4, 5), (64, 33, 100, 7),
-                                                    (16, 70, 1, 2000)])
-def test_vs_block_maps_equal_the_torch_conversion(block_size, nkb, n_v, n_s):
-    """One launch gives the torch conversion's maps: padding (-1), indices on block edges,
-    the last block (whose next band is past the table), duplicates, more indices than a chunk."""
-    g = torch.Generator().manual_seed(1)
-    width = nkb * block_size
-    v_idx = torch.randint(-1, width, (2, 3, n_v), generator=g)
-    s_idx = torch.randint(-1, width, (2, 3, n_s), generator=g)
-    s_idx[0, 0, 0] = width - 1
-    s_idx[1, 2, -1] = (nkb - 1) * block_size
-    v_idx[0, 1, -1] = -1
-    s_idx[1, 0] = -1  # one diagonal on a block edge alone in its row: one band, not two
-    s_idx[1, 0, 0] = 3 * block_size
-    vb, sb = vs_block_maps(v_idx.to(DEVICE), s_idx.to(DEVICE), block_size, nkb)
-    assert torch.equal(vb.cpu(), vertical_index_blocks(v_idx, block_size, nkb))
-    assert torch.equal(sb.cpu(), slash_index_bands(s_idx, block_size, nkb))
+def tie_heavy_rows(n_p, n_r, width, seed):
+    """Scores with what a top-k must get right: runs of equal values across chunk edges, few
+    distinct values (ties at the cut), zeros, -0.0 (a zero), negatives (never candidates), and
+    values spread over many exponents (the top digits differ)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n_p, n_r, width, generator=g) ** 8
+    x[0, 0, 10:60] = 0.5  # a tie run over several 16-entry chunks
+    x[-1, 1] = torch.randint(0, 4, (width,), generator=g).float() / 4  # four values only
+    x[0, 2, ::3] = 0.0
+    x[0, 2, 1::3] = -0.0
+    x[-1, 3, ::2] = -torch.rand(width - width // 2, generator=g)
+    return x
+
+
+@pytest.mark.parametrize("chunk,digit_bits", [(16, 8), (64, 11), (32, 5)])
+@pytest.mark.parametrize("k", [(5, 9), (0, 1), (10**6, 40)])
+def test_radix_select_cut_is_the_stable_top_k(chunk, digit_bits, k):
+    """Each row's cut (k-th largest value, ties to take) keeps exactly the entries a stable
+    descending sort ranks below k: ragged lengths (one row empty, one past a chunk edge), k
+    of 0 and above the candidate count, ties at the cut, zeros and negatives."""
+    width = 150
+    x = tie_heavy_rows(2, 6, width, 0)
+    lengths = torch.tensor([150, 17, 0], dtype=torch.int32)
+    cut = radix_select_cut(x.to(DEVICE), lengths.to(DEVICE), 2, k, chunk=chunk,
+                           digit_bits=digit_bits)
+    want = topk_keep_reference(x, lengths, 2, k)
+    state = cut.state.cpu()
+    for p in range(2):
+        for r in range(6):
+            n = int(lengths[r // 2])
+            row = x[p, r, :n]
+            key = torch.where(row == 0, 0, row.view(torch.int32))
+            t, take_eq = int(state[p, r, 0]), int(state[p, r, 1])
+            keep = torch.zeros(width, dtype=torch.bool)
+            keep[:n] = (key > t) & (row >= 0)
+            keep[(key == t).nonzero().flatten()[:take_eq]] = True
+            assert torch.equal(keep, want[p, r]), (p, r, t, take_eq)
+            assert int(keep.sum()) == min(k[p], int((row >= 0).sum()))
+
+
+@pytest.mark.parametrize("nv,ns", [(5, 9), (300, 1), (1, 2000), (0, 4)])
+def test_vs_select_blocks_equal_the_torch_path(nv, ns):
+    """The radix select's block maps equal the torch path's (stable sort, then the
+    conversions): ragged rows, ties at the cut across chunk edges (lowest index first), the
+    last block (whose next band is past the table), budgets of 0 and above the row."""
+    b, h, bs, nkb = 3, 2, 16, 12
+    width = nkb * bs
+    x = tie_heavy_rows(2, b * h, width, 1).clamp(min=0.0).view(2, b, h, width)
+    # rows whose cut falls in a run of equal values, one per block and chunk: each tie taken
+    # or not is a block (or band) of its own
+    x[:, 0, 1] = 0.0
+    x[:, 0, 1, ::bs] = 0.5
+    x[:, 0, 1, 40] = 0.7
+    sl = torch.tensor([192, 100, 33], dtype=torch.int32)
+    vb, sb = vs_select_blocks(x.to(DEVICE), sl.to(DEVICE), nv, ns, bs, nkb, chunk=32)
+    v_idx, s_idx = vertical_slash_indices(x[0], x[1], sl, nv, ns)
+    assert torch.equal(vb.cpu(), vertical_index_blocks(v_idx, bs, nkb))
+    assert torch.equal(sb.cpu(), slash_index_bands(s_idx, bs, nkb))
+    assert int(vb.sum()) > 0 if nv > 0 else int(vb.sum()) == 0
+
+
+def test_last_q_score_planes_are_last_q_scores():
+    q, k, v, bt, qsl, sl = make_batch("multi_span", 1, 4, 64, 16, "NHD")
+    meta = prefill_block_metadata(qsl, sl, 16)
+    planes = last_q_score_planes(q, k, bt, meta, last_q=24)
+    vr, sr = ref_last_q_scores(q, k, v, bt, qsl, sl, 24, meta.max_kv_blocks * 16)
+    assert planes.shape[0] == 2 and planes.is_contiguous()
+    assert (planes[0].cpu() - vr).abs().max().item() < 1e-6
+    assert (planes[1].cpu() - sr).abs().max().item() < 1e-6
 
 
 def test_vertical_slash_conversion_rules():
