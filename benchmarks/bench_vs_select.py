@@ -33,7 +33,7 @@ from sparse_kernels.estimate_vertical_slash import (
 )
 from sparse_kernels.last_q_scores import last_q_score_planes
 
-DEFAULT_CONFIGS = ["4096:8", "2048:8", "8192:8", "1024:8", "4096:11", "2048:11", "4096:6"]
+DEFAULT_CONFIGS = ["2048:8", "4096:8", "8192:8", "1024:8", "2048:6", "4096:11"]
 
 
 def torch_topk_maps(scores, seq_lens, n_v, n_s, bs, nkb):

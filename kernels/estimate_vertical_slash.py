@@ -120,11 +120,12 @@ def _vs_mark_kernel(
     st = state_ptr + p * stride_sp + r * stride_sr
     cut = tl.load(st)
     take_eq = tl.load(st + 1)
+    all_eq = tl.load(st + 2)
     eq_before = radix_ties_before(hist_ptr + p * stride_hp + r * stride_hr, stride_hc, c, cut,
                                   LAST_NBITS, MAX_CHUNKS)
     idx = c * CHUNK + tl.arange(0, CHUNK)
     keep = radix_keep(x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr, idx, length, cut,
-                      take_eq, eq_before)
+                      take_eq, all_eq, eq_before)
     blk = idx // BLOCK_SIZE
     out = out_ptr + p * stride_op + r.to(tl.int64) * stride_or
     one = tl.full([CHUNK], 1, tl.int8)

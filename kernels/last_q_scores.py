@@ -197,7 +197,7 @@ def _lse_combine_kernel(
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + r, lse)  # the grid covers N_PAD rows
 
 
-_COMBINE_ROWS = 16
+_COMBINE_ROWS = 4  # rows per program of the combine; spans in steps of 512
 
 
 # Launch settings, measured on an H100 with benchmarks/bench_last_q.py. Session 22 (the kernel
@@ -322,7 +322,7 @@ def last_q_score_planes(
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
         LAST_Q=last_q, SPAN_KEYS=tiles * block_n, ROWS=min(_COMBINE_ROWS, n_pad),
-        BLOCK_S=128, num_warps=4,
+        BLOCK_S=512, num_warps=4,
     )
     _last_q_kernel[grid](*args(lse), PASS=2, **common)
     for w in range(2, 1 + nw):  # nw >= 2: N_PAD >= 16 rows always wrap into a second class

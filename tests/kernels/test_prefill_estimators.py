@@ -334,12 +334,14 @@ def test_radix_select_cut_is_the_stable_top_k(chunk, digit_bits, k):
             n = int(lengths[r // 2])
             row = x[p, r, :n]
             key = torch.where(row == 0, 0, row.view(torch.int32))
-            t, take_eq = int(state[p, r, 0]), int(state[p, r, 1])
+            t, take_eq, all_eq = (int(v) for v in state[p, r])
             keep = torch.zeros(width, dtype=torch.bool)
             keep[:n] = (key > t) & (row >= 0)
             keep[(key == t).nonzero().flatten()[:take_eq]] = True
             assert torch.equal(keep, want[p, r]), (p, r, t, take_eq)
             assert int(keep.sum()) == min(k[p], int((row >= 0).sum()))
+            if take_eq:
+                assert all_eq == int(((key == t) & (row >= 0)).sum())
 
 
 @pytest.mark.parametrize("nv,ns", [(5, 9), (300, 1), (1, 2000), (0, 4)])
