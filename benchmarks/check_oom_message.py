@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     except Exception as e:  # vLLM re-raises the worker's error, possibly wrapped
         text = "".join(traceback.format_exception(e))
         doc.update(started=False, error_type=type(e).__name__, error=str(e)[-4000:],
-                   ours="sparse-serve: out of GPU memory allocating" in text,
+                   ours="sparse-serve: out of GPU memory" in text,
                    traceback_tail=text[-6000:])
     print(json.dumps({k: doc.get(k) for k in ("started", "ours", "error_type")}), flush=True)
     if doc.get("error"):

@@ -316,22 +316,69 @@ def reset_counts_after_warm_up() -> bool:
     return True
 
 
+_ADVICE = ("They live outside vLLM's KV-cache budget: lower --gpu-memory-utilization (page "
+           "summaries take about 1/block_size of the KV cache), size the cache with "
+           "--kv-cache-memory-bytes leaving that much free, or set SPARSE_SELECTION_REUSE=1 (no "
+           "stored selections). See the README, 'Memory: page summaries and selections'.")
+# What the side buffers must leave free for the rest of vLLM's start-up (the warm-up's
+# activations, CUDA-graph pools): vLLM sized those inside --gpu-memory-utilization, but the
+# buffers come out of the same free memory, so start-up stops here, with what to change,
+# rather than at a bare CUDA out-of-memory error in some later allocation.
+START_UP_MARGIN_BYTES = 1 << 30
+
+
 def _allocate_outside_kv_budget(what: str, nbytes: int, alloc):
     """``alloc()``, or a clear error where the GPU has no room for it. The page summaries
-    and the stored selections are allocated per layer on the first forward (vLLM's start-up
-    warm-up), after vLLM has given the KV cache its share of ``--gpu-memory-utilization``, so
-    they come out of the headroom that setting leaves; out of memory there stops start-up
-    with what to change instead of a bare CUDA error."""
+    and the stored selections are allocated on the first forward (vLLM's start-up warm-up),
+    after vLLM has given the KV cache its share of ``--gpu-memory-utilization``, so they come
+    out of the headroom that setting leaves; out of memory there stops start-up with what to
+    change instead of a bare CUDA error."""
     try:
         return alloc()
     except torch.OutOfMemoryError as e:
         raise torch.OutOfMemoryError(
             f"sparse-serve: out of GPU memory allocating {what} ({nbytes / 2**20:.1f} MiB for "
-            f"this layer, one such buffer per top-k layer). They live outside vLLM's KV-cache "
-            f"budget: lower --gpu-memory-utilization (page summaries take about 1/block_size "
-            f"of the KV cache), size the cache with --kv-cache-memory-bytes leaving that much "
-            f"free, or set SPARSE_SELECTION_REUSE=1 (no stored selections). See the README, "
-            f"'Memory: page summaries and selections'. ({e})") from e
+            f"this layer, one such buffer per top-k layer). {_ADVICE} ({e})") from e
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on ``device``: free on the GPU plus what PyTorch holds
+    unused; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _check_room(what: str, per_layer: list[int], device: torch.device) -> None:
+    """Raise the out-of-memory error, before allocating anything, when the side buffers of
+    every sparse layer (``per_layer`` bytes) would not leave ``START_UP_MARGIN_BYTES`` free."""
+    need = sum(per_layer)
+    free = _free_device_bytes(device)
+    if free is None or need + START_UP_MARGIN_BYTES <= free:
+        return
+    raise torch.OutOfMemoryError(
+        f"sparse-serve: out of GPU memory for {what}: {len(per_layer)} layers need "
+        f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free and "
+        f"{START_UP_MARGIN_BYTES / 2**30:.1f} GiB must stay free for the rest of vLLM's "
+        f"start-up. {_ADVICE}")
+
+
+def _sparse_layers_in_context() -> list:
+    """vLLM's attention layers served by this backend (layer objects with ``kv_cache`` and
+    ``impl``), from the forward context; [] outside one (unit tests)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return []
+        layers = get_forward_context().no_compile_layers
+    except Exception:  # noqa: BLE001 - an engine without it: one layer at a time
+        return []
+    return [lay for lay in layers.values()
+            if isinstance(getattr(lay, "impl", None), SparseAttentionImpl)
+            and isinstance(getattr(lay, "kv_cache", None), torch.Tensor)
+            and lay.kv_cache.dim() == 4]
 
 
 def _tp_rank() -> int:
@@ -761,39 +808,67 @@ class SparseAttentionImpl(AttentionImpl):
         group = max(1, total_q // max(1, total_kv))
         return _tp_rank() * self.num_heads // group
 
+    def _key_cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, 2*D) -> the K view (B, N, H, D), as vLLM's FlashAttention reads it."""
+        return kv_cache.transpose(1, 2).split(self.head_size, dim=-1)[0]
+
+    def _needs_summaries(self, layer) -> bool:
+        return self._layer_methods(layer)[1] == "topk"
+
     def _get_summaries(self, key_cache: torch.Tensor) -> torch.Tensor:
         s = self._summaries
         if s is None or s.shape[0] != key_cache.shape[0] or s.device != key_cache.device:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparse-serve: page summaries must be allocated before "
                                    "CUDA graph capture")
-            from sparse_kernels.page_summary import (allocate_page_summaries,
-                                                     page_summaries_shape)
+            from sparse_kernels.page_summary import page_summaries_shape
 
-            # Zeros: a page's summary is recomputed from its tokens whenever a step writes into
-            # it, and a request only ever reads pages it (or the prefix cache) wrote.
-            s = _allocate_outside_kv_budget(
-                "page summaries",
-                math.prod(page_summaries_shape(key_cache)) * key_cache.element_size(),
-                lambda: allocate_page_summaries(key_cache).zero_())
-            self._summaries = s
+            # The first layer to need them allocates every top-k layer's at once, after
+            # checking that they fit (one clear error, before any allocation of this kind).
+            todo = [(self, key_cache)] + [
+                (lay.impl, self._key_cache(lay.kv_cache)) for lay in _sparse_layers_in_context()
+                if lay.impl is not self and lay.impl._summaries is None
+                and lay.impl._needs_summaries(lay)]
+            sizes = [math.prod(page_summaries_shape(kc)) * kc.element_size() for _, kc in todo]
+            _check_room("page summaries", sizes, key_cache.device)
+            for (impl, kc), nbytes in zip(todo, sizes):
+                impl._allocate_summaries(kc, nbytes)
+            s = self._summaries
             if self._layer_index in (0, None):  # once, not once per layer
-                logger.info("sparse-serve: page summaries %s, %.1f MiB per attention layer",
-                            tuple(s.shape), s.numel() * s.element_size() / 2**20)
+                logger.info("sparse-serve: page summaries %s, %.1f MiB per attention layer, "
+                            "%d layers allocated at once", tuple(s.shape),
+                            s.numel() * s.element_size() / 2**20, len(todo))
         return s
+
+    def _allocate_summaries(self, key_cache: torch.Tensor, nbytes: int) -> None:
+        from sparse_kernels.page_summary import allocate_page_summaries
+
+        # Zeros: a page's summary is recomputed from its tokens whenever a step writes into
+        # it, and a request only ever reads pages it (or the prefix cache) wrote.
+        self._summaries = _allocate_outside_kv_budget(
+            "page summaries", nbytes, lambda: allocate_page_summaries(key_cache).zero_())
 
     def _get_selected(self, shared: torch.Tensor) -> torch.Tensor:
         """This layer's selection buffer for selection reuse (the builder's ``selected`` is
         shared by every layer and rewritten by each: a kept selection must be the layer's
-        own). Allocated on the first forward, before CUDA-graph capture."""
+        own). Allocated on the first forward, before CUDA-graph capture, for every top-k
+        layer at once."""
         s = self._selected
         if s is None or s.shape != shared.shape or s.device != shared.device:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparse-serve: selection buffers must be allocated before "
                                    "CUDA graph capture")
-            s = self._selected = _allocate_outside_kv_budget(
-                "stored page selections (selection reuse)",
-                shared.numel() * shared.element_size(), lambda: torch.full_like(shared, -1))
+            todo = [self] + [lay.impl for lay in _sparse_layers_in_context()
+                             if lay.impl is not self and lay.impl._selected is None
+                             and lay.impl._needs_summaries(lay)]
+            nbytes = shared.numel() * shared.element_size()
+            _check_room("stored page selections (selection reuse)", [nbytes] * len(todo),
+                        shared.device)
+            for impl in todo:
+                impl._selected = _allocate_outside_kv_budget(
+                    "stored page selections (selection reuse)", nbytes,
+                    lambda: torch.full_like(shared, -1))
+            s = self._selected
         return s
 
     # -- KV write (vLLM calls this before forward: forward_includes_kv_cache_update=False) ---

@@ -791,6 +791,77 @@ def test_selection_reuse_keeps_each_layers_selection(monkeypatch):
     assert snap["decode_selection_reuse_fraction"] == 0.6
 
 
+def _engine_layers(monkeypatch, cfg, n_blocks=40):
+    """Four attention layers of this backend in a stand-in forward context (layer 2 decodes
+    dense by the config's override); returns them."""
+    import types
+
+    import vllm.forward_context as fc
+
+    layers = {}
+    for i in range(4):
+        lay = types.SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn",
+                                    impl=_impl(cfg),
+                                    kv_cache=torch.zeros(n_blocks, HKV, PAGE, 2 * D))
+        layers[lay.layer_name] = lay
+    layers["model.layers.0.mlp"] = types.SimpleNamespace(kv_cache=None)  # not attention
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
+    monkeypatch.setattr(fc, "get_forward_context",
+                        lambda: types.SimpleNamespace(no_compile_layers=layers))
+    return [v for v in layers.values() if hasattr(v, "impl")]
+
+
+def _three_topk_layers_config():
+    from sparse_kernels.config import HeadOverride
+
+    return SparseConfig(token_budget=64, sink_tokens=16, local_tokens=16, min_seq_len=0,
+                        selection_reuse=4,
+                        head_overrides=(HeadOverride(layer=2, heads=None, decode_method="dense"),))
+
+
+def test_start_up_buffers_of_every_top_k_layer_come_at_once(monkeypatch):
+    """The first layer to need page summaries (or stored selections) allocates them for every
+    top-k layer of the engine in one go: later layers find theirs; a dense-decode layer gets
+    none."""
+    layers = _engine_layers(monkeypatch, _three_topk_layers_config())
+    first = layers[1]
+    s = first.impl._get_summaries(first.impl._key_cache(first.kv_cache))
+    assert s.shape[0] == 40
+    have = [lay.impl._summaries is not None for lay in layers]
+    assert have == [True, True, False, True]
+    assert layers[3].impl._get_summaries(layers[3].impl._key_cache(layers[3].kv_cache)) \
+        is layers[3].impl._summaries  # already there, not reallocated
+    shared = torch.full((4, HKV, 4), -1, dtype=torch.int32)
+    first.impl._get_selected(shared)
+    assert [lay.impl._selected is not None for lay in layers] == [True, True, False, True]
+    assert layers[0].impl._selected.data_ptr() != layers[1].impl._selected.data_ptr()
+
+
+@pytest.mark.parametrize("which", ["summaries", "selections"])
+def test_start_up_buffers_that_do_not_fit_stop_before_any_allocation(monkeypatch, which):
+    """When every top-k layer's buffers would not leave the start-up margin free, the first
+    layer raises vLLM's out-of-memory error type with the total, what is free and what to
+    change, and no layer keeps a buffer."""
+    layers = _engine_layers(monkeypatch, _three_topk_layers_config())
+    per_layer = 40 * 2 * HKV * D * 4 if which == "summaries" else 4 * HKV * 4 * 4
+    free = backend.START_UP_MARGIN_BYTES + 3 * per_layer - 1  # one byte short
+    monkeypatch.setattr(backend, "_free_device_bytes", lambda device: free)
+    impl = layers[0].impl
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        if which == "summaries":
+            impl._get_summaries(impl._key_cache(layers[0].kv_cache))
+        else:
+            impl._get_selected(torch.full((4, HKV, 4), -1, dtype=torch.int32))
+    msg = str(e.value)
+    assert "3 layers need" in msg and "--gpu-memory-utilization" in msg, msg
+    assert all(lay.impl._summaries is None and lay.impl._selected is None for lay in layers)
+    monkeypatch.setattr(backend, "_free_device_bytes", lambda device: free + 1)  # just fits
+    if which == "summaries":
+        impl._get_summaries(impl._key_cache(layers[0].kv_cache))
+    else:
+        impl._get_selected(torch.full((4, HKV, 4), -1, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("which", ["summaries", "selections"])
 def test_start_up_allocation_out_of_memory_says_what_to_change(monkeypatch, which):
     """The per-layer buffers allocated on the first forward (outside vLLM's KV budget): out of
