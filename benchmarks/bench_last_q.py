@@ -15,17 +15,12 @@ process, against the same inputs. Not a test: never collected by pytest.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib.util
-import json
-import os
-import sys
 
 import torch
-import triton
 
 from bench_prefill import HEAD_DIM, bench, kernel_breakdown, make_inputs
-from gpu_bench import vllm_version
+from gpu_bench import write_result
 from sparse_kernels.block_sparse_prefill import prefill_block_metadata
 from sparse_kernels.last_q_scores import last_q_launch, last_q_scores
 
@@ -104,15 +99,7 @@ def main(argv=None):
                         rows.append({"prefix": prefix, "last_q": last_q, "config": name,
                                      "profile": kernels, "profile_totals": totals})
                         print(f"  profile {name}: {totals} {kernels[:4]}", flush=True)
-    doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "date": _dt.datetime.now().isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(),
-           "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                        "vllm": vllm_version()},
-           "chunk": args.chunk, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
+    write_result(args.out, chunk=args.chunk, rows=rows)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,11 @@ torch conversions) is timed beside it. Not a test: never collected by pytest.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import sys
 
 import torch
-import triton
 
 from bench_prefill import bench, kernel_breakdown, make_inputs
-from gpu_bench import vllm_version
+from gpu_bench import write_result
 from sparse_kernels.block_sparse_prefill import prefill_block_metadata
 from sparse_kernels.estimate_vertical_slash import (
     slash_index_bands,
@@ -90,16 +85,8 @@ def main(argv=None):
             rows.append(row)
             print(f"prefix {prefix} {name:>10}: {ms * 1000:8.1f} us  maps equal: {equal}"
                   + (f"  {row['profile_totals']}" if args.profile else ""), flush=True)
-    doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "date": _dt.datetime.now().isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(),
-           "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                        "vllm": vllm_version()},
-           "chunk": args.chunk, "last_q": args.last_q, "n_vertical": args.n_vertical,
-           "n_slash": args.n_slash, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
+    write_result(args.out, chunk=args.chunk, last_q=args.last_q, n_vertical=args.n_vertical,
+                 n_slash=args.n_slash, rows=rows)
 
 
 if __name__ == "__main__":

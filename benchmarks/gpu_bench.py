@@ -17,6 +17,28 @@ def vllm_version() -> str | None:
         return None
 
 
+def write_result(path: str | None, **fields) -> dict:
+    """A result document: the command, date, device and versions, then ``fields``; written as
+    JSON to ``path`` (when given) and returned."""
+    import datetime
+    import json
+    import os
+    import sys
+
+    import triton
+
+    doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name(),
+           "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                        "vllm": vllm_version()},
+           **fields}
+    if path:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+    return doc
+
+
 def add_shape_args(p) -> None:
     """The attention shape of the benchmarks (argparse): Llama-3.1-8B's by default (32 query
     heads, 8 KV heads, head dim 128, bf16, pages of 16 tokens), as the kernels issue names it."""
