@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (default: eager)")
     ap.add_argument("--backend", default="CUSTOM", help="e.g. FLASH_ATTN, for comparison")
+    ap.add_argument("--margin-mib", type=int, default=None,
+                    help="override vllm_sparse.backend.START_UP_MARGIN_BYTES (experiments)")
     ap.add_argument("--max-model-len", type=int, default=32768)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -39,13 +41,19 @@ def main(argv=None) -> int:
     import torch
     from vllm import LLM
 
+    if args.margin_mib is not None:  # the engine runs in this process (above)
+        import vllm_sparse.backend as sparse_backend
+
+        sparse_backend.START_UP_MARGIN_BYTES = args.margin_mib << 20
+
     memory = ({"kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}
               if args.kv_cache_gib is not None else
               {"gpu_memory_utilization": args.gpu_memory_utilization or 0.9})
     doc = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
            "date": _dt.datetime.now().isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(), "model_shape": args.model,
-           "backend": args.backend, "max_model_len": args.max_model_len,
+           "backend": args.backend, "margin_mib": args.margin_mib,
+           "max_model_len": args.max_model_len,
            "cuda_graphs": args.graphs, **memory}
     try:
         import vllm
