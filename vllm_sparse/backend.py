@@ -350,18 +350,45 @@ def _free_device_bytes(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _check_room(what: str, per_layer: list[int], device: torch.device) -> None:
+def _check_room(what: str, per_layer: list[int], device: torch.device, *,
+                memory_setting: tuple[float, int | None] | None = None,
+                kv_bytes: int = 0) -> None:
     """Raise the out-of-memory error, before allocating anything, when the side buffers of
-    every sparse layer (``per_layer`` bytes) would not leave ``START_UP_MARGIN_BYTES`` free."""
+    every sparse layer (``per_layer`` bytes) would not leave ``START_UP_MARGIN_BYTES`` free.
+    With the engine's ``memory_setting`` the message names a setting that makes room;
+    ``kv_bytes``: the KV cache the buffers scale with (page summaries), 0 if they do not."""
     need = sum(per_layer)
     free = _free_device_bytes(device)
     if free is None or need + START_UP_MARGIN_BYTES <= free:
         return
+    suggestion = ""
+    if memory_setting is not None:
+        suggestion = _room_suggestion(need + START_UP_MARGIN_BYTES - free,
+                                      need / kv_bytes if kv_bytes else 0.0, memory_setting,
+                                      _device_total_bytes(device))
     raise torch.OutOfMemoryError(
         f"sparse-serve: out of GPU memory for {what}: {len(per_layer)} layers need "
         f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free and "
         f"{START_UP_MARGIN_BYTES / 2**30:.1f} GiB must stay free for the rest of vLLM's "
-        f"start-up. {_ADVICE}")
+        f"start-up.{suggestion} {_ADVICE}")
+
+
+def _device_total_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def _room_suggestion(shortfall: int, per_kv_byte: float,
+                     memory_setting: tuple[float, int | None], total: int) -> str:
+    """`` Run with ...`` : the setting that frees ``shortfall`` bytes, the KV cache smaller by
+    ``shortfall / (1 + per_kv_byte)`` (buffers of ``per_kv_byte`` per KV byte shrink with
+    it)."""
+    util, kv_cache_bytes = memory_setting
+    cut = math.ceil(shortfall / (1.0 + per_kv_byte))
+    if kv_cache_bytes:
+        return (f" Run with --kv-cache-memory-bytes {max(0, kv_cache_bytes - cut)} or less "
+                f"(now {kv_cache_bytes}).")
+    lower = math.floor((util - cut / total) * 100) / 100  # 2 decimals, rounded down
+    return (f" Run with --gpu-memory-utilization {lower:.2f} or less (now {util:g}).")
 
 
 def _sparse_layers_in_context() -> list:
@@ -761,10 +788,16 @@ class SparseAttentionImpl(AttentionImpl):
         self._layer_index: int | None = None
         # this layer measures decode reads / counts prefill fallbacks (see _PathCounters)
         self._decode_stats = self._prefill_fallback_stats = False
+        # (gpu_memory_utilization, kv_cache_memory_bytes): for the setting an out-of-memory
+        # error at start-up suggests (read here: forward runs without a current config)
+        self._memory_setting: tuple[float, int | None] | None = None
         try:
             from vllm.config import get_current_vllm_config
 
-            self.max_model_len = get_current_vllm_config().model_config.max_model_len
+            vc = get_current_vllm_config()
+            self.max_model_len = vc.model_config.max_model_len
+            self._memory_setting = (float(vc.cache_config.gpu_memory_utilization),
+                                    vc.cache_config.kv_cache_memory_bytes)
         except Exception:  # no current config (unit tests)
             self.max_model_len = None
 
@@ -830,7 +863,9 @@ class SparseAttentionImpl(AttentionImpl):
                 if lay.impl is not self and lay.impl._summaries is None
                 and lay.impl._needs_summaries(lay)]
             sizes = [math.prod(page_summaries_shape(kc)) * kc.element_size() for _, kc in todo]
-            _check_room("page summaries", sizes, key_cache.device)
+            kv = sum(2 * kc.numel() * kc.element_size() for _, kc in todo)  # K and V
+            _check_room("page summaries", sizes, key_cache.device,
+                        memory_setting=self._memory_setting, kv_bytes=kv)
             for (impl, kc), nbytes in zip(todo, sizes):
                 impl._allocate_summaries(kc, nbytes)
             s = self._summaries
@@ -863,7 +898,7 @@ class SparseAttentionImpl(AttentionImpl):
                              and lay.impl._needs_summaries(lay)]
             nbytes = shared.numel() * shared.element_size()
             _check_room("stored page selections (selection reuse)", [nbytes] * len(todo),
-                        shared.device)
+                        shared.device, memory_setting=self._memory_setting)
             for impl in todo:
                 impl._selected = _allocate_outside_kv_budget(
                     "stored page selections (selection reuse)", nbytes,

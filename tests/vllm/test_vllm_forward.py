@@ -846,7 +846,9 @@ def test_start_up_buffers_that_do_not_fit_stop_before_any_allocation(monkeypatch
     per_layer = 40 * 2 * HKV * D * 4 if which == "summaries" else 4 * HKV * 4 * 4
     free = backend.START_UP_MARGIN_BYTES + 3 * per_layer - 1  # one byte short
     monkeypatch.setattr(backend, "_free_device_bytes", lambda device: free)
+    monkeypatch.setattr(backend, "_device_total_bytes", lambda device: 80 << 30)
     impl = layers[0].impl
+    impl._memory_setting = (0.93, None)
     with pytest.raises(torch.OutOfMemoryError) as e:
         if which == "summaries":
             impl._get_summaries(impl._key_cache(layers[0].kv_cache))
@@ -854,12 +856,30 @@ def test_start_up_buffers_that_do_not_fit_stop_before_any_allocation(monkeypatch
             impl._get_selected(torch.full((4, HKV, 4), -1, dtype=torch.int32))
     msg = str(e.value)
     assert "3 layers need" in msg and "--gpu-memory-utilization" in msg, msg
+    # one byte short: a hundredth lower frees it
+    assert "Run with --gpu-memory-utilization 0.92 or less (now 0.93)" in msg, msg
     assert all(lay.impl._summaries is None and lay.impl._selected is None for lay in layers)
     monkeypatch.setattr(backend, "_free_device_bytes", lambda device: free + 1)  # just fits
     if which == "summaries":
         impl._get_summaries(impl._key_cache(layers[0].kv_cache))
     else:
         impl._get_selected(torch.full((4, HKV, 4), -1, dtype=torch.int32))
+
+
+def test_room_suggestion_frees_the_shortfall():
+    """The suggested setting shrinks the KV cache by the shortfall over 1 + the buffers' bytes
+    per KV byte (they shrink with it), rounded to a safe side: H100 numbers of session 24
+    (0.93, 3.54 GiB of summaries for 56.69 GiB of KV, 4.22 GiB free, 1 GiB margin) give 0.92,
+    the utilization below the one that failed there without the margin."""
+    gib = 2**30
+    short = int((3.54 + 1.0 - 4.22) * gib)
+    msg = backend._room_suggestion(short, 3.54 / 56.69, (0.93, None), int(79.18 * gib))
+    assert "--gpu-memory-utilization 0.92 or less (now 0.93)" in msg
+    msg = backend._room_suggestion(short, 1 / 16, (0.9, 61 * gib), int(79.18 * gib))
+    cut = math.ceil(short / (1 + 1 / 16))
+    assert f"--kv-cache-memory-bytes {61 * gib - cut} or less" in msg
+    # freeing `cut` of KV frees the shortfall: cut + the summaries' share of it
+    assert cut * (1 + 1 / 16) >= short
 
 
 @pytest.mark.parametrize("which", ["summaries", "selections"])
