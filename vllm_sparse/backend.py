@@ -320,10 +320,13 @@ _ADVICE = ("They live outside vLLM's KV-cache budget: lower --gpu-memory-utiliza
            "summaries take about 1/block_size of the KV cache), size the cache with "
            "--kv-cache-memory-bytes leaving that much free, or set SPARSE_SELECTION_REUSE=1 (no "
            "stored selections). See the README, 'Memory: page summaries and selections'.")
-# What the side buffers must leave free for the rest of vLLM's start-up (the warm-up's
-# activations, CUDA-graph pools): vLLM sized those inside --gpu-memory-utilization, but the
-# buffers come out of the same free memory, so start-up stops here, with what to change,
-# rather than at a bare CUDA out-of-memory error in some later allocation.
+# What the side buffers must leave free for the rest of vLLM's start-up at least (the warm-up's
+# activations, CUDA-graph pools, the sampler's warm-up). With --gpu-memory-utilization, vLLM
+# planned that memory inside the utilization (``util * total`` minus what is allocated when the
+# buffers come: weights and KV cache), and the buffers come out of the same free memory, so
+# they must leave that planned amount free (H100, 8B shape at 128K: 1.9 GiB; leaving 1.5 GiB
+# failed in vLLM's warm-up). Start-up then stops here, with what to change, rather than at a
+# bare CUDA out-of-memory error in a later allocation.
 START_UP_MARGIN_BYTES = 1 << 30
 
 
@@ -354,23 +357,42 @@ def _check_room(what: str, per_layer: list[int], device: torch.device, *,
                 memory_setting: tuple[float, int | None] | None = None,
                 kv_bytes: int = 0) -> None:
     """Raise the out-of-memory error, before allocating anything, when the side buffers of
-    every sparse layer (``per_layer`` bytes) would not leave ``START_UP_MARGIN_BYTES`` free.
-    With the engine's ``memory_setting`` the message names a setting that makes room;
-    ``kv_bytes``: the KV cache the buffers scale with (page summaries), 0 if they do not."""
+    every sparse layer (``per_layer`` bytes) would not leave free what the rest of vLLM's
+    start-up needs (:func:`_start_up_reserve`). With the engine's ``memory_setting`` the
+    message names a setting that makes room; ``kv_bytes``: the KV cache the buffers scale
+    with (page summaries), 0 if they do not."""
     need = sum(per_layer)
     free = _free_device_bytes(device)
-    if free is None or need + START_UP_MARGIN_BYTES <= free:
+    if free is None:
+        return
+    total = _device_total_bytes(device)
+    reserve = _start_up_reserve(memory_setting, total, _allocated_bytes(device))
+    if need + reserve <= free:
         return
     suggestion = ""
     if memory_setting is not None:
-        suggestion = _room_suggestion(need + START_UP_MARGIN_BYTES - free,
+        suggestion = _room_suggestion(need + reserve - free,
                                       need / kv_bytes if kv_bytes else 0.0, memory_setting,
-                                      _device_total_bytes(device))
+                                      total)
     raise torch.OutOfMemoryError(
         f"sparse-serve: out of GPU memory for {what}: {len(per_layer)} layers need "
         f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free and "
-        f"{START_UP_MARGIN_BYTES / 2**30:.1f} GiB must stay free for the rest of vLLM's "
-        f"start-up.{suggestion} {_ADVICE}")
+        f"{reserve / 2**30:.2f} GiB must stay free for the rest of vLLM's start-up."
+        f"{suggestion} {_ADVICE}")
+
+
+def _start_up_reserve(memory_setting: tuple[float, int | None] | None, total: int,
+                      allocated: int) -> int:
+    """Bytes the rest of vLLM's start-up needs free: what ``--gpu-memory-utilization`` planned
+    beyond what is allocated now (weights, KV cache), at least ``START_UP_MARGIN_BYTES``; the
+    margin alone where the KV cache was sized in bytes (vLLM then plans nothing)."""
+    if memory_setting is None or memory_setting[1]:
+        return START_UP_MARGIN_BYTES
+    return max(START_UP_MARGIN_BYTES, int(memory_setting[0] * total) - allocated)
+
+
+def _allocated_bytes(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device)
 
 
 def _device_total_bytes(device: torch.device) -> int:

@@ -847,6 +847,8 @@ def test_start_up_buffers_that_do_not_fit_stop_before_any_allocation(monkeypatch
     free = backend.START_UP_MARGIN_BYTES + 3 * per_layer - 1  # one byte short
     monkeypatch.setattr(backend, "_free_device_bytes", lambda device: free)
     monkeypatch.setattr(backend, "_device_total_bytes", lambda device: 80 << 30)
+    # weights and KV cache take all that the utilization planned: the margin alone is reserved
+    monkeypatch.setattr(backend, "_allocated_bytes", lambda device: int(0.93 * (80 << 30)))
     impl = layers[0].impl
     impl._memory_setting = (0.93, None)
     with pytest.raises(torch.OutOfMemoryError) as e:
@@ -864,6 +866,20 @@ def test_start_up_buffers_that_do_not_fit_stop_before_any_allocation(monkeypatch
         impl._get_summaries(impl._key_cache(layers[0].kv_cache))
     else:
         impl._get_selected(torch.full((4, HKV, 4), -1, dtype=torch.int32))
+
+
+def test_start_up_reserve_is_what_the_utilization_planned():
+    """With --gpu-memory-utilization the buffers must leave free what vLLM planned beyond the
+    weights and KV cache (allocated when they come), at least the margin; with the KV cache
+    in bytes vLLM plans nothing and the margin alone stays free."""
+    gib = 2**30
+    total = 80 * gib
+    planned = int(0.9 * total) - 70 * gib  # 2 GiB of activations and graphs to come
+    assert backend._start_up_reserve((0.9, None), total, 70 * gib) == planned
+    assert backend._start_up_reserve((0.9, None), total, 72 * gib) == backend.START_UP_MARGIN_BYTES
+    assert backend._start_up_reserve((0.9, 50 * gib), total, 60 * gib) \
+        == backend.START_UP_MARGIN_BYTES
+    assert backend._start_up_reserve(None, total, 0) == backend.START_UP_MARGIN_BYTES
 
 
 def test_room_suggestion_frees_the_shortfall():
