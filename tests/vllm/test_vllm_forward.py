@@ -874,8 +874,9 @@ def test_start_up_reserve_is_what_the_utilization_planned():
     in bytes vLLM plans nothing and the margin alone stays free."""
     gib = 2**30
     total = 80 * gib
-    planned = int(0.9 * total) - 70 * gib  # 2 GiB of activations and graphs to come
-    assert backend._start_up_reserve((0.9, None), total, 70 * gib) == planned
+    allocated = int(0.9 * total) - backend.START_UP_MARGIN_BYTES - gib
+    planned = int(0.9 * total) - allocated  # the margin and 1 GiB more still to come
+    assert backend._start_up_reserve((0.9, None), total, allocated) == planned
     assert backend._start_up_reserve((0.9, None), total, 72 * gib) == backend.START_UP_MARGIN_BYTES
     assert backend._start_up_reserve((0.9, 50 * gib), total, 60 * gib) \
         == backend.START_UP_MARGIN_BYTES
