@@ -863,11 +863,15 @@ class SparseAttentionImpl(AttentionImpl):
         group = max(1, total_q // max(1, total_kv))
         return _tp_rank() * self.num_heads // group
 
-    def _key_cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, 2*D) -> the K view (B, N, H, D), as vLLM's FlashAttention reads it."""
-        return kv_cache.transpose(1, 2).split(self.head_size, dim=-1)[0]
+    def _kv_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, N, 2*D) -> the K and V views (B, N, H, D), as vLLM's FlashAttention reads
+        them."""
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        return key_cache, value_cache
 
-    def _needs_summaries(self, layer) -> bool:
+    def _decodes_top_k(self, layer) -> bool:
+        """Whether this layer's decode method (by config) is top-k: it keeps page summaries
+        and, with selection reuse, stored selections."""
         return self._layer_methods(layer)[1] == "topk"
 
     def _get_summaries(self, key_cache: torch.Tensor) -> torch.Tensor:
@@ -881,9 +885,9 @@ class SparseAttentionImpl(AttentionImpl):
             # The first layer to need them allocates every top-k layer's at once, after
             # checking that they fit (one clear error, before any allocation of this kind).
             todo = [(self, key_cache)] + [
-                (lay.impl, self._key_cache(lay.kv_cache)) for lay in _sparse_layers_in_context()
+                (lay.impl, self._kv_views(lay.kv_cache)[0]) for lay in _sparse_layers_in_context()
                 if lay.impl is not self and lay.impl._summaries is None
-                and lay.impl._needs_summaries(lay)]
+                and lay.impl._decodes_top_k(lay)]
             sizes = [math.prod(page_summaries_shape(kc)) * kc.element_size() for _, kc in todo]
             kv = sum(2 * kc.numel() * kc.element_size() for _, kc in todo)  # K and V
             _check_room("page summaries", sizes, key_cache.device,
@@ -917,7 +921,7 @@ class SparseAttentionImpl(AttentionImpl):
                                    "CUDA graph capture")
             todo = [self] + [lay.impl for lay in _sparse_layers_in_context()
                              if lay.impl is not self and lay.impl._selected is None
-                             and lay.impl._needs_summaries(lay)]
+                             and lay.impl._decodes_top_k(lay)]
             nbytes = shared.numel() * shared.element_size()
             _check_room("stored page selections (selection reuse)", [nbytes] * len(todo),
                         shared.device, memory_setting=self._memory_setting)
@@ -930,8 +934,8 @@ class SparseAttentionImpl(AttentionImpl):
 
     # -- KV write (vLLM calls this before forward: forward_includes_kv_cache_update=False) ---
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        # (B, H, N, 2*D) -> ((B, N, H, D), (B, N, H, D)); slot_mapping's length bounds the write.
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        # slot_mapping's length bounds the write
+        key_cache, value_cache = self._kv_views(kv_cache)
         if self._write_keeps_summaries(layer, key_cache.shape[1]):
             # The write and, for pages one token of the step writes (decode tokens), their
             # summaries, in one launch: a decode step has no summary work anywhere else.
@@ -953,7 +957,7 @@ class SparseAttentionImpl(AttentionImpl):
         from sparse_kernels.pipeline import all_decode_rows_full
 
         return (self.kv_sharing_target_layer_name is None
-                and self._layer_methods(layer)[1] == "topk"
+                and self._decodes_top_k(layer)
                 and not all_decode_rows_full(self.cfg, page_size, self.max_model_len))
 
     # -- forward ---------------------------------------------------------------------------
@@ -971,8 +975,7 @@ class SparseAttentionImpl(AttentionImpl):
         prefill_method, decode_method = self._layer_methods(layer)
         if m.decode_all_full:  # (top-k would read every page of every row: no selection)
             decode_method = "dense"
-        # (B, H, N, 2*D) logical -> K and V views (B, N, H, D), as vLLM's FlashAttention does.
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        key_cache, value_cache = self._kv_views(kv_cache)
         # Only top-k decode reads summaries: a layer decoding dense (by config, or in a short
         # engine) allocates none.
         summaries = self._get_summaries(key_cache) if decode_method == "topk" else None

@@ -825,11 +825,11 @@ def test_start_up_buffers_of_every_top_k_layer_come_at_once(monkeypatch):
     none."""
     layers = _engine_layers(monkeypatch, _three_topk_layers_config())
     first = layers[1]
-    s = first.impl._get_summaries(first.impl._key_cache(first.kv_cache))
+    s = first.impl._get_summaries(first.impl._kv_views(first.kv_cache)[0])
     assert s.shape[0] == 40
     have = [lay.impl._summaries is not None for lay in layers]
     assert have == [True, True, False, True]
-    assert layers[3].impl._get_summaries(layers[3].impl._key_cache(layers[3].kv_cache)) \
+    assert layers[3].impl._get_summaries(layers[3].impl._kv_views(layers[3].kv_cache)[0]) \
         is layers[3].impl._summaries  # already there, not reallocated
     shared = torch.full((4, HKV, 4), -1, dtype=torch.int32)
     first.impl._get_selected(shared)
@@ -853,7 +853,7 @@ def test_start_up_buffers_that_do_not_fit_stop_before_any_allocation(monkeypatch
     impl._memory_setting = (0.93, None)
     with pytest.raises(torch.OutOfMemoryError) as e:
         if which == "summaries":
-            impl._get_summaries(impl._key_cache(layers[0].kv_cache))
+            impl._get_summaries(impl._kv_views(layers[0].kv_cache)[0])
         else:
             impl._get_selected(torch.full((4, HKV, 4), -1, dtype=torch.int32))
     msg = str(e.value)
@@ -863,7 +863,7 @@ def test_start_up_buffers_that_do_not_fit_stop_before_any_allocation(monkeypatch
     assert all(lay.impl._summaries is None and lay.impl._selected is None for lay in layers)
     monkeypatch.setattr(backend, "_free_device_bytes", lambda device: free + 1)  # just fits
     if which == "summaries":
-        impl._get_summaries(impl._key_cache(layers[0].kv_cache))
+        impl._get_summaries(impl._kv_views(layers[0].kv_cache)[0])
     else:
         impl._get_selected(torch.full((4, HKV, 4), -1, dtype=torch.int32))
 
