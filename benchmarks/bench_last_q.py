@@ -19,9 +19,8 @@ import importlib.util
 
 import torch
 
-from bench_prefill import HEAD_DIM, bench, kernel_breakdown, make_inputs
+from bench_prefill import HEAD_DIM, bench, chunk_inputs, kernel_breakdown
 from gpu_bench import write_result
-from sparse_kernels.block_sparse_prefill import prefill_block_metadata
 from sparse_kernels.last_q_scores import last_q_launch, last_q_scores
 
 DEFAULT_CONFIGS = ["1:64:4", "1:32:4", "1:128:4", "1:128:8", "2:64:4", "2:64:8", "4:64:8",
@@ -60,9 +59,8 @@ def main(argv=None):
     rows = []
     for prefix in args.prefix:
         L = prefix + args.chunk
-        q, k_cache, _v, bt, qsl, seq_lens = make_inputs(prefix, args.chunk, 0, dev)
-        meta = prefill_block_metadata(qsl, seq_lens, args.block_size, num_tokens=args.chunk,
-                                      max_seq_len=L)
+        q, k_cache, _v, bt, _qsl, seq_lens, meta = chunk_inputs(prefix, args.chunk,
+                                                                args.block_size, 0, dev)
         scale = HEAD_DIM ** -0.5
         group = q.shape[1] // k_cache.shape[2]
         for last_q in args.last_q:

@@ -102,6 +102,15 @@ def make_inputs(prefix: int, chunk: int, seed: int, dev):
     return q, kv_cache[0], kv_cache[1], block_table, qsl, seq_lens
 
 
+def chunk_inputs(prefix: int, chunk: int, block_size: int, seed: int, dev):
+    """:func:`make_inputs` and the chunk's block metadata: ``(q, k_cache, v_cache,
+    block_table, query_start_loc, seq_lens, meta)``."""
+    q, k_cache, v_cache, bt, qsl, seq_lens = make_inputs(prefix, chunk, seed, dev)
+    meta = prefill_block_metadata(qsl, seq_lens, block_size, num_tokens=chunk,
+                                  max_seq_len=prefix + chunk)
+    return q, k_cache, v_cache, bt, qsl, seq_lens, meta
+
+
 def mass_recall(q, k_cache, bt, meta, lists, L: int, scale: float, n_blocks: int = 4) -> float:
     """Attention-mass recall: for ``n_blocks`` query blocks spread over the chunk (all their
     queries, all heads), the fraction of each query's dense softmax mass that falls in the key
@@ -222,8 +231,8 @@ def main(argv=None):
     for prefix in args.prefix:
         chunk = args.chunk
         L = prefix + chunk
-        q, k_cache, v_cache, bt, qsl, seq_lens = make_inputs(prefix, chunk, args.seed, dev)
-        meta = prefill_block_metadata(qsl, seq_lens, bs, num_tokens=chunk, max_seq_len=L)
+        q, k_cache, v_cache, bt, qsl, seq_lens, meta = chunk_inputs(prefix, chunk, bs, args.seed,
+                                                                    dev)
         full = all_causal_block_lists(meta, HKV)
         ours_dense = lambda: block_sparse_prefill_attention(  # noqa: E731
             q, k_cache, v_cache, bt, meta, full.block_idx, full.block_count, scale=scale)

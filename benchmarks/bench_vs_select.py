@@ -17,9 +17,8 @@ import argparse
 
 import torch
 
-from bench_prefill import bench, kernel_breakdown, make_inputs
+from bench_prefill import bench, chunk_inputs, kernel_breakdown
 from gpu_bench import write_result
-from sparse_kernels.block_sparse_prefill import prefill_block_metadata
 from sparse_kernels.estimate_vertical_slash import (
     slash_index_bands,
     vertical_index_blocks,
@@ -60,9 +59,8 @@ def main(argv=None):
     rows = []
     for prefix in args.prefix:
         L = prefix + args.chunk
-        q, k_cache, _v, bt, qsl, seq_lens = make_inputs(prefix, args.chunk, 0, dev)
-        meta = prefill_block_metadata(qsl, seq_lens, args.block_size, num_tokens=args.chunk,
-                                      max_seq_len=L)
+        q, k_cache, _v, bt, _qsl, seq_lens, meta = chunk_inputs(prefix, args.chunk,
+                                                                args.block_size, 0, dev)
         bs, nkb = meta.block_size, meta.max_kv_blocks
         scores = last_q_score_planes(q, k_cache, bt, meta, last_q=args.last_q)
         nv, ns = args.n_vertical, args.n_slash
