@@ -12,11 +12,13 @@ Per sequence and query head, with ``n = min(B, q_len)`` the last queries of the 
 3. Otherwise vertical-slash head: budgets from the last queries' attention -- the number of
    key tokens (resp. diagonals) whose sorted cumulative mass first reaches ``gamma``, turned
    into ``tokens // B + 1`` blocks as FlexPrefill does -- then the top key blocks by pooled
-   vertical mass and the top block offsets ``δ = i - j`` by pooled slash mass.
+   vertical mass and the top block offsets ``δ = i - j`` by pooled slash mass (ties: lowest
+   index first).
 
-Blocks ``0`` and ``i`` are always kept; lists are the union over each GQA group. All on device:
-``last_q_scores`` (2 Triton launches), block-mean keys and pooled logits (1 launch each), a few
-sorts, and ``build_block_lists``.
+Blocks ``0`` and ``i`` are always kept; lists are the union over each GQA group. All on device,
+no sort: ``last_q_score_planes``, the budgets by a radix select on mass (``mass_cut``), the top
+blocks by a radix select on count with a k per row (``radix_select``), block-mean keys, pooled
+logits and ``build_block_lists``.
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ import triton.language as tl
 
 from sparse_kernels.block_select import build_block_lists
 from sparse_kernels.block_sparse_prefill import PrefillBlockLists, PrefillBlockMeta
-from sparse_kernels.host_math import next_power_of_2
-from sparse_kernels.last_q_scores import last_q_scores
+from sparse_kernels.host_math import cdiv, next_power_of_2
+from sparse_kernels.last_q_scores import last_q_score_planes
+from sparse_kernels.mass_cut import cover_counts
+from sparse_kernels.radix_select import radix_keep_mask, radix_select_cut
 
 __all__ = ["block_mean_keys", "pooled_block_logits", "flexprefill_parts", "estimate_flexprefill"]
+
+# query rows (query-block slots x padded GQA group) per pooled-logits program; each program
+# reads the block-mean keys once for all its rows (at least 16 rows for tl.dot)
+POOLED_ROWS = 32
 
 
 @triton.jit(
@@ -73,7 +81,7 @@ def _block_mean_k_kernel(
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
-        "stride_kb", "stride_kh", "stride_oi", "stride_oh",
+        "num_slots", "stride_kb", "stride_kh", "stride_oi", "stride_oh",
     ],
     do_not_specialize_on_alignment=[
         "qb_seq_ptr", "qb_idx_ptr", "qb_tok_start_ptr", "qb_tok_len_ptr",
@@ -82,46 +90,57 @@ def _block_mean_k_kernel(
 def _pooled_logits_kernel(
     q_ptr, kbar_ptr, out_ptr,
     qb_seq_ptr, qb_idx_ptr, qb_tok_start_ptr, qb_tok_len_ptr,
-    scale,
+    scale, num_slots,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kj,
     stride_oi, stride_oh, stride_ok,
     G: tl.constexpr,
-    ROWS: tl.constexpr,  # max(16, next_pow2(G))
+    G_PAD: tl.constexpr,
+    SLOTS: tl.constexpr,  # query-block slots per program: SLOTS * G_PAD rows share each kbar tile
     BLOCK_SIZE: tl.constexpr,
     BLOCK_J: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    slot = tl.program_id(0)
+    pack = tl.program_id(0)
     kvh = tl.program_id(1)
-    b = tl.load(qb_seq_ptr + slot)
-    if b < 0:
-        return
-    i = tl.load(qb_idx_ptr + slot)
-    t0 = tl.load(qb_tok_start_ptr + slot)
-    nq = tl.load(qb_tok_len_ptr + slot)
+    ROWS: tl.constexpr = SLOTS * G_PAD
     rows = tl.arange(0, ROWS)
+    slot = pack * SLOTS + rows // G_PAD
+    g = rows % G_PAD
+    s_ok = slot < num_slots
+    b = tl.load(qb_seq_ptr + slot, mask=s_ok, other=-1)
+    i = tl.load(qb_idx_ptr + slot, mask=s_ok, other=0)
+    t0 = tl.load(qb_tok_start_ptr + slot, mask=s_ok, other=0)
+    nq = tl.load(qb_tok_len_ptr + slot, mask=s_ok, other=0)
+    r_ok = (b >= 0) & (g < G)
+    head = kvh * G + g
     offs_d = tl.arange(0, HEAD_DIM)
-    toks = tl.arange(0, BLOCK_SIZE)
-    t_ok = toks < nq
-    q_rows = q_ptr + (t0 + toks).to(tl.int64) * stride_qt
+    q_rows = q_ptr + t0.to(tl.int64) * stride_qt + head * stride_qh
     qbar = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    for g in tl.static_range(G):
-        x = tl.load(q_rows[:, None] + (kvh * G + g) * stride_qh + offs_d[None, :] * stride_qd,
+    for t in range(0, BLOCK_SIZE):  # the mean query of each row's block
+        t_ok = r_ok & (t < nq)
+        x = tl.load(q_rows[:, None] + t * stride_qt + offs_d[None, :] * stride_qd,
                     mask=t_ok[:, None], other=0.0)
-        xm = tl.sum(x.to(tl.float32), 0) / nq.to(tl.float32)
-        qbar = tl.where(rows[:, None] == g, xm[None, :], qbar)
-    kbar_row = kbar_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
-    out_row = out_ptr + slot.to(tl.int64) * stride_oi + (kvh * G + rows) * stride_oh
-    for j0 in range(0, i + 1, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j <= i
-        kb = tl.load(kbar_row + j[None, :] * stride_kj + offs_d[:, None], mask=j_ok[None, :],
-                     other=0.0)  # [HEAD_DIM, BLOCK_J]
-        lg = tl.dot(qbar, kb, input_precision=DOT_PRECISION) * scale
-        tl.store(out_row[:, None] + j[None, :] * stride_ok, lg,
-                 mask=(rows < G)[:, None] & j_ok[None, :])
+        qbar += x.to(tl.float32)
+    qbar = qbar / tl.maximum(nq, 1).to(tl.float32)[:, None]
+    out_row = out_ptr + slot.to(tl.int64) * stride_oi + head * stride_oh
+    # slots are ordered by sequence: the pack's rows span sequences b_lo..b_hi, each with its
+    # own block-mean keys
+    b_lo = tl.min(tl.where(r_ok, b, 2147483647), 0)
+    b_hi = tl.max(tl.where(r_ok, b, -1), 0)
+    for n in range(0, b_hi - b_lo + 1):
+        bb = b_lo + n
+        on = r_ok & (b == bb)
+        i_max = tl.max(tl.where(on, i, -1), 0)
+        kbar_row = kbar_ptr + bb.to(tl.int64) * stride_kb + kvh * stride_kh
+        for j0 in range(0, i_max + 1, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            kb = tl.load(kbar_row + j[None, :] * stride_kj + offs_d[:, None],
+                         mask=(j <= i_max)[None, :], other=0.0)  # [HEAD_DIM, BLOCK_J]
+            lg = tl.dot(qbar, kb, input_precision=DOT_PRECISION) * scale
+            tl.store(out_row[:, None] + j[None, :] * stride_ok, lg,
+                     mask=on[:, None] & (j[None, :] <= i[:, None]))
 
 
 def block_mean_keys(k_cache: torch.Tensor, block_table: torch.Tensor, meta: PrefillBlockMeta) -> torch.Tensor:
@@ -148,35 +167,21 @@ def pooled_block_logits(q: torch.Tensor, kbar: torch.Tensor, meta: PrefillBlockM
     group = hq // hkv
     nkb = meta.max_kv_blocks
     out = torch.empty(meta.num_q_blocks, hq, nkb, device=q.device, dtype=torch.float32)
-    _pooled_logits_kernel[(meta.num_q_blocks, hkv)](
+    g_pad = next_power_of_2(group)
+    slots = max(1, POOLED_ROWS // g_pad)
+    _pooled_logits_kernel[(cdiv(meta.num_q_blocks, slots), hkv)](
         q, kbar, out,
         meta.q_block_seq, meta.q_block_idx, meta.q_block_tok_start, meta.q_block_tok_len,
-        scale,
+        scale, meta.num_q_blocks,
         q.stride(0), q.stride(1), q.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        G=group, ROWS=max(16, next_power_of_2(group)), BLOCK_SIZE=meta.block_size,
+        G=group, G_PAD=g_pad, SLOTS=slots, BLOCK_SIZE=meta.block_size,
         BLOCK_J=64, HEAD_DIM=d,
         DOT_PRECISION="tf32x3" if q.is_cuda else "ieee",  # ~fp32 accuracy on tensor cores
         num_warps=4,
     )
     return out
-
-
-def _cover_blocks(x: torch.Tensor, valid: torch.Tensor, gamma: float, block_size: int,
-                  n_blocks: torch.Tensor) -> torch.Tensor:
-    """FlexPrefill budget: tokens whose sorted cumulative mass first reaches gamma, // B + 1."""
-    srt = torch.sort(torch.where(valid, x, 0.0), dim=-1, descending=True).values
-    ntok = (torch.cumsum(srt, -1) <= gamma).sum(-1) + 1
-    return torch.minimum(torch.clamp(ntok // block_size + 1, min=1), n_blocks)
-
-
-def _top_rank_mask(pooled: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
-    """int8 mask of the ``n_keep[..., None]`` largest valid entries of each row."""
-    order = torch.argsort(torch.where(valid, pooled, -1.0), dim=-1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return ((rank < n_keep[..., None]) & valid).to(torch.int8)
 
 
 def flexprefill_parts(
@@ -197,20 +202,22 @@ def flexprefill_parts(
     bs, nkb, batch = meta.block_size, meta.max_kv_blocks, meta.batch_size
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dev = q.device
-    vertical, slash = last_q_scores(q, k_cache, block_table, meta, last_q=bs, scale=scale)
-    a_true = vertical.view(batch, hq, nkb, bs).sum(-1)
-    s_pool = slash.view(batch, hq, nkb, bs).sum(-1)
+    planes = last_q_score_planes(q, k_cache, block_table, meta, last_q=bs, scale=scale)
+    pooled = planes.view(2, batch, hq, nkb, bs).sum(-1)  # [2, B, Hq, nkb]: a_true, s_pool
+    a_true = pooled[0]
     seq_lens = meta.seq_lens.long()
     n_blocks = torch.div(seq_lens + bs - 1, bs, rounding_mode="floor")  # [B]
     blk_valid = torch.arange(nkb, device=dev)[None, :] < n_blocks[:, None]  # [B, nkb]
+    n_blocks_i32 = n_blocks.to(torch.int32)
     if gamma >= 1.0:
-        nv = ns = n_blocks[:, None].expand(batch, hq)
-    else:
-        tok_valid = torch.arange(nkb * bs, device=dev)[None, :] < seq_lens[:, None]
-        nv = _cover_blocks(vertical, tok_valid[:, None, :], gamma, bs, n_blocks[:, None])
-        ns = _cover_blocks(slash, tok_valid[:, None, :], gamma, bs, n_blocks[:, None])
-    v_blocks = _top_rank_mask(a_true, blk_valid[:, None, :], nv)
-    s_bands = _top_rank_mask(s_pool, blk_valid[:, None, :], ns)
+        n_keep = n_blocks_i32.repeat_interleave(hq)[None, :].expand(2, -1).contiguous()
+    else:  # blocks for the tokens (diagonals) whose sorted cumulative mass first reaches gamma
+        n_keep = cover_counts(planes.view(2, batch * hq, nkb * bs), meta.seq_lens, hq, gamma, bs)
+    # the top n_keep key blocks by pooled vertical mass and block offsets by pooled slash mass
+    rows = pooled.view(2, batch * hq, nkb)
+    cut = radix_select_cut(rows, n_blocks_i32, hq, n_keep)
+    keep = radix_keep_mask(rows, n_blocks_i32, hq, cut).view(2, batch, hq, nkb)
+    v_blocks, s_bands = keep[0], keep[1]
 
     kbar = block_mean_keys(k_cache, block_table, meta)  # [B, Hkv, nkb, D]
     qsl = meta.query_start_loc.long()

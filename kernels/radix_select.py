@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_kernels.host_math import cdiv
+from sparse_kernels.host_math import cdiv, next_power_of_2
 
-__all__ = ["RadixCut", "radix_select_cut", "radix_keep", "topk_keep_reference"]
+__all__ = ["RadixCut", "radix_select_cut", "radix_keep", "radix_keep_mask", "topk_keep_reference"]
 
 DEFAULT_CHUNK = 2048  # H100, 112K + 16K: 112 us of kernels against 121 at 4096 and 143 at 8192
 DEFAULT_DIGIT_BITS = 8
@@ -93,18 +93,20 @@ def _radix_hist_kernel(
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=["k0", "k1", "rows_per_length", "stride_hp", "stride_hr", "stride_hc",
-                       "stride_sp", "stride_sr"],
-    do_not_specialize_on_alignment=["lengths_ptr"],
+                       "stride_sp", "stride_sr", "stride_kp"],
+    do_not_specialize_on_alignment=["lengths_ptr", "k_rows_ptr"],
 )
 def _radix_resolve_kernel(
-    lengths_ptr, state_ptr, hist_ptr,
+    lengths_ptr, state_ptr, hist_ptr, k_rows_ptr,
     k0, k1, rows_per_length,
     stride_hp, stride_hr, stride_hc,
     stride_sp, stride_sr,
+    stride_kp,
     SHIFT: tl.constexpr,
     BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     FIRST: tl.constexpr,
+    K_PER_ROW: tl.constexpr,  # k of row r of problem p at k_rows[p, r] (else k0 / k1)
 ):
     r = tl.program_id(0)
     p = tl.program_id(1)
@@ -117,7 +119,11 @@ def _radix_resolve_kernel(
     st = state_ptr + p * stride_sp + r * stride_sr
     if FIRST:
         prefix = length * 0
-        need = tl.minimum(tl.where(p == 0, k0, k1), tl.sum(acc, 0))
+        if K_PER_ROW:
+            k = tl.load(k_rows_ptr + p * stride_kp + r)
+        else:
+            k = tl.where(p == 0, k0, k1)
+        need = tl.minimum(k, tl.sum(acc, 0))
         need = tl.maximum(need, 0)
     else:
         prefix = tl.load(st)
@@ -155,6 +161,64 @@ def radix_ties_before(hist_row_ptr, stride_hc, c, cut, LAST_NBITS: tl.constexpr,
     return tl.sum(n, 0)
 
 
+@triton.jit(
+    # not specialized on values that change with batch and lengths: no compile while serving
+    do_not_specialize=["rows_per_length", "width", "stride_xp", "stride_xr", "stride_hp",
+                       "stride_hr", "stride_hc", "stride_sp", "stride_sr", "stride_op",
+                       "stride_or"],
+    do_not_specialize_on_alignment=["lengths_ptr"],
+)
+def _radix_mask_kernel(
+    x_ptr, lengths_ptr, state_ptr, hist_ptr, out_ptr,
+    rows_per_length, width,
+    stride_xp, stride_xr,
+    stride_hp, stride_hr, stride_hc,
+    stride_sp, stride_sr,
+    stride_op, stride_or,
+    CHUNK: tl.constexpr,
+    LAST_NBITS: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+):
+    c = tl.program_id(0)
+    r = tl.program_id(1)
+    p = tl.program_id(2)
+    length = tl.load(lengths_ptr + r // rows_per_length)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    o_row = out_ptr + p * stride_op + r.to(tl.int64) * stride_or
+    if c * CHUNK >= length:  # past the row (its chunks' histograms were not written)
+        tl.store(o_row + idx, tl.zeros([CHUNK], dtype=tl.int8), mask=idx < width)
+        return
+    st = state_ptr + p * stride_sp + r * stride_sr
+    cut = tl.load(st)
+    take_eq = tl.load(st + 1)
+    all_eq = tl.load(st + 2)
+    eq_before = radix_ties_before(hist_ptr + p * stride_hp + r * stride_hr, stride_hc, c, cut,
+                                  LAST_NBITS, MAX_CHUNKS)
+    keep = radix_keep(x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr, idx, length, cut,
+                      take_eq, all_eq, eq_before)
+    tl.store(o_row + idx, keep.to(tl.int8), mask=idx < width)
+
+
+def radix_keep_mask(x: torch.Tensor, lengths: torch.Tensor, rows_per_length: int,
+                    cut: "RadixCut") -> torch.Tensor:
+    """int8 ``[P, R, W]``: 1 where :func:`radix_select_cut`'s ``cut`` keeps the entry (one launch)."""
+    n_p, n_r, width = x.shape
+    out = torch.empty(n_p, n_r, width, device=x.device, dtype=torch.int8)
+    if n_r and width:
+        _radix_mask_kernel[(cdiv(width, cut.chunk), n_r, n_p)](
+            x, lengths, cut.state, cut.hist, out,
+            rows_per_length, width,
+            x.stride(0), x.stride(1),
+            cut.hist.stride(0), cut.hist.stride(1), cut.hist.stride(2),
+            cut.state.stride(0), cut.state.stride(1),
+            out.stride(0), out.stride(1),
+            CHUNK=cut.chunk, LAST_NBITS=cut.last_nbits,
+            MAX_CHUNKS=max(2, next_power_of_2(cut.max_chunks)),
+            num_warps=4,
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class RadixCut:
     """Result of :func:`radix_select_cut`: ``state[p, r] = (cut, take_eq, all_eq)`` int32 (the
@@ -185,22 +249,30 @@ def radix_select_cut(
     x: torch.Tensor,
     lengths: torch.Tensor,
     rows_per_length: int,
-    k: tuple[int, ...],
+    k: tuple[int, ...] | torch.Tensor,
     *,
     chunk: int = DEFAULT_CHUNK,
     digit_bits: int = DEFAULT_DIGIT_BITS,
 ) -> RadixCut:
     """The cut of every row's top ``k[p]`` (see the module docstring); ``2 * levels`` launches.
 
-    x fp32 ``[P, R, W]`` (last dim contiguous), ``P = len(k) <= 2``; lengths int32/int64
+    ``k``: one int per problem, or an int32 device tensor ``[P, R]`` (a k per row, e.g. computed
+    on the device). x fp32 ``[P, R, W]`` (last dim contiguous), ``P <= 2``; lengths int32/int64
     ``[>= R / rows_per_length]``: row ``r``'s candidates are ``x[p, r, :lengths[r //
     rows_per_length]]`` that are ``>= 0`` (lengths above ``W`` are not allowed).
     """
     if x.dtype != torch.float32 or x.dim() != 3 or x.stride(-1) != 1:
         raise ValueError("x must be fp32 [P, R, W] with a contiguous last dim")
     n_p, n_r, width = x.shape
-    if not 1 <= n_p <= 2 or len(k) != n_p:
-        raise ValueError(f"1 or 2 problems with one k each, got x {tuple(x.shape)} and k {k}")
+    per_row = isinstance(k, torch.Tensor)
+    if per_row:
+        if k.dtype != torch.int32 or tuple(k.shape) != (n_p, n_r) or k.stride(-1) != 1:
+            raise ValueError(f"per-row k must be int32 [P, R] = {(n_p, n_r)}, got "
+                             f"{k.dtype} {tuple(k.shape)}")
+    elif len(k) != n_p:
+        raise ValueError(f"one k per problem, got x {tuple(x.shape)} and k {k}")
+    if not 1 <= n_p <= 2:
+        raise ValueError(f"1 or 2 problems, got x {tuple(x.shape)}")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of 2 >= 16, got {chunk}")
     if not 1 <= digit_bits <= 12:
@@ -211,8 +283,9 @@ def radix_select_cut(
     hist = torch.empty(n_p, n_r, n_chunks, bins, device=x.device, dtype=torch.int32)
     levels = _levels(digit_bits)
     if n_r:
-        k0 = int(k[0])
-        k1 = int(k[-1])
+        k0 = 0 if per_row else int(k[0])
+        k1 = 0 if per_row else int(k[-1])
+        k_rows = k if per_row else state  # not read unless per_row
         for i, (shift, nbits) in enumerate(levels):
             _radix_hist_kernel[(n_chunks, n_r, n_p)](
                 x, lengths, state, hist,
@@ -224,18 +297,19 @@ def radix_select_cut(
                 num_warps=4,
             )
             _radix_resolve_kernel[(n_r, n_p)](
-                lengths, state, hist,
+                lengths, state, hist, k_rows,
                 k0, k1, rows_per_length,
                 hist.stride(0), hist.stride(1), hist.stride(2),
                 state.stride(0), state.stride(1),
-                SHIFT=shift, BINS=bins, CHUNK=chunk, FIRST=i == 0,
+                k_rows.stride(0),
+                SHIFT=shift, BINS=bins, CHUNK=chunk, FIRST=i == 0, K_PER_ROW=per_row,
                 num_warps=4,
             )
     return RadixCut(state, hist, chunk, levels[-1][1])
 
 
 def topk_keep_reference(x: torch.Tensor, lengths: torch.Tensor, rows_per_length: int,
-                        k: tuple[int, ...]) -> torch.Tensor:
+                        k: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
     """bool ``[P, R, W]``: the entries :func:`radix_select_cut` keeps (torch, stable sort)."""
     n_p, n_r, width = x.shape
     ln = lengths.long().repeat_interleave(rows_per_length)[:n_r].to(x.device)
@@ -244,5 +318,8 @@ def topk_keep_reference(x: torch.Tensor, lengths: torch.Tensor, rows_per_length:
     order = torch.sort(keyed, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(width, device=x.device).expand_as(order))
-    kk = torch.tensor(k, device=x.device)[:, None, None]
+    if isinstance(k, torch.Tensor):
+        kk = k.to(x.device).long()[:, :, None]
+    else:
+        kk = torch.tensor(k, device=x.device)[:, None, None]
     return cand & (rank < kk)

@@ -311,7 +311,7 @@ def ref_flexprefill_parts(q, k_cache, v_cache, block_table, query_start_loc, seq
                     cum = torch.cumsum(torch.sort(src, descending=True).values, 0)
                     ntok = int((cum <= gamma).sum()) + 1
                     nsel = min(max(ntok // bs + 1, 1), nb)
-                top = torch.argsort(pooled, descending=True)[:nsel]
+                top = torch.argsort(pooled, descending=True, stable=True)[:nsel]
                 dst[b, h, top] = True
         for s, (sb, i, t0, nq) in enumerate(slots):
             if sb != b:

@@ -35,6 +35,7 @@ def test_kernels_compile_for_sm90():
             "_build_block_lists_kernel", "_last_q_kernel", "_xattn_strided_lse_kernel",
             "_xattn_block_scores_kernel", "_block_mean_k_kernel", "_pooled_logits_kernel",
             "_balanced_decode_kernel", "_merge_segments_kernel", "_decode_reads_kernel",
-            "_reuse_rows_kernel"}
+            "_reuse_rows_kernel", "_mass_hist_kernel", "_mass_resolve_kernel",
+            "_radix_mask_kernel", "_radix_hist_kernel", "_radix_resolve_kernel"}
     assert want <= names, want - names
     assert all(kind == "cubin" for _, kind in lines), lines

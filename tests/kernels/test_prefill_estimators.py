@@ -43,7 +43,12 @@ from sparse_kernels.estimate_xattention import (  # noqa: E402
     xattention_block_scores,
 )
 from sparse_kernels.last_q_scores import last_q_score_planes, last_q_scores  # noqa: E402
-from sparse_kernels.radix_select import radix_select_cut, topk_keep_reference  # noqa: E402
+from sparse_kernels.mass_cut import cover_counts, cover_counts_reference  # noqa: E402
+from sparse_kernels.radix_select import (  # noqa: E402
+    radix_keep_mask,
+    radix_select_cut,
+    topk_keep_reference,
+)
 from sparse_kernels.reference import dense_attention, random_paged_kv  # noqa: E402
 from sparse_kernels.reference_prefill import (  # noqa: E402
     lists_to_mask,
@@ -342,6 +347,65 @@ def test_radix_select_cut_is_the_stable_top_k(chunk, digit_bits, k):
             assert int(keep.sum()) == min(k[p], int((row >= 0).sum()))
             if take_eq:
                 assert all_eq == int(((key == t) & (row >= 0)).sum())
+
+
+def test_radix_keep_mask_with_a_k_per_row():
+    """A k per row (an int32 device tensor, as FlexPrefill's budgets): the keep mask equals a
+    stable sort's top k of each row, over ragged rows, ties, zeros and negatives, k = 0 and k
+    above the row; nothing past a row's length is kept."""
+    width = 150
+    x = tie_heavy_rows(2, 6, width, 3)
+    lengths = torch.tensor([150, 17, 0], dtype=torch.int32)
+    k = torch.tensor([[5, 0, 200, 3, 1, 7], [40, 9, 1, 0, 2, 150]], dtype=torch.int32)
+    cut = radix_select_cut(x.to(DEVICE), lengths.to(DEVICE), 2, k.to(DEVICE), chunk=32,
+                           digit_bits=5)
+    got = radix_keep_mask(x.to(DEVICE), lengths.to(DEVICE), 2, cut).cpu()
+    want = topk_keep_reference(x, lengths, 2, k)
+    assert torch.equal(got.bool(), want)
+    assert int(got[0, 0].sum()) == 5 and int(got[1, 0].sum()) == 40 and int(got[0, 1].sum()) == 0
+    with pytest.raises(ValueError, match="per-row k"):
+        radix_select_cut(x.to(DEVICE), lengths.to(DEVICE), 2, k[:, :3].to(DEVICE))
+
+
+def dyadic_rows(n_p, n_r, width, seed):
+    """Non-negative rows of multiples of 2**-20 below 2**-8 (every partial sum exact in fp32),
+    with what a mass cut must get right: runs of equal values (ties at the cut) across chunk
+    edges, zeros, a row of few distinct values, values over many exponents."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, 1 << 12, (n_p, n_r, width), generator=g) ** 2 >> 12).float()
+    x[0, 0, 10:60] = 2048.0  # a tie run over several chunks
+    x[-1, 1] = (torch.randint(0, 4, (width,), generator=g) * 512).float()
+    x[0, 2, ::3] = 0.0
+    x[-1, 3, :100] = 1.0  # many tiny equal values after a few large ones
+    x[-1, 3, 100:105] = 4000.0
+    return x * 2.0 ** -20
+
+
+@pytest.mark.parametrize("chunk,digit_bits", [(16, 4), (32, 3), (64, 8)])
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_cover_counts_equal_sort_and_cumsum(chunk, digit_bits, block_size):
+    """FlexPrefill's budget (largest entries whose cumulative mass stays <= gamma, + 1, in
+    blocks) equals the sort-and-cumsum reference: ragged rows (one empty), ties at the cut,
+    gamma above a row's mass (whole row), below its largest entry, and exactly on a prefix sum
+    (<= keeps it)."""
+    width = 150
+    x = dyadic_rows(2, 6, width, 0)
+    lengths = torch.tensor([150, 61, 0], dtype=torch.int32)
+    totals = [float(x[p, r, :int(lengths[r // 2])].sum()) for p in range(2) for r in range(6)]
+    srt = torch.sort(x[0, 0], descending=True).values
+    assert srt[10] > srt[11] and srt[70] == srt[71]
+    on_prefix = float(torch.cumsum(srt, 0)[10])  # exact (dyadic), the next value is smaller
+    in_ties = float(torch.cumsum(srt, 0)[70])  # inside a run of equal values
+    for gamma in (0.3 * max(totals), on_prefix, in_ties, 1e-9, 2.0 * max(totals)):
+        got = cover_counts(x.to(DEVICE), lengths.to(DEVICE), 2, gamma, block_size, chunk=chunk,
+                           digit_bits=digit_bits).cpu()
+        want = cover_counts_reference(x, lengths, 2, gamma, block_size)
+        assert torch.equal(got, want), (gamma, got, want)
+    # a budget that is not the whole row somewhere, so the test can tell the rules apart
+    for gamma, n in ((on_prefix, 13), (in_ties, 73)):
+        got = cover_counts(x.to(DEVICE), lengths.to(DEVICE), 2, gamma, 1, chunk=chunk,
+                           digit_bits=digit_bits).cpu()
+        assert int(got[0, 0]) == n  # n - 2 entries within gamma, + 1, + 1 (FlexPrefill's rule)
 
 
 @pytest.mark.parametrize("nv,ns", [(5, 9), (300, 1), (1, 2000), (0, 4)])
