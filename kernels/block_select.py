@@ -87,81 +87,85 @@ def _build_block_lists_kernel(
 
     if HAS_SCORES:
         s_on = tl.load(score_on_ptr + b * stride_eb + head * stride_eh, mask=g_ok, other=0) != 0
+        s_on = s_on & g_ok
         srow_off = slot.to(tl.int64) * stride_si + head * stride_sh
         row_max = tl.zeros([G_PAD], dtype=tl.float32)
         row_sum = tl.full([G_PAD], 1.0, dtype=tl.float32)
-        if LOGITS:  # softmax statistics over the causal blocks
-            # Loops accumulate whole tiles and reduce once afterwards (a reduction inside a
-            # loop feeding a loop-carried vector crashes Triton 3.6's OptimizeThreadLocality).
-            acc = tl.full([G_PAD, BLOCK_K], -1.0e30, dtype=tl.float32)
-            for k0 in range(0, n, BLOCK_K):
-                kb = k0 + offs_k
-                ok2 = g_ok[:, None] & (kb < n)[None, :]
-                x = tl.load(score_ptr + srow_off[:, None] + kb[None, :] * stride_sk, mask=ok2,
-                            other=-1.0e30)
-                acc = tl.maximum(acc, x)
-            row_max = tl.max(acc, 1)
-            acc = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, n, BLOCK_K):
-                kb = k0 + offs_k
-                ok2 = g_ok[:, None] & (kb < n)[None, :]
-                x = tl.load(score_ptr + srow_off[:, None] + kb[None, :] * stride_sk, mask=ok2,
-                            other=-1.0e30)
-                acc += tl.where(ok2, tl.exp(x - row_max[:, None]), 0.0)
-            row_sum = tl.sum(acc, 1)
-            row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
-        if KEEP_ALL:
-            tau = tl.where(s_on, -1.0, float("inf"))
-        elif SINGLE_TILE:  # the whole row lives in registers
-            kb = offs_k
-            ok2 = g_ok[:, None] & (kb < n)[None, :]
-            p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum, LOGITS)
-            is_forced = ((kb == 0) | (kb == i))[None, :]
-            free_p = tl.where(is_forced, 0.0, p)
-            target = threshold * tl.sum(p, 1)
-            forced = tl.sum(tl.where(is_forced, p, 0.0), 1)
-            # {p >= lo} (+ forced) reaches the target, {p >= hi} does not.
-            hi = 2.0 * tl.max(free_p, 1) + 1.0e-30
-            lo = tl.zeros([G_PAD], dtype=tl.float32)
-            for _ in range(N_BISECT):
-                mid = 0.5 * (lo + hi)
-                mass = forced + tl.sum(tl.where(free_p >= mid[:, None], free_p, 0.0), 1)
-                reached = mass >= target
-                lo = tl.where(reached, mid, lo)
-                hi = tl.where(reached, hi, mid)
-            lo = tl.where(forced >= target, hi, lo)
-            tau = tl.where(s_on, lo, float("inf"))
-        else:
-            acc_p = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
-            acc_f = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
-            acc_h = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, n, BLOCK_K):
-                kb = k0 + offs_k
-                ok2 = g_ok[:, None] & (kb < n)[None, :]
-                p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum, LOGITS)
-                is_forced = ((kb == 0) | (kb == i))[None, :]
-                acc_p += p
-                acc_f += tl.where(is_forced, p, 0.0)
-                acc_h = tl.maximum(acc_h, tl.where(is_forced, 0.0, p))
-            target = threshold * tl.sum(acc_p, 1)
-            forced = tl.sum(acc_f, 1)
-            hi = 2.0 * tl.max(acc_h, 1) + 1.0e-30
-            lo = tl.zeros([G_PAD], dtype=tl.float32)
-            for _ in range(N_BISECT):
-                mid = 0.5 * (lo + hi)
-                acc_m = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
+        tau = tl.full([G_PAD], float("inf"), dtype=tl.float32)
+        scores_on = tl.max(s_on.to(tl.int32), 0) > 0
+        if scores_on:  # no head of the group selects by score (FlexPrefill VS heads): skip
+            if LOGITS:  # softmax statistics over the causal blocks
+                # Loops accumulate whole tiles and reduce once afterwards (a reduction inside a
+                # loop feeding a loop-carried vector crashes Triton 3.6's OptimizeThreadLocality).
+                acc = tl.full([G_PAD, BLOCK_K], -1.0e30, dtype=tl.float32)
                 for k0 in range(0, n, BLOCK_K):
                     kb = k0 + offs_k
                     ok2 = g_ok[:, None] & (kb < n)[None, :]
-                    p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum,
-                                   LOGITS)
-                    free = ok2 & ((kb != 0) & (kb != i))[None, :]
-                    acc_m += tl.where(free & (p >= mid[:, None]), p, 0.0)
-                reached = (forced + tl.sum(acc_m, 1)) >= target
-                lo = tl.where(reached, mid, lo)
-                hi = tl.where(reached, hi, mid)
-            lo = tl.where(forced >= target, hi, lo)
-            tau = tl.where(s_on, lo, float("inf"))
+                    x = tl.load(score_ptr + srow_off[:, None] + kb[None, :] * stride_sk, mask=ok2,
+                                other=-1.0e30)
+                    acc = tl.maximum(acc, x)
+                row_max = tl.max(acc, 1)
+                acc = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
+                for k0 in range(0, n, BLOCK_K):
+                    kb = k0 + offs_k
+                    ok2 = g_ok[:, None] & (kb < n)[None, :]
+                    x = tl.load(score_ptr + srow_off[:, None] + kb[None, :] * stride_sk, mask=ok2,
+                                other=-1.0e30)
+                    acc += tl.where(ok2, tl.exp(x - row_max[:, None]), 0.0)
+                row_sum = tl.sum(acc, 1)
+                row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
+            if KEEP_ALL:
+                tau = tl.where(s_on, -1.0, float("inf"))
+            elif SINGLE_TILE:  # the whole row lives in registers
+                kb = offs_k
+                ok2 = g_ok[:, None] & (kb < n)[None, :]
+                p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum, LOGITS)
+                is_forced = ((kb == 0) | (kb == i))[None, :]
+                free_p = tl.where(is_forced, 0.0, p)
+                target = threshold * tl.sum(p, 1)
+                forced = tl.sum(tl.where(is_forced, p, 0.0), 1)
+                # {p >= lo} (+ forced) reaches the target, {p >= hi} does not.
+                hi = 2.0 * tl.max(free_p, 1) + 1.0e-30
+                lo = tl.zeros([G_PAD], dtype=tl.float32)
+                for _ in range(N_BISECT):
+                    mid = 0.5 * (lo + hi)
+                    mass = forced + tl.sum(tl.where(free_p >= mid[:, None], free_p, 0.0), 1)
+                    reached = mass >= target
+                    lo = tl.where(reached, mid, lo)
+                    hi = tl.where(reached, hi, mid)
+                lo = tl.where(forced >= target, hi, lo)
+                tau = tl.where(s_on, lo, float("inf"))
+            else:
+                acc_p = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
+                acc_f = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
+                acc_h = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
+                for k0 in range(0, n, BLOCK_K):
+                    kb = k0 + offs_k
+                    ok2 = g_ok[:, None] & (kb < n)[None, :]
+                    p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum, LOGITS)
+                    is_forced = ((kb == 0) | (kb == i))[None, :]
+                    acc_p += p
+                    acc_f += tl.where(is_forced, p, 0.0)
+                    acc_h = tl.maximum(acc_h, tl.where(is_forced, 0.0, p))
+                target = threshold * tl.sum(acc_p, 1)
+                forced = tl.sum(acc_f, 1)
+                hi = 2.0 * tl.max(acc_h, 1) + 1.0e-30
+                lo = tl.zeros([G_PAD], dtype=tl.float32)
+                for _ in range(N_BISECT):
+                    mid = 0.5 * (lo + hi)
+                    acc_m = tl.zeros([G_PAD, BLOCK_K], dtype=tl.float32)
+                    for k0 in range(0, n, BLOCK_K):
+                        kb = k0 + offs_k
+                        ok2 = g_ok[:, None] & (kb < n)[None, :]
+                        p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum,
+                                       LOGITS)
+                        free = ok2 & ((kb != 0) & (kb != i))[None, :]
+                        acc_m += tl.where(free & (p >= mid[:, None]), p, 0.0)
+                    reached = (forced + tl.sum(acc_m, 1)) >= target
+                    lo = tl.where(reached, mid, lo)
+                    hi = tl.where(reached, hi, mid)
+                lo = tl.where(forced >= target, hi, lo)
+                tau = tl.where(s_on, lo, float("inf"))
     if HAS_VS:
         v_on = tl.load(vs_on_ptr + b * stride_fb + head * stride_fh, mask=g_ok, other=0) != 0
         v_on = v_on & g_ok
@@ -177,10 +181,12 @@ def _build_block_lists_kernel(
         if HAS_WINDOW:
             keep = keep | (kb < sink_blocks) | (i - kb <= local_blocks)
         if HAS_SCORES:
-            ok2 = g_ok[:, None] & in_rng[None, :]
-            p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum, LOGITS)
-            hit = ok2 & (p >= tau[:, None])
-            keep = keep | (tl.max(hit.to(tl.int32), 0) > 0)
+            if scores_on:
+                ok2 = s_on[:, None] & in_rng[None, :]
+                p = _row_probs(score_ptr, srow_off, kb * stride_sk, ok2, row_max, row_sum,
+                               LOGITS)
+                hit = ok2 & (p >= tau[:, None])
+                keep = keep | (tl.max(hit.to(tl.int32), 0) > 0)
         if HAS_VS:
             ok2 = v_on[:, None] & in_rng[None, :]
             vm = tl.load(vrow[:, None] + kb[None, :] * stride_vk, mask=ok2, other=0)

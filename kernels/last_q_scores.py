@@ -58,6 +58,7 @@ def _last_q_kernel(
     lse_ptr,  # fp32 [B, Hq, N_PAD]: row lse (base 2)                             (pass 2 in)
     vert_ptr,  # fp32 [B, Hq, width]                                              (pass 2 out)
     slash_ptr,  # fp32 [NW, B, Hq, width]: diagonal sums per wrap class           (pass 2 out)
+    kbar_ptr,  # fp32 [B, Hkv, key tiles, D]: mean key of each tile        (pass 1 out, KBAR)
     qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kh, stride_kd,
@@ -66,6 +67,7 @@ def _last_q_kernel(
     stride_lb, stride_lh,
     stride_vb, stride_vh,
     stride_sw, stride_sb, stride_sh,
+    stride_mb, stride_mh, stride_mj,
     LAST_Q: tl.constexpr,
     N_PAD: tl.constexpr,
     G: tl.constexpr,
@@ -76,6 +78,7 @@ def _last_q_kernel(
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PASS: tl.constexpr,
+    KBAR: tl.constexpr,  # pass 1 also writes each key tile's mean (FlexPrefill's block keys)
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -134,6 +137,12 @@ def _last_q_kernel(
         ok = r_ok[:, None] & (kpos[None, :] <= qpos[:, None])
         s = tl.where(ok, s, float("-inf"))
         if PASS == 1:  # online log-sum-exp over the span's tiles
+            if KBAR:
+                if g0 == 0:  # one program per KV head writes the tile's mean key
+                    n_keys = tl.minimum(seq_len - k0, BLOCK_N).to(tl.float32)
+                    tl.store(kbar_ptr + b.to(tl.int64) * stride_mb + kvh * stride_mh
+                             + (k0 // BLOCK_N) * stride_mj + offs_d,
+                             tl.sum(kv.to(tl.float32), 1) / n_keys)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -263,8 +272,14 @@ def last_q_score_planes(
     block_n: int = DEFAULT_BLOCK_N,
     heads_per_program: int | None = None,
     num_warps: int | None = None,
+    block_mean_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 ``[2, batch, Hq, width]``: ``last_q_scores``' vertical (plane 0) and slash (plane 1).
+
+    ``block_mean_keys``: an fp32 ``[batch, Hkv, max_kv_blocks, D]`` tensor that pass 1 fills
+    with the mean key of every key block it reads (the key tiles must be the blocks:
+    ``block_n == meta.block_size``) -- blocks of sequences without queries are left as they
+    are. FlexPrefill's block-mean keys come at no extra read of the cache this way.
 
     Five launches (the zeroed planes, two passes, the row log-sum-exp combine, the sum of the
     slash's wrap classes). Launch settings (defaults measured, above): ``tiles`` key tiles of
@@ -278,6 +293,9 @@ def last_q_score_planes(
         raise ValueError(f"tiles and num_stages must be >= 1, got {tiles}, {num_stages}")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of 2 >= 16, got {block_n}")
+    if block_mean_keys is not None and block_n != meta.block_size:
+        raise ValueError(f"block mean keys need key tiles of one block: block_n {block_n}, "
+                         f"block_size {meta.block_size}")
     _num_tokens, hq, d = q.shape
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -302,9 +320,10 @@ def last_q_score_planes(
         UPCAST=interpret_upcast(q.dtype),
         num_warps=warps, num_stages=num_stages,
     )
+    kbar = part if block_mean_keys is None else block_mean_keys  # not written unless KBAR
     args = lambda lse: (  # noqa: E731
         q, k_cache, block_table, meta.seq_lens, meta.query_start_loc,
-        part, lse, vert, slash,
+        part, lse, vert, slash, kbar,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(),
@@ -313,9 +332,11 @@ def last_q_score_planes(
         lse.stride(0), lse.stride(1),
         vert.stride(0), vert.stride(1),
         slash.stride(0), slash.stride(1), slash.stride(2),
+        kbar.stride(0), kbar.stride(1), kbar.stride(2),
     )
     grid = (hkv * cdiv(group, hpp), spans, batch)
-    _last_q_kernel[grid](*args(part[..., 0]), PASS=1, **common)
+    _last_q_kernel[grid](*args(part[..., 0]), PASS=1, KBAR=block_mean_keys is not None,
+                         **common)
     lse = torch.empty(batch, hq, n_pad, device=dev, dtype=torch.float32)
     _lse_combine_kernel[(batch, hq, cdiv(n_pad, _COMBINE_ROWS))](
         part, lse, meta.seq_lens, meta.query_start_loc,
@@ -324,7 +345,7 @@ def last_q_score_planes(
         LAST_Q=last_q, SPAN_KEYS=tiles * block_n, ROWS=min(_COMBINE_ROWS, n_pad),
         BLOCK_S=512, num_warps=4,
     )
-    _last_q_kernel[grid](*args(lse), PASS=2, **common)
+    _last_q_kernel[grid](*args(lse), PASS=2, KBAR=False, **common)
     for w in range(2, 1 + nw):  # nw >= 2: N_PAD >= 16 rows always wrap into a second class
         planes[1].add_(planes[w])
     return planes[:2]

@@ -82,8 +82,10 @@ def _mass_hist_kernel(
             tl.store(mass_ptr + h_off + bins, tl.zeros([BINS], dtype=tl.float32))
             return
     x_row = x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr
-    cnt = tl.zeros([BINS], dtype=tl.int32)
-    mass = tl.zeros([BINS], dtype=tl.float32)
+    # per (entry slot, bin) accumulators, reduced once after the loop: a reduction per
+    # sub-block (cross-warp, with barriers) made the loop latency-bound
+    cnt2 = tl.zeros([SUB, BINS], dtype=tl.int32)
+    mass2 = tl.zeros([SUB, BINS], dtype=tl.float32)
     for s in range(0, tl.minimum(CHUNK, length - c * CHUNK), SUB):
         idx = c * CHUNK + s + tl.arange(0, SUB)
         key, ok = _radix_keys(x_row, idx, length)
@@ -91,8 +93,10 @@ def _mass_hist_kernel(
         digit = (key >> SHIFT) & ((1 << NBITS) - 1)
         hit = (digit[:, None] == bins[None, :]) & ok[:, None]
         val = key.to(tl.float32, bitcast=True)
-        cnt += tl.sum(hit.to(tl.int32), 0)
-        mass += tl.sum(tl.where(hit, val[:, None], 0.0), 0)
+        cnt2 += hit.to(tl.int32)
+        mass2 += tl.where(hit, val[:, None], 0.0)
+    cnt = tl.sum(cnt2, 0)
+    mass = tl.sum(mass2, 0)
     tl.store(cnt_ptr + h_off + bins, cnt)
     tl.store(mass_ptr + h_off + bins, mass)
 

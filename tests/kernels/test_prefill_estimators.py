@@ -429,6 +429,24 @@ def test_vs_select_blocks_equal_the_torch_path(nv, ns):
     assert int(vb.sum()) > 0 if nv > 0 else int(vb.sum()) == 0
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND", "interleaved"])
+def test_last_q_pass1_writes_block_mean_keys(layout):
+    """Pass 1 of the last queries' scores fills the block-mean keys as block_mean_keys does
+    (FlexPrefill's fused path): several 64-key blocks per sequence, a partial last block; the
+    scores are unchanged by it."""
+    from sparse_kernels.estimate_flexprefill import block_mean_keys
+
+    q, k, v, bt, qsl, sl = make_batch("multi_span", 2, 4, 64, 16, layout)
+    meta = prefill_block_metadata(qsl, sl, 64)
+    kbar = torch.zeros(meta.batch_size, 2, meta.max_kv_blocks, 64, device=q.device)
+    planes = last_q_score_planes(q, k, bt, meta, last_q=64, block_mean_keys=kbar)
+    want = block_mean_keys(k, bt, meta)
+    assert (kbar - want).abs().max().item() < 1e-5
+    assert torch.equal(planes, last_q_score_planes(q, k, bt, meta, last_q=64))
+    with pytest.raises(ValueError, match="block mean keys"):
+        last_q_score_planes(q, k, bt, meta, last_q=64, block_n=32, block_mean_keys=kbar)
+
+
 def test_last_q_score_planes_are_last_q_scores():
     q, k, v, bt, qsl, sl = make_batch("multi_span", 1, 4, 64, 16, "NHD")
     meta = prefill_block_metadata(qsl, sl, 16)
@@ -469,6 +487,8 @@ def test_vertical_slash_huge_budget_is_dense():
         # the batch's last chunk (20 queries) is shorter than a block: its query mean reads
         # only those rows (the gather once ran past the end of q)
         ("ragged3", 2, 4, 64, 16, "NHD", 32, 0.6, "median"),
+        # 64-token blocks: the block-mean keys come from the last queries' pass 1
+        ("multi_span", 1, 4, 64, 16, "HND", 64, 0.7, "median"),
     ],
 )
 def test_flexprefill_matches_reference(batch, hkv, group, head_dim, page, layout, bs, gamma, tau):
@@ -494,6 +514,23 @@ def test_flexprefill_matches_reference(batch, hkv, group, head_dim, page, layout
     got = lists_to_mask(lists.block_idx, lists.block_count, nkb)
     want = ref_flexprefill_mask(q, k, v, bt, qsl, sl, bs, gamma, tau, meta.num_q_blocks)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("group", [4, 7])
+def test_flexprefill_pooled_logits_over_split_key_tiles(monkeypatch, group):
+    """Pooled query-aware logits with 16-block key tiles: rows longer than one tile are shared
+    by several programs (every 8th tile each) and packs of slots span sequences."""
+    from sparse_kernels import estimate_flexprefill as ef
+
+    monkeypatch.setattr(ef, "POOLED_BLOCK_J", 16)
+    q, k, v, bt, qsl, sl = make_batch("multi_span", 1, group, 64, 16, "NHD", structured=True)
+    meta = prefill_block_metadata(qsl, sl, 16)
+    assert meta.max_kv_blocks > 2 * 16  # three key tiles: splits 0, 1 and 2 have work
+    parts = {n: t.cpu() for n, t in flexprefill_parts(q, k, bt, meta, gamma=0.7).items()}
+    qa = ref_flexprefill_parts(q, k, v, bt, qsl, sl, 16, 0.7)[5]
+    n = qa.shape[0]
+    probs = torch.softmax(parts["logits"][:n].masked_fill(qa[:n] == 0, float("-inf")), -1)
+    assert (probs - qa).abs().max().item() < 1e-5
 
 
 def test_flexprefill_gamma_one_is_dense():
