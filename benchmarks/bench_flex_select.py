@@ -65,6 +65,9 @@ def main(argv=None):
     ap.add_argument("--gamma", type=float, nargs="+", default=[0.9])
     ap.add_argument("--configs", nargs="+", default=["2048:4", "1024:4", "4096:4", "2048:5"],
                     help="chunk:digit_bits of the budgets' radix select")
+    ap.add_argument("--pooled-configs", nargs="*", default=[],
+                    help="rows:dot_precision launches of the pooled query-aware logits to time "
+                         "(POOLED_ROWS, POOLED_DOT_PRECISION)")
     ap.add_argument("--profile", action="store_true", help="kernel breakdown of each path")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -108,7 +111,38 @@ def main(argv=None):
                 print(f"prefix {prefix} gamma {gamma} {name:>14}: {ms * 1000:8.1f} us  "
                       f"budget diff {row['budgets_max_abs_diff']} ({row['budgets_differing']})"
                       f"  masks equal: {mask_equal}", flush=True)
+        if args.pooled_configs:
+            rows += pooled_rows(q, k_cache, bt, meta, prefix, args.pooled_configs, args.profile)
     write_result(args.out, chunk=args.chunk, block_size=args.block_size, rows=rows)
+
+
+def pooled_rows(q, k_cache, bt, meta, prefix, configs, profile):
+    """Median time of ``pooled_block_logits`` per launch config; max difference to the first."""
+    from sparse_kernels import estimate_flexprefill as ef
+
+    saved = (ef.POOLED_ROWS, ef.POOLED_DOT_PRECISION)
+    kbar = ef.block_mean_keys(k_cache, bt, meta)
+    scale = q.shape[-1] ** -0.5
+    causal = (torch.arange(meta.max_kv_blocks, device=q.device)[None, :]
+              <= meta.q_block_idx[:, None]) & (meta.q_block_seq >= 0)[:, None]
+    out, first = [], None
+    try:
+        for c in configs:
+            r, prec = c.split(":")
+            ef.POOLED_ROWS, ef.POOLED_DOT_PRECISION = int(r), prec
+            fn = lambda: ef.pooled_block_logits(q, kbar, meta, scale)  # noqa: E731
+            lg = torch.where(causal[:, None, :], fn(), 0.0)
+            first = lg if first is None else first
+            row = {"prefix": prefix, "config": f"pooled_{c}", "ms": bench(fn, 25, 100),
+                   "max_abs_diff_to_first": float((lg - first).abs().max())}
+            if profile:
+                row["profile"], row["profile_totals"] = kernel_breakdown(fn)
+            out.append(row)
+            print(f"prefix {prefix} pooled {c:>16}: {row['ms'] * 1000:8.1f} us  "
+                  f"diff {row['max_abs_diff_to_first']:.2e}", flush=True)
+    finally:
+        ef.POOLED_ROWS, ef.POOLED_DOT_PRECISION = saved
+    return out
 
 
 if __name__ == "__main__":

@@ -38,11 +38,13 @@ from sparse_kernels.radix_select import radix_keep_mask, radix_select_cut
 
 __all__ = ["block_mean_keys", "pooled_block_logits", "flexprefill_parts", "estimate_flexprefill"]
 
-# query rows (query-block slots x padded GQA group) per pooled-logits program; each program
-# reads the block-mean keys once for all its rows (at least 16 rows for tl.dot)
+# Pooled query-aware logits (H100, 112K + 16K, bench_flex_select.py --pooled-configs, session
+# 25): one program per pack of query-block slots x padded GQA group = 32 rows reads each
+# block-mean key tile once for all of them; 16 or 64 rows, and splitting a pack's key tiles
+# over 4-8 programs (with the block-mean queries from a kernel of their own) were slower.
 POOLED_ROWS = 32
 POOLED_BLOCK_J = 64  # key blocks per tile
-POOLED_J_SPLIT = 8  # programs per row pack, each taking every 8th key tile (long contexts)
+POOLED_DOT_PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores
 
 
 @triton.jit(
@@ -82,54 +84,30 @@ def _block_mean_k_kernel(
 
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
-    do_not_specialize=["stride_ob", "stride_oh"],
-    do_not_specialize_on_alignment=["qb_tok_start_ptr", "qb_tok_len_ptr"],
-)
-def _block_mean_q_kernel(
-    q_ptr, out_ptr, qb_tok_start_ptr, qb_tok_len_ptr,
-    stride_qt, stride_qh, stride_qd,
-    stride_ob, stride_oh,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    slot = tl.program_id(0)
-    head = tl.program_id(1)
-    t0 = tl.load(qb_tok_start_ptr + slot)
-    nq = tl.load(qb_tok_len_ptr + slot)  # 0 for unused slots: their mean is 0
-    toks = tl.arange(0, BLOCK_SIZE)
-    offs_d = tl.arange(0, HEAD_DIM)
-    x = tl.load(q_ptr + (t0 + toks).to(tl.int64)[:, None] * stride_qt + head * stride_qh
-                + offs_d[None, :] * stride_qd, mask=(toks < nq)[:, None], other=0.0)
-    mean = tl.sum(x.to(tl.float32), 0) / tl.maximum(nq, 1).to(tl.float32)
-    tl.store(out_ptr + slot.to(tl.int64) * stride_ob + head * stride_oh + offs_d, mean)
-
-
-@triton.jit(
-    # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=[
-        "num_slots", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_oi",
-        "stride_oh",
+        "num_slots", "stride_kb", "stride_kh", "stride_oi", "stride_oh",
     ],
-    do_not_specialize_on_alignment=["qb_seq_ptr", "qb_idx_ptr"],
+    do_not_specialize_on_alignment=[
+        "qb_seq_ptr", "qb_idx_ptr", "qb_tok_start_ptr", "qb_tok_len_ptr",
+    ],
 )
 def _pooled_logits_kernel(
-    qbar_ptr, kbar_ptr, out_ptr,
-    qb_seq_ptr, qb_idx_ptr,
+    q_ptr, kbar_ptr, out_ptr,
+    qb_seq_ptr, qb_idx_ptr, qb_tok_start_ptr, qb_tok_len_ptr,
     scale, num_slots,
-    stride_qb, stride_qh,
+    stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kj,
     stride_oi, stride_oh, stride_ok,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     SLOTS: tl.constexpr,  # query-block slots per program: SLOTS * G_PAD rows share each kbar tile
+    BLOCK_SIZE: tl.constexpr,
     BLOCK_J: tl.constexpr,
-    J_SPLIT: tl.constexpr,  # programs per row pack, each taking every J_SPLIT-th key tile
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pack = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
     ROWS: tl.constexpr = SLOTS * G_PAD
     rows = tl.arange(0, ROWS)
     slot = pack * SLOTS + rows // G_PAD
@@ -137,11 +115,19 @@ def _pooled_logits_kernel(
     s_ok = slot < num_slots
     b = tl.load(qb_seq_ptr + slot, mask=s_ok, other=-1)
     i = tl.load(qb_idx_ptr + slot, mask=s_ok, other=0)
+    t0 = tl.load(qb_tok_start_ptr + slot, mask=s_ok, other=0)
+    nq = tl.load(qb_tok_len_ptr + slot, mask=s_ok, other=0)
     r_ok = (b >= 0) & (g < G)
     head = kvh * G + g
     offs_d = tl.arange(0, HEAD_DIM)
-    qbar = tl.load(qbar_ptr + slot.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh
-                   + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+    q_rows = q_ptr + t0.to(tl.int64) * stride_qt + head * stride_qh
+    qbar = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for t in range(0, BLOCK_SIZE):  # the mean query of each row's block
+        t_ok = r_ok & (t < nq)
+        x = tl.load(q_rows[:, None] + t * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=t_ok[:, None], other=0.0)
+        qbar += x.to(tl.float32)
+    qbar = qbar / tl.maximum(nq, 1).to(tl.float32)[:, None]
     out_row = out_ptr + slot.to(tl.int64) * stride_oi + head * stride_oh
     # slots are ordered by sequence: the pack's rows span sequences b_lo..b_hi, each with its
     # own block-mean keys
@@ -152,7 +138,7 @@ def _pooled_logits_kernel(
         on = r_ok & (b == bb)
         i_max = tl.max(tl.where(on, i, -1), 0)
         kbar_row = kbar_ptr + bb.to(tl.int64) * stride_kb + kvh * stride_kh
-        for j0 in range(split * BLOCK_J, i_max + 1, J_SPLIT * BLOCK_J):
+        for j0 in range(0, i_max + 1, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             kb = tl.load(kbar_row + j[None, :] * stride_kj + offs_d[:, None],
                          mask=(j <= i_max)[None, :], other=0.0)  # [HEAD_DIM, BLOCK_J]
@@ -185,26 +171,18 @@ def pooled_block_logits(q: torch.Tensor, kbar: torch.Tensor, meta: PrefillBlockM
     group = hq // hkv
     nkb = meta.max_kv_blocks
     out = torch.empty(meta.num_q_blocks, hq, nkb, device=q.device, dtype=torch.float32)
-    qbar = torch.empty(meta.num_q_blocks, hq, d, device=q.device, dtype=torch.float32)
-    _block_mean_q_kernel[(meta.num_q_blocks, hq)](
-        q, qbar, meta.q_block_tok_start, meta.q_block_tok_len,
-        q.stride(0), q.stride(1), q.stride(2),
-        qbar.stride(0), qbar.stride(1),
-        BLOCK_SIZE=meta.block_size, HEAD_DIM=d,
-        num_warps=4,
-    )
     g_pad = next_power_of_2(group)
     slots = max(1, POOLED_ROWS // g_pad)
-    _pooled_logits_kernel[(cdiv(meta.num_q_blocks, slots), hkv, POOLED_J_SPLIT)](
-        qbar, kbar, out,
-        meta.q_block_seq, meta.q_block_idx,
+    _pooled_logits_kernel[(cdiv(meta.num_q_blocks, slots), hkv)](
+        q, kbar, out,
+        meta.q_block_seq, meta.q_block_idx, meta.q_block_tok_start, meta.q_block_tok_len,
         scale, meta.num_q_blocks,
-        qbar.stride(0), qbar.stride(1),
+        q.stride(0), q.stride(1), q.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        G=group, G_PAD=g_pad, SLOTS=slots, BLOCK_J=POOLED_BLOCK_J,
-        J_SPLIT=POOLED_J_SPLIT, HEAD_DIM=d,
-        DOT_PRECISION="tf32x3" if q.is_cuda else "ieee",  # ~fp32 accuracy on tensor cores
+        G=group, G_PAD=g_pad, SLOTS=slots, BLOCK_SIZE=meta.block_size,
+        BLOCK_J=POOLED_BLOCK_J, HEAD_DIM=d,
+        DOT_PRECISION=POOLED_DOT_PRECISION if q.is_cuda else "ieee",
         num_warps=4,
     )
     return out
