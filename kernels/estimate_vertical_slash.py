@@ -31,9 +31,8 @@ from sparse_kernels.last_q_scores import last_q_score_planes
 from sparse_kernels.radix_select import (
     DEFAULT_CHUNK,
     DEFAULT_DIGIT_BITS,
-    radix_keep,
+    radix_chunk_keep,
     radix_select_cut,
-    radix_ties_before,
 )
 
 __all__ = [
@@ -117,15 +116,10 @@ def _vs_mark_kernel(
     length = tl.load(seq_lens_ptr + r // heads)
     if c * CHUNK >= length:
         return
-    st = state_ptr + p * stride_sp + r * stride_sr
-    cut = tl.load(st)
-    take_eq = tl.load(st + 1)
-    all_eq = tl.load(st + 2)
-    eq_before = radix_ties_before(hist_ptr + p * stride_hp + r * stride_hr, stride_hc, c, cut,
-                                  LAST_NBITS, MAX_CHUNKS)
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    keep = radix_keep(x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr, idx, length, cut,
-                      take_eq, all_eq, eq_before)
+    idx, keep = radix_chunk_keep(x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr,
+                                 state_ptr + p * stride_sp + r * stride_sr,
+                                 hist_ptr + p * stride_hp + r * stride_hr, stride_hc, c, length,
+                                 CHUNK, LAST_NBITS, MAX_CHUNKS)
     blk = idx // BLOCK_SIZE
     out = out_ptr + p * stride_op + r.to(tl.int64) * stride_or
     one = tl.full([CHUNK], 1, tl.int8)

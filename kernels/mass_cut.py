@@ -71,16 +71,14 @@ def _mass_hist_kernel(
     done = tl.load(st + 3)
     h_off = p * stride_hp + r * stride_hr + c * stride_hc
     bins = tl.arange(0, BINS)
-    if done != 0:  # the row's mass is within gamma: nothing to resolve
+    skip = done != 0  # the row's mass is within gamma: nothing to resolve
+    if not FIRST:  # a chunk without entries in the previous level's chosen bin has none now
+        n_prev = tl.load(cnt_ptr + h_off + ((prefix >> (SHIFT + NBITS)) & (BINS - 1)))
+        skip = skip | (n_prev == 0)
+    if skip:
         tl.store(cnt_ptr + h_off + bins, tl.zeros([BINS], dtype=tl.int32))
         tl.store(mass_ptr + h_off + bins, tl.zeros([BINS], dtype=tl.float32))
         return
-    if not FIRST:  # a chunk without entries in the previous level's chosen bin has none now
-        n_prev = tl.load(cnt_ptr + h_off + ((prefix >> (SHIFT + NBITS)) & (BINS - 1)))
-        if n_prev == 0:
-            tl.store(cnt_ptr + h_off + bins, tl.zeros([BINS], dtype=tl.int32))
-            tl.store(mass_ptr + h_off + bins, tl.zeros([BINS], dtype=tl.float32))
-            return
     x_row = x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr
     # per (entry slot, bin) accumulators, reduced once after the loop: a reduction per
     # sub-block (cross-warp, with barriers) made the loop latency-bound

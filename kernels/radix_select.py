@@ -21,7 +21,7 @@ After the last level the cut is exact: ``cut`` (the k-th largest value's bits), 
 (how many entries equal to it are kept) and ``all_eq`` (how many there are). From the second
 level on, a chunk without entries in the previous level's chosen bin skips its histogram. The last level's per-chunk histograms count the entries
 equal to ``cut`` in every chunk, which gives each chunk its ties before it (lowest index first).
-A consumer kernel turns this into a keep mask with :func:`radix_keep` and uses it in place
+A consumer kernel turns this into a keep mask with :func:`radix_chunk_keep` and uses it in place
 (the vertical-slash estimator marks block maps); nothing of size ``k`` is ever materialised.
 """
 
@@ -35,7 +35,8 @@ import triton.language as tl
 
 from sparse_kernels.host_math import cdiv, next_power_of_2
 
-__all__ = ["RadixCut", "radix_select_cut", "radix_keep", "radix_keep_mask", "topk_keep_reference"]
+__all__ = ["RadixCut", "radix_select_cut", "radix_keep", "radix_chunk_keep", "radix_keep_mask",
+           "topk_keep_reference"]
 
 DEFAULT_CHUNK = 2048  # H100, 112K + 16K: 112 us of kernels against 121 at 4096 and 143 at 8192
 DEFAULT_DIGIT_BITS = 8
@@ -161,6 +162,20 @@ def radix_ties_before(hist_row_ptr, stride_hc, c, cut, LAST_NBITS: tl.constexpr,
     return tl.sum(n, 0)
 
 
+@triton.jit
+def radix_chunk_keep(x_row_ptr, state_row_ptr, hist_row_ptr, stride_hc, c, length,
+                     CHUNK: tl.constexpr, LAST_NBITS: tl.constexpr, MAX_CHUNKS: tl.constexpr):
+    """``(idx, keep)``: the entries of chunk ``c`` of a row and whether the row's cut (its state
+    row ``(cut, take_eq, all_eq)`` and last-level histograms) keeps them. ``c * CHUNK`` must be
+    below ``length`` (chunks past the row have no histograms)."""
+    cut = tl.load(state_row_ptr)
+    take_eq = tl.load(state_row_ptr + 1)
+    all_eq = tl.load(state_row_ptr + 2)
+    eq_before = radix_ties_before(hist_row_ptr, stride_hc, c, cut, LAST_NBITS, MAX_CHUNKS)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    return idx, radix_keep(x_row_ptr, idx, length, cut, take_eq, all_eq, eq_before)
+
+
 @triton.jit(
     # not specialized on values that change with batch and lengths: no compile while serving
     do_not_specialize=["rows_per_length", "width", "stride_xp", "stride_xr", "stride_hp",
@@ -188,14 +203,10 @@ def _radix_mask_kernel(
     if c * CHUNK >= length:  # past the row (its chunks' histograms were not written)
         tl.store(o_row + idx, tl.zeros([CHUNK], dtype=tl.int8), mask=idx < width)
         return
-    st = state_ptr + p * stride_sp + r * stride_sr
-    cut = tl.load(st)
-    take_eq = tl.load(st + 1)
-    all_eq = tl.load(st + 2)
-    eq_before = radix_ties_before(hist_ptr + p * stride_hp + r * stride_hr, stride_hc, c, cut,
-                                  LAST_NBITS, MAX_CHUNKS)
-    keep = radix_keep(x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr, idx, length, cut,
-                      take_eq, all_eq, eq_before)
+    idx, keep = radix_chunk_keep(x_ptr + p * stride_xp + r.to(tl.int64) * stride_xr,
+                                 state_ptr + p * stride_sp + r * stride_sr,
+                                 hist_ptr + p * stride_hp + r * stride_hr, stride_hc, c, length,
+                                 CHUNK, LAST_NBITS, MAX_CHUNKS)
     tl.store(o_row + idx, keep.to(tl.int8), mask=idx < width)
 
 
